@@ -1,0 +1,111 @@
+"""The whole configuration tree, assembled from each room's own config dataclass.
+
+Each stage owns its config dataclass next to its code (sparsify style); this module only
+puts them together under the section names the pipeline uses and registers the result
+with Hydra's ConfigStore as the schema `crv_schema`, which `conf/config.yaml` extends.
+
+Field docstrings (a string literal right under a field) are the help text: `options_help`
+reads them from the source with `ast` and `crv --help` prints them.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any
+
+from crv.attribution.config import AttributionConfig
+from crv.bundle import BundleConfig
+from crv.interventions import InterventionConfig
+from crv.models.loading import ModelConfig
+from crv.traces import TracesConfig
+from crv.transcoders.config import TranscoderConfig
+from crv.verifier.config import BaselinesConfig, FeaturesConfig, VerifierConfig
+
+ALL_STAGES = [
+    "subject",
+    "traces",
+    "transcoders",
+    "graphs",
+    "features",
+    "baselines",
+    "verifier",
+    "interventions",
+    "bundle",
+]
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: list(ALL_STAGES))
+    """Stages to run, e.g. [subject,traces]; their dependencies run (or are reused) too."""
+    cache_dir: str = "outputs/cache"
+    """Artifact cache shared by runs and sweeps; relative paths start at the launch directory."""
+
+
+@dataclass
+class CRVConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    traces: TracesConfig = field(default_factory=TracesConfig)
+    transcoder: TranscoderConfig = field(default_factory=TranscoderConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    intervention: InterventionConfig = field(default_factory=InterventionConfig)
+    bundle: BundleConfig = field(default_factory=BundleConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    seed: int = 0
+    """Global seed: every stage is seeded with it and it is part of every cache key."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu" or "cuda"."""
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="crv_schema", node=CRVConfig)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass, read from its source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def _default(f: Any) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return "???"
+
+
+def options_help(cls: type = CRVConfig, prefix: str = "") -> list[str]:
+    """One line per option: `section.field=default  help`, nested dataclasses flattened."""
+    lines: list[str] = []
+    docs = field_docs(cls)
+    for f in fields(cls):
+        name = f"{prefix}{f.name}"
+        default = _default(f)
+        if is_dataclass(default):
+            lines.extend(options_help(type(default), prefix=f"{name}."))
+            continue
+        lines.append(f"  {name}={default}".ljust(44) + f"  {docs.get(f.name, '')}".rstrip())
+    return lines

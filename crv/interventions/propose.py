@@ -1,0 +1,222 @@
+"""Proposing feature interventions for a flagged step, and the matched random control.
+
+A candidate is a transcoder feature `(layer, feature)` with at least one node in the step's
+pruned attribution graph inside the step window (the positions whose next-token predictions
+write the step, see `crv.interventions.apply.step_window`). Candidates are ranked by one of
+
+* `influence`: the summed graph influence of the feature's nodes in the window. Influence is
+  the feature's share of the (pruned, |weight|-normalised) paths into the logits of the
+  token after the step, so this ranks the features that most shaped what the model was
+  about to write, whatever their sign.
+* `verifier`: how much the verifier's score drops when the feature's nodes are deleted
+  from the graph and the graph features are recomputed (for `amplify`, how much it rises:
+  features whose presence the verifier reads as a sign of a correct step). This is very
+  indirect: the verifier sees only aggregate statistics (counts, per-layer histograms,
+  activation and influence moments, centralities), deleting nodes does not re-run pruning
+  or recompute the other nodes' influence, and a feature that moves a histogram bin the
+  trees happen to split on is not thereby a cause of the error. It answers "which nodes
+  make this graph look like an error graph", not "which feature made the model err".
+* `layer`: the latest layer first (ties by influence), after the paper's hand-picked case
+  where a late-layer feature carried the wrong operation.
+
+The random control draws, for each proposal, one feature uniformly among the features
+active (in the transcoder's top k) at the same layer somewhere in the step window, excluding
+the proposed features, with the same action, value and scope, from a generator seeded by
+the run seed and the step id.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from crv.attribution.graph import FEATURE, StepGraph
+from crv.interventions.config import Action, RankBy, Scope
+
+FeatureKey = tuple[int, int]
+"""(layer, feature index)."""
+ActiveMap = Mapping[FeatureKey, tuple[int, ...]]
+"""Feature -> the positions of the step window where it is in its layer's top k."""
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One intervention on one feature: what, where, and why it was chosen."""
+
+    layer: int
+    feature: int
+    action: Action
+    value: float
+    """0 for suppress, the scale for amplify."""
+    scope: Scope
+    start: int
+    """First position of the step window; `onward` intervenes from here to the end."""
+    positions: tuple[int, ...]
+    """Positions of the step window where the feature was active in the original trace."""
+    score: float
+    """The ranking score (influence, verifier score change, or layer)."""
+    source: str
+    """`graph` for a proposal, `random` for the control."""
+
+    def target_positions(self, end: int) -> tuple[int, ...]:
+        """The absolute positions to intervene at, for sequences shorter than `end`."""
+        if self.scope == "onward":
+            return tuple(range(self.start, end))
+        return self.positions
+
+    def name(self) -> str:
+        verb = "suppress" if self.action == "suppress" else f"amplify x{self.value:g}"
+        where = (
+            f"from position {self.start} on"
+            if self.scope == "onward"
+            else f"at {list(self.positions)}"
+        )
+        return f"{verb} L{self.layer}/F{self.feature} {where}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _window_feature_nodes(graph: StepGraph, window: tuple[int, int]) -> np.ndarray:
+    lo, hi = window
+    return np.flatnonzero((graph.kind == FEATURE) & (graph.pos >= lo) & (graph.pos <= hi))
+
+
+def candidate_influence(graph: StepGraph, window: tuple[int, int]) -> dict[FeatureKey, float]:
+    """Summed influence of each feature's graph nodes inside the window."""
+    out: dict[FeatureKey, float] = {}
+    for i in _window_feature_nodes(graph, window):
+        key = (int(graph.layer[i]), int(graph.feature[i]))
+        out[key] = out.get(key, 0.0) + float(graph.influence[i])
+    return out
+
+
+def drop_nodes(graph: StepGraph, drop: np.ndarray) -> StepGraph:
+    """The graph without the nodes where `drop` (bool [N]) is set, and their edges."""
+    keep = ~drop
+    new_index = np.cumsum(keep) - 1
+    edge_keep = keep[graph.src] & keep[graph.dst]
+    return StepGraph(
+        trace_id=graph.trace_id,
+        step=graph.step,
+        position=graph.position,
+        kind=graph.kind[keep],
+        layer=graph.layer[keep],
+        pos=graph.pos[keep],
+        feature=graph.feature[keep],
+        activation=graph.activation[keep],
+        influence=graph.influence[keep],
+        src=new_index[graph.src[edge_keep]],
+        dst=new_index[graph.dst[edge_keep]],
+        weight=graph.weight[edge_keep],
+        scores=dict(graph.scores),
+    )
+
+
+def rank_candidates(
+    graph: StepGraph,
+    window: tuple[int, int],
+    rank_by: RankBy,
+    action: Action = "suppress",
+    score_graph: Callable[[StepGraph], float] | None = None,
+    candidate_pool: int = 24,
+) -> list[tuple[FeatureKey, float]]:
+    """Candidates with their ranking score, best first; ties broken by (layer, feature).
+
+    `score_graph` (the verifier's probability of "incorrect" for a graph) is needed for
+    `rank_by="verifier"`, which re-scores only the `candidate_pool` most influential ones.
+    """
+    influence = candidate_influence(graph, window)
+    by_influence = sorted(influence, key=lambda key: (-influence[key], key))
+    if rank_by == "influence":
+        return [(key, influence[key]) for key in by_influence]
+    if rank_by == "layer":
+        order = sorted(influence, key=lambda key: (-key[0], -influence[key], key))
+        return [(key, float(key[0])) for key in order]
+    if rank_by != "verifier":
+        raise ValueError(f"unknown rank_by {rank_by!r}; expected influence, verifier or layer")
+    if score_graph is None:
+        raise ValueError("rank_by='verifier' needs a score_graph function")
+    base = score_graph(graph)
+    nodes = _window_feature_nodes(graph, window)
+    sign = 1.0 if action == "suppress" else -1.0
+    scored = {}
+    for key in by_influence[:candidate_pool]:
+        mask = np.zeros(graph.n_nodes, dtype=bool)
+        mask[nodes[(graph.layer[nodes] == key[0]) & (graph.feature[nodes] == key[1])]] = True
+        scored[key] = sign * (base - score_graph(drop_nodes(graph, mask)))
+    return [(key, scored[key]) for key in sorted(scored, key=lambda k: (-scored[k], k))]
+
+
+def _positions(
+    key: FeatureKey, graph: StepGraph, window: tuple[int, int], active: ActiveMap
+) -> tuple[int, ...]:
+    nodes = _window_feature_nodes(graph, window)
+    in_graph = graph.pos[nodes[(graph.layer[nodes] == key[0]) & (graph.feature[nodes] == key[1])]]
+    return tuple(sorted(set(active.get(key, ())) | {int(p) for p in in_graph}))
+
+
+def propose(
+    graph: StepGraph,
+    window: tuple[int, int],
+    active: ActiveMap,
+    n: int,
+    rank_by: RankBy,
+    action: Action,
+    amplify_scale: float,
+    scope: Scope,
+    score_graph: Callable[[StepGraph], float] | None = None,
+    candidate_pool: int = 24,
+) -> list[Proposal]:
+    """The top `n` interventions for one step (fewer when the graph has fewer candidates).
+
+    Deterministic: the ranking has no randomness and ties break on (layer, feature).
+    """
+    ranked = rank_candidates(graph, window, rank_by, action, score_graph, candidate_pool)
+    value = 0.0 if action == "suppress" else float(amplify_scale)
+    return [
+        Proposal(
+            layer,
+            feature,
+            action,
+            value,
+            scope,
+            window[0],
+            _positions((layer, feature), graph, window, active),
+            score,
+            "graph",
+        )
+        for (layer, feature), score in ranked[:n]
+    ]
+
+
+def step_rng(seed: int, step_id: str) -> np.random.Generator:
+    """A generator that depends only on the run seed and the step (not on visiting order)."""
+    return np.random.default_rng([seed, zlib.crc32(step_id.encode())])
+
+
+def random_control(
+    proposals: list[Proposal], active: ActiveMap, rng: np.random.Generator
+) -> list[Proposal]:
+    """One random active feature per proposal, of the proposal's layer, never a proposed one.
+
+    A proposal whose layer has no other active feature in the window gets no control, so
+    the control can be shorter than `proposals` (never in practice with k >= 2).
+    """
+    taken = {(p.layer, p.feature) for p in proposals}
+    out = []
+    for p in proposals:
+        pool = sorted(key for key in active if key[0] == p.layer and key not in taken)
+        if not pool:
+            continue
+        key = pool[int(rng.integers(len(pool)))]
+        taken.add(key)
+        out.append(
+            Proposal(
+                key[0], key[1], p.action, p.value, p.scope, p.start, active[key], 0.0, "random"
+            )
+        )
+    return out

@@ -1,0 +1,52 @@
+"""The `subject` stage: the model whose reasoning is verified, as a plain HF directory.
+
+Every later stage loads the subject from this artifact with `load_subject`, so model
+provenance (embedded crv-tiny, hub name, local directory, GGUF inside a pip package) is
+resolved exactly once, and a GGUF model is dequantised to fp32 safetensors only once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+TINY_NAME = "crv-tiny"
+
+
+def shipped_tiny_dir() -> Path:
+    """The crv-tiny checkpoint shipped in the repository's data/ folder."""
+    path = DATA_DIR / TINY_NAME
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded model is missing at {path}: install crv from a git clone "
+            "(pip install -e .) or retrain it with model.retrain=true"
+        )
+    return path
+
+
+def run_stage(ctx) -> dict[str, Any]:
+    from crv.models.adapter import ArchAdapter
+    from crv.models.loading import export_subject, load_subject
+
+    cfg = ctx.cfg
+    if cfg.name == TINY_NAME:
+        if cfg.retrain:
+            from crv.models.tiny import TinyConfig, train_tiny
+
+            train_tiny(TinyConfig(seed=ctx.seed), ctx.out)
+        else:
+            shutil.copytree(shipped_tiny_dir(), ctx.out, dirs_exist_ok=True)
+    else:
+        export_subject(cfg, ctx.out, ctx.scratch)
+    model, _ = load_subject(ctx.out, "cpu")
+    adapter = ArchAdapter.for_model(model)
+    return {
+        "name": cfg.name,
+        "family": adapter.family,
+        "n_layers": adapter.n_layers,
+        "d_model": adapter.d_model,
+        "vocab_size": adapter.vocab_size,
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }

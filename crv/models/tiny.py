@@ -1,0 +1,412 @@
+"""crv-tiny: the embedded default subject model, trained here from scratch in about 45 minutes.
+
+Why a model of our own: attribution costs roughly one backward pass per graph row, so a
+benchmark of thousands of step graphs on a CPU needs a subject of about a million parameters
+(see REFERENCE.md). Pretrained models that small do not exist offline, so crv ships one: a
+4-layer Llama trained only on *correct* canonical traces of the two synthetic tasks. It learns
+the format almost perfectly but not the arithmetic, so its greedy traces contain incorrect steps
+at a rate that grows with the problem size - exactly what the verifier needs to learn from.
+
+Choices that make it learn fast enough on two CPU cores:
+- a ~35-token vocabulary of the pieces the tasks use (digits are single tokens), so a trace is
+  short and every token carries signal; `<pad>` is id 0 and `<bos>` is not (circuit-tracer
+  silently skips a bos of id 0);
+- loss only on completion tokens (the prompt is random and unpredictable);
+- every batch holds one task and one complexity (no padding waste), sized to a token budget;
+- a curriculum from small problems, and a high peak learning rate with warmup and cosine decay;
+- the boolean task gets a small share of the batches: it is learned much faster than
+  arithmetic, and a subject that never errs on a task gives the verifier nothing to learn.
+
+Reproduce the shipped checkpoint: `python -m crv.models.tiny --out data/crv-tiny`; evaluate it:
+`python -m crv.models.tiny --eval data/crv-tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import random
+import re
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+"""Ids 0..3, in this order: pad first so that bos is never id 0."""
+PIECES = ("Q: Evaluate ", "Step ", ", so ", "Answer: ", "True", "False", " and ", " or ", "not ")
+"""Multi-character pieces of the canonical format; they win over single characters."""
+CHARACTERS = tuple("0123456789+-*()=: \n,")
+"""Single-character tokens; anything else encodes as `<unk>`."""
+TASKS = ("arithmetic", "boolean")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The crv-tiny tokenizer: word-level over `PIECES` and `CHARACTERS`, bos prepended.
+
+    Decoding concatenates the pieces, so `decode(encode(text))` reproduces any text made of
+    the vocabulary exactly.
+    """
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + PIECES + CHARACTERS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    pattern = "|".join(re.escape(p) for p in PIECES) + r"|[\s\S]"
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
+
+
+@dataclass
+class TinyConfig:
+    """How crv-tiny is built and trained; the defaults reproduce the shipped checkpoint."""
+
+    layers: int = 4
+    """Decoder layers."""
+    hidden: int = 128
+    """Residual stream width (d_model)."""
+    heads: int = 4
+    """Attention heads (head dim = hidden / heads)."""
+    intermediate: int = 512
+    """MLP width."""
+    context: int = 1024
+    """Maximum sequence length (max_position_embeddings)."""
+    tokens: int = 20_000_000
+    """Training budget in (non-padding) tokens; the schedules are fractions of it."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    warmup: float = 0.02
+    """Fraction of the budget spent warming the learning rate up linearly."""
+    min_lr_ratio: float = 0.05
+    """Final learning rate as a fraction of the peak (cosine decay)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    batch_tokens: int = 6144
+    """Tokens per batch (approximate); the batch size in sequences follows the trace length."""
+    curriculum: float = 0.3
+    """Fraction of the budget over which the largest trained complexity grows to the maximum."""
+    max_complexity: int = 10
+    """Largest complexity (operators) trained on; complexities are drawn uniformly up to it."""
+    boolean_share: float = 0.2
+    """Fraction of batches drawn from the boolean task (the rest is arithmetic)."""
+    seed: int = 0
+    """Seed of the weights, the batch order and the training problems."""
+    threads: int = 2
+    """torch CPU threads (results depend on it in the last bits)."""
+    checkpoint_every: int = 2_000_000
+    """Save the model every this many tokens, so a stopped run still leaves a model."""
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass, read from its source, as argparse help."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    helps = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            helps[node.target.id] = str(nxt.value.value)
+    return helps
+
+
+def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A freshly initialised fp32 Llama of the configured shape."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.context,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config).float()
+
+
+def _encode_trace(tokenizer: PreTrainedTokenizerFast, prompt: str, completion: str) -> tuple[list[int], int]:
+    """`<bos> prompt completion <eos>` as ids, and the number of prompt ids (incl. bos)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return prompt_ids + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)
+
+
+class _Batches:
+    """Deterministic stream of training batches: one task and one complexity per batch."""
+
+    def __init__(self, cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> None:
+        from crv.tasks import generate_problems
+
+        self.cfg, self.tokenizer, self.generate = cfg, tokenizer, generate_problems
+        self.rng = random.Random(f"crv-tiny-batches-{cfg.seed}")
+        self.mean_len = {}
+        for task in TASKS:
+            for n in range(1, cfg.max_complexity + 1):
+                probe = generate_problems(task, n, 16, seed=-1 - cfg.seed)
+                lens = [len(_encode_trace(tokenizer, p.prompt, p.solution())[0]) for p in probe]
+                self.mean_len[task, n] = sum(lens) / len(lens)
+        self.count = 0
+
+    def max_complexity(self, progress: float) -> int:
+        """Largest complexity allowed at this fraction of the budget."""
+        if self.cfg.curriculum <= 0:
+            return self.cfg.max_complexity
+        ramp = min(1.0, progress / self.cfg.curriculum)
+        return max(1, min(self.cfg.max_complexity, 1 + math.ceil(ramp * (self.cfg.max_complexity - 1))))
+
+    def next(self, progress: float) -> tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(task, complexity, input_ids, attention_mask, labels) of the next batch."""
+        task = "boolean" if self.rng.random() < self.cfg.boolean_share else "arithmetic"
+        n = self.rng.randint(1, self.max_complexity(progress))
+        size = max(1, round(self.cfg.batch_tokens / self.mean_len[task, n]))
+        problems = self.generate(task, n, size, seed=self.cfg.seed * 1_000_003 + self.count)
+        self.count += 1
+        encoded = [_encode_trace(self.tokenizer, p.prompt, p.solution()) for p in problems]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, -100)
+        for row, (ids, n_prompt) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+            labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+        return task, n, input_ids, mask, labels
+
+
+def _lr_factor(cfg: TinyConfig, progress: float) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio`."""
+    if progress < cfg.warmup:
+        return max(progress / cfg.warmup, 1e-3)
+    t = min(1.0, (progress - cfg.warmup) / max(1e-9, 1.0 - cfg.warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def save_model_dir(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: Path, info: dict[str, Any]
+) -> None:
+    """Write an HF model dir into a temporary sibling, then swap it into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "crv_tiny.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_tiny(cfg: TinyConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train crv-tiny from scratch on correct canonical traces and save it to `out_dir`.
+
+    Deterministic given `cfg` (seed and thread count). Returns training statistics, which are
+    also saved as `crv_tiny.json` beside the weights.
+    """
+    torch.set_num_threads(cfg.threads)
+    tokenizer = build_tokenizer()
+    model = build_model(cfg, tokenizer)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
+    )
+    batches = _Batches(cfg, tokenizer)
+    seen, trained, step, next_ckpt = 0, 0, 0, cfg.checkpoint_every
+    ema: dict[str, float] = {}
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="crv-tiny", disable=not progress)
+
+    def info(finished: bool) -> dict[str, Any]:
+        seconds = time.perf_counter() - start
+        return {
+            "config": asdict(cfg),
+            "finished": finished,
+            "steps": step,
+            "tokens": seen,
+            "loss_tokens": trained,
+            "seconds": round(seconds, 1),
+            "tokens_per_second": round(seen / max(seconds, 1e-9), 1),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "loss_ema": {k: round(v, 4) for k, v in ema.items()},
+        }
+
+    while seen < cfg.tokens:
+        frac = seen / cfg.tokens
+        task, _, input_ids, mask, labels = batches.next(frac)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(cfg, frac)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        n_tokens = int(mask.sum())
+        seen += n_tokens
+        trained += int((labels != -100).sum())
+        ema[task] = loss.item() if task not in ema else 0.98 * ema[task] + 0.02 * loss.item()
+        bar.update(n_tokens)
+        bar.set_postfix(
+            {f"loss_{k[:4]}": f"{v:.3f}" for k, v in sorted(ema.items())}
+            | {"tok/s": f"{seen / (time.perf_counter() - start):.0f}", "nmax": batches.max_complexity(frac)}
+        )
+        if seen >= next_ckpt and seen < cfg.tokens:
+            save_model_dir(model, tokenizer, Path(out_dir), info(False))
+            next_ckpt += cfg.checkpoint_every
+    bar.close()
+    stats = info(True)
+    save_model_dir(model, tokenizer, Path(out_dir), stats)
+    return stats
+
+
+def completion_cap(tokenizer: PreTrainedTokenizerFast, problem: Any) -> int:
+    """New-token cap for a problem: 1.5x its canonical completion plus slack.
+
+    Runaway generations (no `Answer:` line) would otherwise dominate generation time.
+    """
+    return 16 + 3 * len(tokenizer(problem.solution(), add_special_tokens=False)["input_ids"]) // 2
+
+
+def evaluate_tiny(
+    model_dir: str | Path,
+    n_per_complexity: int = 100,
+    seed: int = 20_260_000,
+    complexities: tuple[int, ...] = (3, 5, 7, 10),
+    batch_size: int = 64,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """Greedy traces of the model on fresh problems, checked step by step; prints a table.
+
+    `seed` must differ from the training seeds (they are `seed * 1_000_003 + batch`, small for
+    the shipped config) so the problems are held out by construction of the generator's seed.
+    Steps count as in the verifier's data: every step of the trace; a trace is wrong when any
+    step is incorrect or unparseable.
+    """
+    from crv.generation import generate_greedy
+    from crv.tasks import check_completion, generate_problems
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    problems = [
+        p
+        for task in TASKS
+        for n in complexities
+        for p in generate_problems(task, n, n_per_complexity, seed=seed)
+    ]
+    caps = {p.prompt: completion_cap(tokenizer, p) for p in problems}
+    start = time.perf_counter()
+    results = generate_greedy(model, tokenizer, [p.prompt for p in problems], caps.__getitem__, batch_size)
+    gen_seconds = time.perf_counter() - start
+    rows: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for p, r in zip(problems, results):
+        checked = check_completion(p, r.completion)
+        row = rows[p.task, p.complexity]
+        row["traces"] += 1
+        row["steps"] += len(checked.steps)
+        row["incorrect_steps"] += sum(1 for s in checked.steps if s.parsed and s.label is False)
+        row["unparsed_steps"] += sum(1 for s in checked.steps if not s.parsed)
+        row["wrong_traces"] += any(not s.parsed or s.label is False for s in checked.steps)
+        row["final_correct"] += bool(checked.final_correct)
+        row["no_answer"] += not r.stopped_at_eos
+    table = []
+    for (task, n), row in sorted(rows.items()):
+        table.append({"task": task, "complexity": n} | {k: int(v) for k, v in row.items()})
+    for task in TASKS:
+        total: dict[str, Any] = {"task": task, "complexity": "all"}
+        for r in table:
+            if r["task"] == task:
+                for k, v in r.items():
+                    if k not in ("task", "complexity"):
+                        total[k] = total.get(k, 0) + v
+        table.append(total)
+    header = "task        n    traces  steps  incorrect  unparsed  wrong traces  final acc  no eos"
+    print(header)
+    for r in table:
+        print(
+            f"{r['task']:<11} {r['complexity']!s:<4} {r['traces']:>6} {r['steps']:>6} "
+            f"{r['incorrect_steps']:>10} {r['unparsed_steps']:>9} "
+            f"{r['wrong_traces']:>6} ({r['wrong_traces'] / r['traces']:6.1%}) "
+            f"{r['final_correct'] / r['traces']:>9.1%} {r['no_answer']:>7}"
+        )
+    print(f"generation: {len(problems)} traces in {gen_seconds:.1f} s")
+    return {"model_dir": str(model_dir), "seed": seed, "generation_seconds": gen_seconds, "table": table}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m crv.models.tiny --out DIR [--field value ...]` or `--eval DIR`."""
+    parser = argparse.ArgumentParser(prog="python -m crv.models.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="train and write the model directory here")
+    parser.add_argument("--eval", type=Path, help="evaluate this model directory instead")
+    parser.add_argument("--n-per-complexity", type=int, default=100, help="eval: problems per task and complexity")
+    parser.add_argument("--eval-seed", type=int, default=20_260_000, help="eval: problem seed (held out)")
+    parser.add_argument("--eval-json", type=Path, help="eval: also write the table here")
+    helps = _field_help(TinyConfig)
+    for f in dataclasses.fields(TinyConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=helps.get(f.name))
+    args = parser.parse_args(argv)
+    if args.eval is not None:
+        result = evaluate_tiny(args.eval, args.n_per_complexity, args.eval_seed)
+        if args.eval_json is not None:
+            args.eval_json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return
+    if args.out is None:
+        parser.error("give --out (train) or --eval (evaluate)")
+    cfg = TinyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TinyConfig)})
+    print(json.dumps(train_tiny(cfg, args.out), indent=2))
+
+
+if __name__ == "__main__":
+    main()

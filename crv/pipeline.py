@@ -1,0 +1,288 @@
+"""The stage graph and its artifact cache.
+
+Each stage is a pure function of (its config section, the artifacts it reads) to one artifact
+directory. The cache key of an artifact hashes the stage's resolved config section, the
+global seed and the keys of its inputs, so changing `transcoder.k` recomputes transcoders
+and everything downstream of them, nothing upstream.
+
+Writes are crash-safe: a stage writes into `<stage>/<key>.tmp-<pid>/` and the directory is
+renamed to `<stage>/<key>/` only after `run_stage` returned and the manifest was written, so
+a killed run never leaves an artifact that a later run would trust. Work a stage wants to
+keep across a crash (per-trace shards) goes to `<stage>/<key>.scratch/`, which survives
+until the artifact is complete and is then deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from crv.io import atomic_write_json, read_json
+
+log = logging.getLogger("crv.pipeline")
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's `run_stage(ctx) -> dict` may use; see docs/architecture.md."""
+
+    name: str
+    cfg: Any
+    inputs: dict[str, Path]
+    out: Path
+    scratch: Path
+    seed: int
+    device: str
+    log: logging.Logger
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A node of the stage graph.
+
+    `section` names the config section the stage reads; `runner` is "module:function" so
+    that importing the pipeline does not import every stage's heavy dependencies.
+    """
+
+    name: str
+    section: str
+    deps: tuple[str, ...]
+    runner: str
+    report_key: str
+
+    def load_runner(self) -> Callable[[StageContext], dict]:
+        module, func = self.runner.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("subject", "model", (), "crv.models.subject:run_stage", "subject"),
+    Stage("traces", "traces", ("subject",), "crv.traces:run_stage", "traces"),
+    Stage(
+        "transcoders", "transcoder", ("subject", "traces"), "crv.transcoders.stage:run_stage",
+        "transcoders",
+    ),
+    Stage(
+        "graphs", "attribution", ("subject", "traces", "transcoders"),
+        "crv.attribution.stage:run_stage", "attribution",
+    ),
+    Stage("features", "features", ("traces", "graphs"), "crv.verifier.features:run_stage", "features"),
+    Stage(
+        "baselines", "baselines", ("subject", "traces"), "crv.verifier.baselines:run_stage",
+        "baselines",
+    ),
+    Stage(
+        "verifier", "verifier", ("traces", "features", "baselines"),
+        "crv.verifier.classifier:run_stage", "detection",
+    ),
+    Stage(
+        "interventions", "intervention",
+        ("subject", "traces", "transcoders", "graphs", "features", "verifier"),
+        "crv.interventions:run_stage", "interventions",
+    ),
+    Stage(
+        "bundle", "bundle", ("subject", "transcoders", "graphs", "features", "verifier"),
+        "crv.bundle:run_stage", "bundle",
+    ),
+)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+def stage_closure(requested: Iterable[str], stages: tuple[Stage, ...] = STAGES) -> list[Stage]:
+    """The requested stages and everything they depend on, in pipeline order."""
+    by_name = {s.name: s for s in stages}
+    wanted: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name not in by_name:
+            raise ValueError(f"unknown stage {name!r} in pipeline.stages; known: {list(by_name)}")
+        if name not in wanted:
+            wanted.add(name)
+            for dep in by_name[name].deps:
+                visit(dep)
+
+    for name in requested:
+        visit(name)
+    return [s for s in stages if s.name in wanted]
+
+
+def _plain(obj: Any) -> Any:
+    """A JSON-able view of a config section (dataclass, DictConfig or plain value)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _plain(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def artifact_key(stage: Stage, section_cfg: Any, seed: int, input_keys: dict[str, str]) -> str:
+    """Hash of what determines the artifact: config section, seed, and input keys.
+
+    Fields whose name starts with `runtime_` (batch sizes for memory, progress options)
+    would not change the result and are left out of the key.
+    """
+    cfg = {k: v for k, v in _plain(section_cfg).items() if not k.startswith("runtime_")}
+    blob = json.dumps(
+        {"stage": stage.name, "cfg": cfg, "seed": seed, "inputs": input_keys},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("crv", "torch", "transformers", "xgboost", "networkx", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch so a stage is reproducible from its config alone."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process and its finished children, in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024.0
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    path: Path
+    reused: bool
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+class ArtifactCache:
+    """Directory layout `<root>/<stage>/<key>/` with a manifest per artifact."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / MANIFEST).is_file()
+
+    def run(
+        self,
+        stage: Stage,
+        key: str,
+        make_ctx: Callable[[Path, Path], StageContext],
+        manifest: dict,
+    ) -> StageResult:
+        """Reuse the artifact under `key`, or run the stage and commit it atomically."""
+        final = self.path(stage.name, key)
+        if self.is_complete(stage.name, key):
+            metrics_file = final / METRICS
+            metrics = read_json(metrics_file) if metrics_file.is_file() else {}
+            return StageResult(stage.name, key, final, True, 0.0, metrics)
+
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f"{key}.tmp-{os.getpid()}"
+        scratch = final.parent / f"{key}.scratch"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        scratch.mkdir(exist_ok=True)
+        start = time.perf_counter()
+        try:
+            seed_everything(manifest.get("seed", 0))
+            metrics = stage.load_runner()(make_ctx(tmp, scratch)) or {}
+            seconds = time.perf_counter() - start
+            atomic_write_json(tmp / METRICS, metrics)
+            atomic_write_json(tmp / MANIFEST, {**manifest, "seconds": seconds, "versions": _versions()})
+            if final.exists():  # a concurrent run finished first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
+        return StageResult(stage.name, key, final, False, seconds, metrics)
+
+
+def run_pipeline(
+    sections: dict[str, Any],
+    requested: Iterable[str],
+    cache_root: str | Path,
+    seed: int,
+    device: str,
+    stages: tuple[Stage, ...] = STAGES,
+) -> list[StageResult]:
+    """Ensure every requested stage's artifact exists (reusing cached ones); in order."""
+    cache = ArtifactCache(cache_root)
+    keys: dict[str, str] = {}
+    paths: dict[str, Path] = {}
+    results: list[StageResult] = []
+    for stage in stage_closure(requested, stages):
+        section_cfg = sections[stage.section]
+        input_keys = {d: keys[d] for d in stage.deps}
+        key = artifact_key(stage, section_cfg, seed, input_keys)
+        stage_log = logging.getLogger(f"crv.{stage.name}")
+
+        def make_ctx(out: Path, scratch: Path, stage: Stage = stage, cfg: Any = section_cfg) -> StageContext:
+            return StageContext(
+                name=stage.name,
+                cfg=cfg,
+                inputs={d: paths[d] for d in stage.deps},
+                out=out,
+                scratch=scratch,
+                seed=seed,
+                device=device,
+                log=stage_log,
+            )
+
+        manifest = {
+            "stage": stage.name,
+            "key": key,
+            "config": _plain(section_cfg),
+            "seed": seed,
+            "inputs": input_keys,
+        }
+        if not cache.is_complete(stage.name, key):
+            log.info("stage %s: running (key %s)", stage.name, key)
+        result = cache.run(stage, key, make_ctx, manifest)
+        if result.reused:
+            log.info("stage %s: reusing cached artifact %s", stage.name, result.path)
+        else:
+            log.info("stage %s: done in %.1f s -> %s", stage.name, result.seconds, result.path)
+        keys[stage.name] = key
+        paths[stage.name] = result.path
+        results.append(result)
+    return results

@@ -1,0 +1,122 @@
+"""The run report: `report.json` (stable keys) and `report.md` (tables and plots).
+
+Each stage returns what it measured; this module only gathers those dicts under the
+stages' report keys, adds per-stage timings and peak memory, and renders Markdown. The
+renderers of the verifier and intervention sections live with those stages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from crv.io import atomic_write_json, atomic_write_text
+from crv.pipeline import STAGE_BY_NAME, StageResult, peak_memory_mb
+
+
+def build_report(results: Sequence[StageResult]) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    for r in results:
+        report[STAGE_BY_NAME[r.name].report_key] = r.metrics
+    report["timings"] = {r.name: round(r.seconds, 2) for r in results}
+    report["reused"] = [r.name for r in results if r.reused]
+    report["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    return report
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Rows of dicts as a Markdown table; columns default to the first row's keys."""
+    if not rows:
+        return "_(no rows)_\n"
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _scalars(section: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"metric": k, "value": v}
+        for k, v in section.items()
+        if isinstance(v, (int, float, str)) or (isinstance(v, list) and len(v) == 2)
+    ]
+
+
+def render_markdown(report: dict[str, Any], plots: Sequence[str]) -> str:
+    parts = ["# crv run report\n"]
+    if "traces" in report:
+        parts += ["## Traces\n", markdown_table(report["traces"].get("table", []))]
+    if "transcoders" in report:
+        tc = report["transcoders"]
+        parts += ["## Transcoders\n", markdown_table(tc.get("layers", []))]
+        parts.append(markdown_table(_scalars(tc)))
+    if "attribution" in report:
+        parts += ["## Attribution graphs\n", markdown_table(_scalars(report["attribution"]))]
+    if "detection" in report:
+        from crv.verifier.metrics import detection_markdown
+
+        parts += ["## Error detection\n", detection_markdown(report["detection"])]
+    if "interventions" in report:
+        from crv.interventions import interventions_markdown
+
+        parts += ["## Interventions\n", interventions_markdown(report["interventions"])]
+    if plots:
+        parts.append("## Plots\n")
+        parts += [f"![{Path(p).stem}]({p})\n" for p in plots]
+    timings = [{"stage": k, "seconds": v} for k, v in report.get("timings", {}).items()]
+    parts += ["## Timings\n", markdown_table(timings)]
+    parts.append(f"Reused from cache: {', '.join(report.get('reused', [])) or 'none'}. ")
+    parts.append(f"Peak memory: {report.get('peak_memory_mb')} MiB.\n")
+    return "\n".join(parts)
+
+
+def write_report(report: dict[str, Any], results: Sequence[StageResult], run_dir: Path) -> None:
+    """Write report.json and report.md into the run directory, copying the stages' plots."""
+    plots = []
+    for r in results:
+        for png in sorted(Path(r.path).glob("*.png")):
+            dest = run_dir / "plots" / f"{r.name}_{png.name}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, dest)
+            plots.append(str(dest.relative_to(run_dir)))
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "report.md", render_markdown(report, plots))
+
+
+def summarize_sweep(multirun_dir: str | Path, metric: str = "detection.arithmetic.methods.crv.auroc") -> str:
+    """One Markdown table across a multirun's report.json files, best `metric` first.
+
+    Each row shows the run's overrides (from Hydra's `.hydra/overrides.yaml`) and the metric.
+    """
+    import yaml
+
+    rows = []
+    for rep in sorted(Path(multirun_dir).rglob("report.json")):
+        overrides_file = rep.parent / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        value: Any = json.loads(rep.read_text())
+        for part in metric.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        rows.append({"run": rep.parent.name, "overrides": " ".join(overrides or []), metric: value})
+    rows.sort(key=lambda r: (r[metric] is None, -(r[metric] or 0.0)))
+    return markdown_table(rows)
+
+
+def sweep_main() -> None:
+    """Console script `crv-sweep-summary MULTIRUN_DIR [METRIC]`."""
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: crv-sweep-summary MULTIRUN_DIR [dotted.metric.path]")
+    print(summarize_sweep(*sys.argv[1:3]))

@@ -1,0 +1,124 @@
+"""Configuration of the `transcoders` stage (the `transcoder` config section).
+
+Every field's docstring is its help text. The defaults are sized for crv's embedded subject
+model (Llama, 4 layers, d_model 128, MLP 512) on a 2-core CPU: 16x expansion (2,048
+latents), k = 32 and about four million tokens per layer, all layers trained in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+ACTIVATIONS = ("topk", "relu_topk")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TranscoderConfig:
+    """Hyperparameters of per-layer TopK transcoders (MLP in -> MLP out)."""
+
+    k: int = 32
+    """Number of latents kept per token by TopK (the L0 of every transcoder)."""
+
+    expansion: int = 16
+    """Latents per model dimension; ignored when `n_latents` is set."""
+
+    n_latents: int | None = None
+    """Number of latents F per layer; default `expansion * d_model`."""
+
+    activation: str = "relu_topk"
+    """`relu_topk`: ReLU on the k kept pre-activations; `topk`: kept values unchanged."""
+
+    lr: float | None = None
+    """Adam learning rate; default 2e-4 / sqrt(n_latents / 2**14) (larger for fewer latents)."""
+
+    lr_warmup_steps: int = 50
+    """Steps of linear learning-rate warmup from zero."""
+
+    lr_decay_frac: float = 0.2
+    """Final fraction of the steps over which the learning rate decays linearly to zero."""
+
+    batch_tokens: int = 4096
+    """Tokens per optimisation step (the same tokens for every layer)."""
+
+    tokens: int = 4_000_000
+    """Token budget per layer; the corpus is repeated (reshuffled) when it is shorter."""
+
+    k_aux: int | None = None
+    """Dead latents used by the AuxK loss per token; default d_model // 2."""
+
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss (reconstruct the residual error from dead latents)."""
+
+    dead_tokens: int = 250_000
+    """A latent is dead for AuxK when it has not fired within this many training tokens."""
+
+    normalize_decoder: bool = True
+    """Keep decoder rows at unit norm (gradient parallel to each row removed before a step)."""
+
+    init_from_data: bool = True
+    """On the first batch set b_dec to the mean MLP output and b_enc to -W_enc @ mean MLP input."""
+
+    seed: int | None = None
+    """Seed of initialisation and shuffling; default the pipeline's global seed."""
+
+    device: str | None = None
+    """Device for the model and the transcoders; default the pipeline's device."""
+
+    layers: list[int] | None = None
+    """Layers to train transcoders for; default all layers."""
+
+    corpus: str = "traces"
+    """`traces`: input_ids of the train split of the traces; otherwise a `datasets` text
+    dataset: a directory saved with `save_to_disk` or a name/path for `load_dataset`."""
+
+    corpus_split: str = "train"
+    """Split of a `load_dataset` corpus (unused for `traces`)."""
+
+    corpus_text_column: str = "text"
+    """Text column of a text corpus."""
+
+    max_seq_len: int = 512
+    """Sequences longer than this are truncated (text corpora and traces alike)."""
+
+    model_batch_seqs: int = 32
+    """Sequences per subject-model forward pass when collecting activations."""
+
+    shuffle_buffer_tokens: int = 262_144
+    """Tokens held in the shuffle buffer that decorrelates batches from sequences."""
+
+    cache_activations: bool = False
+    """Cache the activations on disk as safetensors shards (reused across transcoder settings:
+    the cache is keyed by the subject, corpus and layers only)."""
+
+    cache_dir: str | None = None
+    """Where activation caches live; default `<scratch>/../activation_cache`."""
+
+    cache_dtype: str = "bfloat16"
+    """Storage dtype of cached activations (training always runs in float32)."""
+
+    eval_tokens: int = 65_536
+    """Cap on the held-out (test split) tokens used for evaluation."""
+
+    log_every: int = 50
+    """Log per-layer metrics every this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, not {self.activation!r}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, not {self.cache_dtype!r}")
+
+    def latents(self, d_model: int) -> int:
+        """The number of latents F for a model of width `d_model`."""
+        return self.n_latents if self.n_latents is not None else self.expansion * d_model
+
+    def learning_rate(self, d_model: int) -> float:
+        """The Adam learning rate, scaled down as 1/sqrt(F / 2**14) unless set."""
+        if self.lr is not None:
+            return self.lr
+        return 2e-4 / math.sqrt(self.latents(d_model) / 2**14)
+
+    def aux_k(self, d_model: int) -> int:
+        """The number of dead latents AuxK may use per token."""
+        return self.k_aux if self.k_aux is not None else d_model // 2

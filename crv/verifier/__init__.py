@@ -1,0 +1,1 @@
+"""Step verification: graph features, baselines, the xgboost verifier, metrics and plots."""

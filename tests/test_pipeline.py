@@ -1,0 +1,103 @@
+"""Artifact cache: keys, reuse, atomic commits, resumable scratch, stage closure."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from crv.pipeline import Stage, artifact_key, run_pipeline, stage_closure
+
+
+@dataclass
+class Cfg:
+    value: int = 1
+    runtime_batch_size: int = 8
+
+
+CALLS: list[str] = []
+
+
+def _up(ctx):
+    CALLS.append("up")
+    (ctx.out / "value.txt").write_text(str(ctx.cfg.value))
+    return {"value": ctx.cfg.value}
+
+
+def _down(ctx):
+    CALLS.append("down")
+    up = int((ctx.inputs["up"] / "value.txt").read_text())
+    (ctx.scratch / "shard.txt").write_text("partial work")
+    if ctx.cfg.value < 0:
+        raise RuntimeError("simulated crash")
+    (ctx.out / "value.txt").write_text(str(up + ctx.cfg.value))
+    return {"sum": up + ctx.cfg.value}
+
+
+@pytest.fixture()
+def stages(monkeypatch):
+    mod = types.ModuleType("fake_stages")
+    mod.up, mod.down = _up, _down
+    monkeypatch.setitem(sys.modules, "fake_stages", mod)
+    CALLS.clear()
+    return (
+        Stage("up", "a", (), "fake_stages:up", "up"),
+        Stage("down", "b", ("up",), "fake_stages:down", "down"),
+    )
+
+
+def _run(stages, tmp_path: Path, a: int, b: int, requested=("down",)):
+    return run_pipeline({"a": Cfg(a), "b": Cfg(b)}, requested, tmp_path, seed=0, device="cpu", stages=stages)
+
+
+def test_second_run_reuses_every_stage(stages, tmp_path):
+    first = _run(stages, tmp_path, 1, 2)
+    second = _run(stages, tmp_path, 1, 2)
+    assert CALLS == ["up", "down"]
+    assert [r.reused for r in first] == [False, False]
+    assert [r.reused for r in second] == [True, True]
+    assert second[1].metrics == {"sum": 3}
+    assert (second[1].path / "manifest.json").is_file()
+
+
+def test_changing_a_downstream_section_keeps_upstream(stages, tmp_path):
+    _run(stages, tmp_path, 1, 2)
+    results = _run(stages, tmp_path, 1, 5)
+    assert CALLS == ["up", "down", "down"]
+    assert [r.reused for r in results] == [True, False]
+    assert results[1].metrics == {"sum": 6}
+
+
+def test_upstream_change_invalidates_downstream(stages, tmp_path):
+    _run(stages, tmp_path, 1, 2)
+    _run(stages, tmp_path, 4, 2)
+    assert CALLS == ["up", "down", "up", "down"]
+
+
+def test_runtime_fields_do_not_change_the_key(stages):
+    stage = stages[0]
+    assert artifact_key(stage, Cfg(1, 8), 0, {}) == artifact_key(stage, Cfg(1, 64), 0, {})
+    assert artifact_key(stage, Cfg(1), 0, {}) != artifact_key(stage, Cfg(1), 1, {})
+
+
+def test_crash_leaves_no_trusted_artifact_and_keeps_scratch(stages, tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(stages, tmp_path, 1, -1)
+    stage_dir = tmp_path / "down"
+    assert not [p for p in stage_dir.iterdir() if not p.name.endswith(".scratch")]
+    scratch = next(stage_dir.glob("*.scratch"))
+    assert (scratch / "shard.txt").read_text() == "partial work"
+    # the upstream artifact survived and is reused by the next run
+    results = _run(stages, tmp_path, 1, 2)
+    assert results[0].reused and not results[1].reused
+
+
+def test_subset_runs_dependencies_only(stages, tmp_path):
+    results = _run(stages, tmp_path, 1, 2, requested=("up",))
+    assert [r.name for r in results] == ["up"]
+    assert [s.name for s in stage_closure(["down"], stages)] == ["up", "down"]
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        stage_closure(["nope"], stages)
