@@ -73,7 +73,7 @@ class ExprError(ValueError):
 
 @dataclass(frozen=True)
 class BinaryOp:
-    """An infix operator: `symbol` as written between spaces-free operands or words."""
+    """An infix operator; word operators (`and`) are written with a space on each side."""
 
     symbol: str
     precedence: int
@@ -268,10 +268,9 @@ class _Parser:
 
 def tokenize(text: str, lang: Language) -> list[tuple[str, str, int, int]]:
     """Tokens `(kind, text, start, end)` with kind `lit` or `sym`; raises on stray text."""
+    text = text.rstrip()
     tokens, pos = [], 0
     while pos < len(text):
-        if text[pos:].strip() == "":
-            break
         match = lang.token_re.match(text, pos)
         if match is None:
             raise ExprError(f"unexpected text {text[pos : pos + 10].strip()!r}")
@@ -315,7 +314,11 @@ class TaskSpec:
     max_abs: int | None = None
 
     def random_tree(self, n_ops: int, rng: random.Random) -> Node:
-        """A random expression with exactly `n_ops` operators (shape uniform-ish, recursive)."""
+        """A random expression with exactly `n_ops` operators.
+
+        Each operator slot is unary with probability `unary_prob`, else binary with the
+        remaining operators split uniformly between its two operands.
+        """
         if n_ops == 0:
             return Atom(rng.choice(self.leaves))
         if self.lang.unary and rng.random() < self.unary_prob:

@@ -90,10 +90,9 @@ class Problem:
         """The canonical correct completion (leftmost innermost operation first)."""
         lang = task_spec(self.task).lang
         node, lines = self.tree(), []
-        while innermost_paths(node):
-            path = innermost_paths(node)[0]
-            operation = subtree(node, path)
-            node = reduce_at(node, path, lang)
+        while paths := innermost_paths(node):
+            operation = subtree(node, paths[0])
+            node = reduce_at(node, paths[0], lang)
             lines.append(
                 step_line(
                     len(lines) + 1,

@@ -24,11 +24,13 @@ class FeaturesConfig:
     """Graphs with at most this many nodes get exact betweenness centrality; larger ones
     use the k-source sampling estimate (Brandes & Pich 2007) with `betweenness_k` sources."""
 
-    betweenness_k: int = 16
+    betweenness_k: int = 32
     """Number of sampled source nodes for approximate betweenness on large graphs."""
 
     n_workers: int = 1
-    """Processes computing features (graphs are independent); 1 computes in-process."""
+    """Processes computing features (graphs are independent); 1 computes in-process. About
+    50 ms per graph of 300 nodes and 2,500 edges in one process; extra processes pay a few
+    seconds of start-up and help only on otherwise idle cores."""
 
 
 @dataclass
@@ -78,7 +80,7 @@ class VerifierConfig:
     """Fraction of the training traces (whole problems, never single steps) held out for
     early stopping and for choosing the decision threshold."""
 
-    threshold_rule: ThresholdRule = "max_f1"
+    threshold_rule: str = "max_f1"
     """How the decision threshold is chosen on the validation part: `max_f1` (the score
     threshold maximising F1 of the incorrect class) or `recall95` (the highest threshold
     that still flags 95% of the incorrect validation steps)."""

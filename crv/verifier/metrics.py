@@ -62,7 +62,9 @@ def _metrics_from_weights(
         first = np.argmax(tpr >= TPR_TARGET - 1e-12, axis=1)
         fpr95 = fpr[np.arange(b), first]
     valid = (p[:, 0] > 0) & (n[:, 0] > 0)
-    return {k: np.where(valid, v, np.nan) for k, v in zip(METRICS, (auroc, aupr, fpr95))}
+    return {
+        k: np.where(valid, v, np.nan) for k, v in zip(METRICS, (auroc, aupr, fpr95), strict=True)
+    }
 
 
 def detection_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -154,3 +156,85 @@ def null_metrics(reason: str) -> dict[str, object]:
 
 def _none_if_nan(x: float) -> float | None:
     return None if not np.isfinite(x) else x
+
+
+def _fmt(entry: dict | None, metric: str, ci: bool = True) -> str:
+    """A metric as a percentage with its interval, or the reason it is missing."""
+    if not entry or entry.get(metric) is None:
+        return "n/a"
+    text = f"{100 * entry[metric]:.1f}"
+    interval = entry.get(f"{metric}_ci")
+    if ci and interval and None not in interval:
+        text += f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+    return text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def detection_markdown(detection: dict) -> str:
+    """Markdown tables of the verifier stage's report: the method comparison per task
+    (AUROC, AUPR, FPR@95 in %, 95% bootstrap intervals), per complexity (AUROC), the
+    leave-one-family-out ablation, and the transfer matrix with training on all tasks."""
+    tasks = [t for t, v in detection.items() if isinstance(v, dict) and "methods" in v]
+    if not tasks:
+        return "No detection results.\n"
+    methods = list(dict.fromkeys(m for t in tasks for m in detection[t]["methods"]))
+    names = {"auroc": "AUROC", "aupr": "AUPR", "fpr95": "FPR@95"}
+    parts = [
+        "Incorrect step = positive class; values in %, 95% bootstrap intervals over test "
+        "steps; FPR@95 lower is better.\n",
+        "Test steps (incorrect): "
+        + ", ".join(
+            f"{t} {detection[t]['n_test_steps']} ({detection[t]['n_test_incorrect']})"
+            for t in tasks
+        )
+        + ".\n",
+    ]
+    header = ["method"] + [f"{t} {names[k]}" for t in tasks for k in METRICS]
+    rows = [
+        [m] + [_fmt(detection[t]["methods"].get(m), k) for t in tasks for k in METRICS]
+        for m in methods
+    ]
+    parts += ["### Methods\n", _table(header, rows)]
+
+    per_c = detection.get("per_complexity", {})
+    rows = [
+        [f"{t}", c, f"{e['n_test_steps']} ({e['n_test_incorrect']})"]
+        + [_fmt(e["methods"].get(m), "auroc", ci=False) for m in methods]
+        for t in tasks
+        for c, e in per_c.get(t, {}).items()
+    ]
+    if rows:
+        parts += [
+            "### AUROC per complexity\n",
+            _table(["task", "complexity", "steps (incorrect)", *methods], rows),
+        ]
+
+    ablation = detection.get("ablation", {})
+    if ablation:
+        variants = list(dict.fromkeys(v for t in ablation for v in ablation[t]))
+        header = ["CRV features"] + [f"{t} {names[k]}" for t in tasks for k in ("auroc", "fpr95")]
+        rows = [
+            [v] + [_fmt(ablation.get(t, {}).get(v), k) for t in tasks for k in ("auroc", "fpr95")]
+            for v in variants
+        ]
+        parts += ["### Ablation (leave one feature family out)\n", _table(header, rows)]
+
+    transfer = detection.get("transfer", {})
+    pooled = detection.get("all_tasks", {})
+    if transfer or pooled:
+        rows = [[a] + [_fmt(transfer[a].get(b), "auroc") for b in tasks] for a in transfer]
+        if pooled:
+            rows.append(
+                ["all tasks"]
+                + [_fmt(pooled.get(b, {}).get("methods", {}).get("crv"), "auroc") for b in tasks]
+            )
+        parts += [
+            "### CRV AUROC: trained on (rows), tested on (columns)\n",
+            _table(["train \\ test", *tasks], rows),
+        ]
+    return "\n".join(parts)

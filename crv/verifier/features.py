@@ -1,0 +1,367 @@
+"""Graph features of a step's pruned attribution graph (the `features` stage).
+
+Each pruned `StepGraph` becomes one fixed-length vector of 23 + n_layers numbers (55 for a
+32-layer model, as in CRV), in three families. Undefined values (for example the top logit
+probability of a graph without logit nodes) are NaN, which xgboost treats as missing.
+
+**global** - the size and confidence of the computation:
+
+- `total_active_features`: transcoder features active anywhere in the explained prefix
+  before pruning (the graph's `n_active_features` score).
+- `n_feature_nodes`, `n_error_nodes`: feature and error nodes kept by pruning.
+- `top_logit_prob`: probability of the most likely attributed logit.
+- `logit_entropy`: Shannon entropy (nats) of the attributed logits' probabilities
+  renormalised to sum to one: -sum p_i log p_i, 0 for a single logit.
+
+**node** - how influence and activation are spread:
+
+- `mean_node_influence`: mean `influence` (on the logits) over feature, error and token
+  nodes; logit nodes are left out because their `influence` is their probability.
+- `error_influence_total`, `error_influence_mean`: sum and mean influence of error nodes
+  (0 without error nodes): how much of the explanation the transcoders failed to capture.
+- `feature_act_mean`, `feature_act_max`, `feature_act_std`: activation statistics of the
+  kept feature nodes (population std; 0 without feature nodes).
+- `layer_hist_<l>` for l = 0 .. n_layers-1: number of kept feature nodes in layer l.
+
+**topology** - shape of the pruned DiGraph (source -> target, signed weights):
+
+- `edge_weight_sum`, `edge_weight_mean`, `edge_weight_std`: of the signed edge weights.
+- `n_edges`; `density` = E / (N (N - 1)) (directed).
+- `n_weak_components`: weakly connected components.
+- `degree_centrality_mean`, `degree_centrality_max`: (in + out degree) / (N - 1).
+- `betweenness_mean`, `betweenness_max`: weighted betweenness centrality, normalised by
+  (N - 1)(N - 2). Shortest paths need a length, and a strong edge should make two nodes
+  *close*, so an edge's length is 1 / |weight| (a path of strong effects is short; a weak
+  link is a long detour). Exact on graphs of at most `betweenness_exact_max_nodes` nodes;
+  above that the k-source estimate (Brandes & Pich 2007, `betweenness_k` pivots drawn with
+  the run's seed, so repeatable): exact betweenness costs O(N E + N^2 log N) per graph,
+  seconds for a few hundred nodes in networkx, while k pivots cost k / N of that.
+- `avg_shortest_path_lwcc`: mean shortest-path length in hops over all pairs of nodes of
+  the largest weakly connected component, taken undirected (the directed component is
+  generally not strongly connected, where the directed average is undefined). Computed
+  with scipy's breadth-first `shortest_path` (identical to networkx's
+  `average_shortest_path_length` on the undirected component, tested; much faster).
+- `token_logit_shortest_path`: length (sum of 1 / |weight|) of the shortest directed path
+  from any input-token node to any logit node; -1 if no logit is reachable from a token.
+
+Edges of weight exactly 0 carry no effect and are left out of the topology.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Iterable, Iterator
+from multiprocessing import get_context
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import shortest_path
+
+from crv.attribution.graph import ERROR, FEATURE, LOGIT, TOKEN, StepGraph
+from crv.io import atomic_write, atomic_write_json, read_json
+from crv.verifier.config import FeaturesConfig
+
+KEY_COLUMNS = (
+    "step_id",
+    "trace_id",
+    "step",
+    "task",
+    "complexity",
+    "split",
+    "label",
+    "n_prefix_tokens",
+)
+"""Columns identifying a step in the feature and baseline tables (label: 1 incorrect,
+0 correct, -1 unknown)."""
+
+HIST_PREFIX = "layer_hist_"
+
+FEATURE_FAMILIES: dict[str, str] = {
+    "total_active_features": "global",
+    "n_feature_nodes": "global",
+    "n_error_nodes": "global",
+    "top_logit_prob": "global",
+    "logit_entropy": "global",
+    "mean_node_influence": "node",
+    "error_influence_total": "node",
+    "error_influence_mean": "node",
+    "feature_act_mean": "node",
+    "feature_act_max": "node",
+    "feature_act_std": "node",
+    HIST_PREFIX + "<l>": "node",
+    "edge_weight_sum": "topology",
+    "edge_weight_mean": "topology",
+    "edge_weight_std": "topology",
+    "n_edges": "topology",
+    "density": "topology",
+    "n_weak_components": "topology",
+    "degree_centrality_mean": "topology",
+    "degree_centrality_max": "topology",
+    "betweenness_mean": "topology",
+    "betweenness_max": "topology",
+    "avg_shortest_path_lwcc": "topology",
+    "token_logit_shortest_path": "topology",
+}
+"""Family of every feature; the per-layer histogram columns `layer_hist_0`, `layer_hist_1`,
+... all share the entry `layer_hist_<l>` (use `family_of`)."""
+
+FAMILIES = ("global", "node", "topology")
+
+TABLE_FILE = "features.parquet"
+META_FILE = "features.json"
+
+
+def feature_names(n_layers: int) -> list[str]:
+    """Feature columns in table order for a model with `n_layers` layers."""
+    names: list[str] = []
+    for name in FEATURE_FAMILIES:
+        if name == HIST_PREFIX + "<l>":
+            names.extend(f"{HIST_PREFIX}{layer}" for layer in range(n_layers))
+        else:
+            names.append(name)
+    return names
+
+
+def family_of(name: str) -> str:
+    """The family (`global`, `node` or `topology`) of a feature column."""
+    if name.startswith(HIST_PREFIX) and name[len(HIST_PREFIX) :].isdigit():
+        return FEATURE_FAMILIES[HIST_PREFIX + "<l>"]
+    return FEATURE_FAMILIES[name]
+
+
+def graph_features(
+    g: StepGraph, n_layers: int, cfg: FeaturesConfig | None = None, seed: int = 0
+) -> dict[str, float]:
+    """All features of one step graph, keyed by `feature_names(n_layers)`."""
+    cfg = cfg or FeaturesConfig()
+    out = _global_features(g)
+    out.update(_node_features(g, n_layers))
+    out.update(_topology_features(g, cfg, seed))
+    return out
+
+
+def _global_features(g: StepGraph) -> dict[str, float]:
+    probs = g.activation[g.kind == LOGIT].astype(np.float64)
+    if len(probs) and probs.sum() > 0:
+        p = probs / probs.sum()
+        p = p[p > 0]
+        top, entropy = float(probs.max()), float(-(p * np.log(p)).sum())
+    else:
+        top = entropy = float("nan")
+    return {
+        "total_active_features": float(g.scores.get("n_active_features", np.nan)),
+        "n_feature_nodes": float(np.sum(g.kind == FEATURE)),
+        "n_error_nodes": float(np.sum(g.kind == ERROR)),
+        "top_logit_prob": top,
+        "logit_entropy": entropy,
+    }
+
+
+def _node_features(g: StepGraph, n_layers: int) -> dict[str, float]:
+    influence = g.influence.astype(np.float64)
+    non_logit = influence[g.kind != LOGIT]
+    err = influence[g.kind == ERROR]
+    is_feat = g.kind == FEATURE
+    acts = g.activation[is_feat].astype(np.float64)
+    layers = g.layer[is_feat].astype(np.int64)
+    hist = np.bincount(layers[(layers >= 0) & (layers < n_layers)], minlength=n_layers)
+    out = {
+        "mean_node_influence": float(non_logit.mean()) if len(non_logit) else float("nan"),
+        "error_influence_total": float(err.sum()),
+        "error_influence_mean": float(err.mean()) if len(err) else 0.0,
+        "feature_act_mean": float(acts.mean()) if len(acts) else 0.0,
+        "feature_act_max": float(acts.max()) if len(acts) else 0.0,
+        "feature_act_std": float(acts.std()) if len(acts) else 0.0,
+    }
+    out.update({f"{HIST_PREFIX}{layer}": float(hist[layer]) for layer in range(n_layers)})
+    return out
+
+
+def _topology_features(g: StepGraph, cfg: FeaturesConfig, seed: int) -> dict[str, float]:
+    n = g.n_nodes
+    keep = g.weight != 0
+    src, dst = g.src[keep].astype(np.int64), g.dst[keep].astype(np.int64)
+    w = g.weight[keep].astype(np.float64)
+    dg = nx.DiGraph()
+    dg.add_nodes_from(range(n))
+    dg.add_weighted_edges_from(
+        zip(src.tolist(), dst.tolist(), (1.0 / np.abs(w)).tolist(), strict=True), weight="length"
+    )
+    out = {
+        "edge_weight_sum": float(w.sum()),
+        "edge_weight_mean": float(w.mean()) if len(w) else 0.0,
+        "edge_weight_std": float(w.std()) if len(w) else 0.0,
+        "n_edges": float(dg.number_of_edges()),
+        "density": float(nx.density(dg)),
+        "n_weak_components": float(nx.number_weakly_connected_components(dg)) if n else 0.0,
+    }
+    deg = np.array(list(nx.degree_centrality(dg).values())) if n > 1 else np.zeros(1)
+    out["degree_centrality_mean"] = float(deg.mean())
+    out["degree_centrality_max"] = float(deg.max())
+    k = None if n <= cfg.betweenness_exact_max_nodes else min(cfg.betweenness_k, n)
+    btw = np.array(list(nx.betweenness_centrality(dg, k=k, weight="length", seed=seed).values()))
+    out["betweenness_mean"] = float(btw.mean()) if n else 0.0
+    out["betweenness_max"] = float(btw.max()) if n else 0.0
+    out["avg_shortest_path_lwcc"] = _avg_hops_largest_wcc(dg, n, src, dst)
+    tokens = np.flatnonzero(g.kind == TOKEN).tolist()
+    logits = set(np.flatnonzero(g.kind == LOGIT).tolist())
+    dist = nx.multi_source_dijkstra_path_length(dg, tokens, weight="length") if tokens else {}
+    reached = [d for node, d in dist.items() if node in logits]
+    out["token_logit_shortest_path"] = float(min(reached)) if reached else -1.0
+    return out
+
+
+def _avg_hops_largest_wcc(dg: nx.DiGraph, n: int, src: np.ndarray, dst: np.ndarray) -> float:
+    if n < 2:
+        return 0.0
+    comp = np.fromiter(max(nx.weakly_connected_components(dg), key=len), dtype=np.int64)
+    if len(comp) < 2:
+        return 0.0
+    adj = csr_matrix((np.ones(len(src)), (src, dst)), shape=(n, n))[comp][:, comp]
+    hops = shortest_path(adj, method="D", directed=False, unweighted=True)
+    m = len(comp)
+    return float(hops.sum() / (m * (m - 1)))
+
+
+def label_code(label: bool | None) -> int:
+    """Trace step label (True = correct, False = incorrect, None = unknown) as the
+    classification target: 1 = incorrect (positive), 0 = correct, -1 = unknown."""
+    if label is None:
+        return -1
+    return 0 if label else 1
+
+
+def step_key_table(traces) -> pd.DataFrame:
+    """One row per step of every trace with the `KEY_COLUMNS` (n_prefix_tokens = the
+    step's last token index + 1) plus `last_token` and `prev_last_token` (the previous
+    step's last token, or prompt_len - 1 for the first step)."""
+    rows = []
+    cols = ["id", "task", "complexity", "split", "prompt_len", "steps"]
+    for tr in traces.select_columns(cols):
+        prev = int(tr["prompt_len"]) - 1
+        for st in tr["steps"]:
+            last = int(st["last_token"])
+            rows.append(
+                {
+                    "step_id": f"{tr['id']}:{int(st['index'])}",
+                    "trace_id": tr["id"],
+                    "step": int(st["index"]),
+                    "task": tr["task"],
+                    "complexity": int(tr["complexity"]),
+                    "split": tr["split"],
+                    "label": label_code(st["label"]),
+                    "n_prefix_tokens": last + 1,
+                    "last_token": last,
+                    "prev_last_token": prev,
+                }
+            )
+            prev = last
+    return pd.DataFrame(rows, columns=[*KEY_COLUMNS, "last_token", "prev_last_token"])
+
+
+def _features_job(args: tuple[StepGraph, int, FeaturesConfig, int]) -> tuple[str, int, int, dict]:
+    g, n_layers, cfg, seed = args
+    return g.trace_id, int(g.step), int(g.position), graph_features(g, n_layers, cfg, seed)
+
+
+def feature_table(
+    graphs: Iterable[StepGraph],
+    keys: pd.DataFrame,
+    n_layers: int,
+    cfg: FeaturesConfig,
+    seed: int,
+) -> pd.DataFrame:
+    """The feature table: `KEY_COLUMNS` (from `keys`, n_prefix_tokens = position + 1)
+    followed by `feature_names(n_layers)`, one row per graph (every graph's step must be in
+    `keys`)."""
+    jobs = ((g, n_layers, cfg, seed) for g in graphs)
+    if cfg.n_workers > 1:
+        with get_context("spawn").Pool(cfg.n_workers) as pool:
+            results = list(pool.imap(_features_job, jobs, chunksize=16))
+    else:
+        results = [_features_job(j) for j in jobs]
+    names = feature_names(n_layers)
+    feats = pd.DataFrame(
+        [
+            {"step_id": f"{t}:{step}", "n_prefix_tokens": pos + 1, **f}
+            for t, step, pos, f in results
+        ],
+        columns=["step_id", "n_prefix_tokens", *names],
+    )
+    unknown = feats.loc[~feats["step_id"].isin(keys["step_id"]), "step_id"]
+    if len(unknown):
+        raise ValueError(f"graphs of steps missing from the traces, e.g. {unknown.iloc[0]}")
+    key_cols = [c for c in KEY_COLUMNS if c != "n_prefix_tokens"]
+    table = keys[key_cols].merge(feats, on="step_id", how="inner", validate="one_to_one")
+    table = table[[*KEY_COLUMNS, *names]].astype({n: np.float64 for n in names})
+    return table.sort_values(["trace_id", "step"], kind="stable").reset_index(drop=True)
+
+
+def _infer_n_layers(graphs: Iterator[StepGraph]) -> tuple[int, Iterator[StepGraph]]:
+    """n_layers from the first graph with logit nodes; returns the graphs unconsumed."""
+    seen: list[StepGraph] = []
+    for g in graphs:
+        seen.append(g)
+        if np.any(g.kind == LOGIT):
+            return int(g.layer[g.kind == LOGIT].max()), itertools.chain(seen, graphs)
+    raise ValueError("cannot infer n_layers: no graph has logit nodes; set features.n_layers")
+
+
+def run_stage(ctx) -> dict:
+    """`features` stage: one row of graph features per step graph."""
+    from crv.attribution.store import iter_step_graphs
+    from crv.traces import load_traces
+
+    cfg: FeaturesConfig = ctx.cfg
+    t0 = time.perf_counter()
+    keys = step_key_table(load_traces(ctx.inputs["traces"]))
+    graphs: Iterator[StepGraph] = iter(iter_step_graphs(ctx.inputs["graphs"]))
+    if cfg.n_layers is None:
+        n_layers, graphs = _infer_n_layers(graphs)
+    else:
+        n_layers = cfg.n_layers
+    table = feature_table(graphs, keys, n_layers, cfg, ctx.seed)
+    atomic_write(ctx.out / TABLE_FILE, lambda p: table.to_parquet(p, index=False))
+    names = feature_names(n_layers)
+    atomic_write_json(
+        ctx.out / META_FILE,
+        {
+            "n_layers": n_layers,
+            "feature_names": names,
+            "families": {n: family_of(n) for n in names},
+            "config": dataclasses.asdict(cfg),
+            "seed": ctx.seed,
+        },
+    )
+    seconds = time.perf_counter() - t0
+    labelled = table[table["label"] >= 0]
+    ctx.log.info("features: %d step graphs, %d features, %.1f s", len(table), len(names), seconds)
+    return {
+        "n_steps": len(table),
+        "n_labelled": len(labelled),
+        "n_incorrect": int((labelled["label"] == 1).sum()),
+        "n_features": len(names),
+        "n_layers": n_layers,
+        "seconds_per_graph": seconds / max(len(table), 1),
+    }
+
+
+def load_feature_table(path: str | Path) -> pd.DataFrame:
+    """The feature table written by the `features` stage (`KEY_COLUMNS` + features)."""
+    return pd.read_parquet(Path(path) / TABLE_FILE)
+
+
+def load_feature_names(path: str | Path) -> list[str]:
+    """Feature columns of a `features` artifact, in table order."""
+    return list(load_feature_meta(path)["feature_names"])
+
+
+def load_feature_meta(path: str | Path) -> dict:
+    """n_layers, feature names, families, config and seed of a `features` artifact: what
+    `graph_features` needs to compute identical features for new graphs."""
+    return read_json(Path(path) / META_FILE)

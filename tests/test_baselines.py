@@ -1,0 +1,156 @@
+"""Baselines on a tiny random Llama, CoE by hand, temperature fit, the position baseline."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from crv.verifier.baselines import (
+    SCORE_COLUMNS,
+    baseline_table,
+    coe_scores,
+    fit_temperature,
+    resolve_probe_layer,
+    trace_step_scores,
+)
+from crv.verifier.classifier import POSITION_COLUMNS, build_methods, fit_method
+from crv.verifier.config import BaselinesConfig, VerifierConfig
+from crv.verifier.features import KEY_COLUMNS
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+IDS = [1, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33]
+SPANS = [(4, 8), (9, 12), (13, 15)]  # prompt of 4 tokens, three steps
+
+
+def test_scores_are_finite_and_shaped(tiny_llama):
+    scores, probe, conf = trace_step_scores(tiny_llama, IDS, SPANS, BaselinesConfig())
+    assert set(scores) == set(SCORE_COLUMNS) - {"temperature"}
+    for v in scores.values():
+        assert v.shape == (3,) and np.all(np.isfinite(v))
+    assert probe.shape == (3, 32) and probe.dtype == np.float32
+    assert conf.shape == (3, len(BaselinesConfig().temperature_grid))
+    assert np.all(np.diff(conf, axis=1) <= 1e-9)  # hotter = less confident
+    assert np.all((scores["maxprob"] > 0) & (scores["maxprob"] < 1)) and np.all(
+        scores["perplexity"] >= 1
+    )
+
+
+def test_flatter_logits_raise_uncertainty_scores(tiny_llama):
+    sharp_model, flat_model = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        sharp_model.lm_head.weight.mul_(20.0)
+        flat_model.lm_head.weight.mul_(0.05)
+    sharp, _, _ = trace_step_scores(sharp_model, IDS, SPANS, BaselinesConfig(coe=False))
+    flat, _, _ = trace_step_scores(flat_model, IDS, SPANS, BaselinesConfig(coe=False))
+    assert np.all(flat["maxprob"] > sharp["maxprob"])
+    assert np.all(flat["entropy"] > sharp["entropy"])
+    assert np.allclose(flat["entropy"], math.log(40), atol=0.05)  # nearly uniform
+
+
+def test_coe_by_hand():
+    # h0 = (1, 0), h1 = (1, 1), h2 = (0, 1): steps of length 1, total sqrt(2);
+    # 45 degrees per step out of 90 in total.
+    chain = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    coe_r, coe_c = coe_scores(chain)
+    assert coe_r == pytest.approx(-(1 / math.sqrt(2) - 0.5))
+    assert coe_c == pytest.approx(-1 / math.sqrt(2))
+
+
+def test_fit_temperature_picks_best_calibrated():
+    grid = [0.5, 1.0, 2.0]
+    correct = np.r_[np.ones(70), np.zeros(30)]
+    conf = np.tile([0.99, 0.7, 0.4], (100, 1))  # only T = 1 matches the 70% accuracy
+    assert fit_temperature(conf, correct, grid)[0] == 1.0
+    assert resolve_probe_layer(None, 5) == 2 and resolve_probe_layer(-1, 5) == 4
+
+
+def test_baseline_table_on_traces(tiny_llama):
+    from datasets import Dataset
+
+    def steps(lasts, labels):
+        return [
+            {"index": i, "text": "", "label": lab, "parsed": True, "last_token": t}
+            for i, (t, lab) in enumerate(zip(lasts, labels, strict=True))
+        ]
+
+    traces = Dataset.from_list(
+        [
+            {
+                "id": "a",
+                "task": "arithmetic",
+                "complexity": 3,
+                "split": "train",
+                "prompt_len": 4,
+                "input_ids": IDS,
+                "steps": steps([8, 12, 15], [True, False, None]),
+            },
+            {
+                "id": "b",
+                "task": "arithmetic",
+                "complexity": 5,
+                "split": "test",
+                "prompt_len": 3,
+                "input_ids": IDS[:10],
+                "steps": steps([6, 9], [True, True]),
+            },
+        ]
+    )
+    table, hidden, meta = baseline_table(tiny_llama, traces, BaselinesConfig())
+    assert list(table.columns) == [*KEY_COLUMNS, *SCORE_COLUMNS]
+    assert table["step_id"].tolist() == ["a:0", "a:1", "a:2", "b:0", "b:1"]
+    assert table["label"].tolist() == [0, 1, -1, 0, 0]
+    assert hidden.shape == (5, 32)
+    assert meta["temperature"] in BaselinesConfig().temperature_grid and meta["probe_layer"] == 2
+    assert np.all(np.isfinite(table[list(SCORE_COLUMNS)].to_numpy()))
+    single, _, _ = trace_step_scores(tiny_llama, IDS, SPANS, BaselinesConfig())
+    np.testing.assert_allclose(table["maxprob"].to_numpy()[:3], single["maxprob"], rtol=1e-6)
+
+
+def test_position_baseline_uses_only_its_three_columns():
+    rng = np.random.default_rng(0)
+    n = 200
+    df = pd.DataFrame(
+        {
+            "trace_id": [f"t{i // 4}" for i in range(n)],
+            "step": np.tile(np.arange(4), n // 4),
+            "n_prefix_tokens": rng.integers(10, 90, n),
+            "complexity": rng.choice([3, 5, 7], n),
+            "f0": rng.normal(size=n),
+            "maxprob": rng.random(n),
+        }
+    )
+    df["label"] = (rng.random(n) < 0.1 + 0.2 * df["step"] / 3).astype(int)
+    cfg = VerifierConfig(n_estimators=20, early_stopping_rounds=5, n_threads=1)
+    position = next(
+        m
+        for m in build_methods(cfg, ["f0"], ["maxprob"], np.zeros((n, 2)), 0)
+        if m.name == "position"
+    )
+    assert position.inputs(df).shape == (n, 3)
+    scorer, _ = fit_method(position, df)
+    assert scorer.feature_names == list(POSITION_COLUMNS)
+    shuffled = df.assign(f0=rng.permutation(df["f0"]), maxprob=0.0, trace_id="x")
+    np.testing.assert_array_equal(
+        scorer.score(position.inputs(df)), scorer.score(position.inputs(shuffled))
+    )

@@ -1,0 +1,156 @@
+"""The xgboost verifier: trace-level validation split, JSON round trip, the verifier stage."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from crv.io import atomic_write, atomic_write_json
+from crv.pipeline import StageContext
+from crv.verifier.classifier import (
+    XGBVerifier,
+    choose_threshold,
+    load_verifier,
+    run_stage,
+    split_train_val,
+)
+from crv.verifier.config import VerifierConfig
+from crv.verifier.features import KEY_COLUMNS, feature_names
+
+FAST = VerifierConfig(
+    n_estimators=40, early_stopping_rounds=5, n_bootstrap=50, n_threads=1, mlp_probe_max_iter=50
+)
+
+
+def synthetic_steps(n_traces=60, n_layers=4, seed=0, tasks=("arithmetic", "boolean")):
+    """Steps whose label depends on two graph features; split by trace."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_traces):
+        task = tasks[i % len(tasks)]
+        for step in range(int(rng.integers(2, 7))):
+            rows.append(
+                {
+                    "step_id": f"{task}{i}:{step}",
+                    "trace_id": f"{task}{i}",
+                    "step": step,
+                    "task": task,
+                    "complexity": int(rng.choice([3, 5])),
+                    "split": "test" if i % 5 == 0 else "train",
+                    "n_prefix_tokens": 10 + 8 * step,
+                }
+            )
+    df = pd.DataFrame(rows)
+    names = feature_names(n_layers)
+    x = rng.normal(size=(len(df), len(names)))
+    logit = 2.0 * x[:, 0] - 1.5 * x[:, 3] - 1.0
+    df["label"] = (rng.random(len(df)) < 1 / (1 + np.exp(-logit))).astype(int)
+    df.loc[df.index[::17], "label"] = -1  # a few unknown labels
+    return pd.concat([df[list(KEY_COLUMNS)], pd.DataFrame(x, columns=names)], axis=1), names
+
+
+def test_validation_split_never_splits_a_trace():
+    df, _ = synthetic_steps(n_traces=80)
+    groups, y = df["trace_id"].to_numpy(), df["label"].clip(lower=0).to_numpy()
+    for seed in range(10):
+        val = split_train_val(groups, y, 0.25, seed)
+        in_val = set(groups[val])
+        in_train = set(groups[~val])
+        assert not in_val & in_train, "a problem's steps fall in both train and validation"
+        assert y[val].sum() > 0 and y[~val].sum() > 0
+        assert 0.15 < len(in_val) / len(set(groups)) < 0.35
+
+
+def test_verifier_fit_records_trace_split():
+    df, names = synthetic_steps()
+    df = df[df["label"] >= 0]
+    v = XGBVerifier(FAST, names, seed=0).fit(
+        df[names].to_numpy(), df["label"].to_numpy(), df["trace_id"].to_numpy()
+    )
+    assert v.info["n_train_traces"] + v.info["n_val_traces"] == df["trace_id"].nunique()
+    assert 0 < v.threshold < 1
+
+
+def test_json_round_trip_gives_identical_probabilities(tmp_path):
+    df, names = synthetic_steps()
+    df = df[df["label"] >= 0]
+    v = XGBVerifier(FAST, names, seed=0).fit(
+        df[names].to_numpy(), df["label"].to_numpy(), df["trace_id"].to_numpy()
+    )
+    v.save(tmp_path)
+    assert (tmp_path / "model.json").read_text().lstrip().startswith("{")
+    w = load_verifier(tmp_path)
+    assert w.feature_names == names and w.threshold == v.threshold
+    np.testing.assert_array_equal(v.predict_proba(df), w.predict_proba(df))
+    np.testing.assert_array_equal(w.predict_proba(df), w.predict_proba(df[names[::-1]]))  # by name
+
+
+def test_choose_threshold():
+    y = np.array([1, 1, 0, 1, 0, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1])
+    assert choose_threshold(y, p, "max_f1") == pytest.approx(0.6)  # F1 = 6/7 there
+    assert choose_threshold(y, p, "recall95") == pytest.approx(0.6)
+    assert choose_threshold(np.zeros(3), p[:3], "max_f1") == 0.5
+
+
+def write_inputs(tmp_path, df, names, hidden_dim=6):
+    feat, base = tmp_path / "features", tmp_path / "baselines"
+    atomic_write(feat / "features.parquet", lambda p: df.to_parquet(p, index=False))
+    atomic_write_json(feat / "features.json", {"n_layers": 4, "feature_names": names})
+    rng = np.random.default_rng(1)
+    b = df[list(KEY_COLUMNS)].iloc[::-1].reset_index(drop=True)  # another row order
+    lab = b["label"].clip(lower=0).to_numpy()
+    b["maxprob"] = rng.random(len(b)) + 0.3 * lab
+    b["energy"] = rng.random(len(b))
+    atomic_write(base / "baselines.parquet", lambda p: b.to_parquet(p, index=False))
+    hidden = rng.normal(size=(len(b), hidden_dim)).astype(np.float32)
+    hidden[:, 0] += lab
+    with open(base / "hidden.npy", "wb") as f:
+        np.save(f, hidden, allow_pickle=False)
+    atomic_write_json(base / "baselines.json", {"score_columns": ["maxprob", "energy"]})
+    return feat, base
+
+
+def test_verifier_stage_end_to_end(tmp_path):
+    df, names = synthetic_steps(n_traces=80)
+    # boolean test steps are all correct: its metrics must be null, not a crash
+    df.loc[(df["task"] == "boolean") & (df["split"] == "test") & (df["label"] == 1), "label"] = 0
+    feat, base = write_inputs(tmp_path, df, names)
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(
+        "verifier",
+        FAST,
+        {"features": feat, "baselines": base},
+        out,
+        tmp_path,
+        0,
+        "cpu",
+        logging.getLogger("t"),
+    )
+    det = run_stage(ctx)
+    methods = ["crv", "position", "maxprob", "energy", "lr_probe", "mlp_probe"]
+    ari = det["arithmetic"]
+    assert list(ari["methods"]) == methods
+    assert ari["methods"]["crv"]["auroc"] > 0.75
+    assert ari["methods"]["crv"]["auroc_ci"][0] <= ari["methods"]["crv"]["auroc"]
+    assert det["boolean"]["methods"]["crv"]["auroc"] is None
+    assert "reason" in det["boolean"]["methods"]["crv"]
+    assert set(det["per_complexity"]["arithmetic"]) == {"3", "5"}
+    assert list(det["ablation"]["arithmetic"]) == [
+        "all",
+        "without_global",
+        "without_node",
+        "without_topology",
+    ]
+    assert set(det["transfer"]) == {"arithmetic", "boolean"}
+    assert det["transfer"]["boolean"]["arithmetic"]["auroc"] is not None
+    assert set(det["all_tasks"]) == {"arithmetic", "boolean"}
+    assert (out / "roc_arithmetic.png").stat().st_size > 0
+    assert (out / "feature_importance.png").stat().st_size > 0
+    pooled, per_task = load_verifier(out), load_verifier(out, task="arithmetic")
+    assert pooled.feature_names == names and per_task.feature_names == names
+    assert np.all((pooled.predict_proba(df) >= 0) & (pooled.predict_proba(df) <= 1))

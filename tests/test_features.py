@@ -1,0 +1,236 @@
+"""Graph features on hand-built step graphs with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+import numpy as np
+import pytest
+
+from crv.attribution.graph import StepGraph
+from crv.verifier.config import FeaturesConfig
+from crv.verifier.features import (
+    FAMILIES,
+    KEY_COLUMNS,
+    family_of,
+    feature_names,
+    feature_table,
+    graph_features,
+    step_key_table,
+)
+
+
+def make_graph(kind, layer, activation, influence, edges, trace_id="t0", step=0, position=9):
+    n = len(kind)
+    src, dst, w = (
+        (np.array(c) for c in zip(*edges, strict=True)) if edges else (np.zeros(0, int),) * 3
+    )
+    return StepGraph(
+        trace_id=trace_id,
+        step=step,
+        position=position,
+        kind=np.array(kind, np.int8),
+        layer=np.array(layer, np.int16),
+        pos=np.arange(n, dtype=np.int32),
+        feature=np.zeros(n, np.int32),
+        activation=np.array(activation, np.float32),
+        influence=np.array(influence, np.float32),
+        src=np.asarray(src, np.int32),
+        dst=np.asarray(dst, np.int32),
+        weight=np.asarray(w, np.float32),
+        scores={"n_active_features": 17.0},
+    )
+
+
+# Nodes [feature L0, feature L2, error L1, token, logit]; chain token -> f0 -> f1 -> logit
+# plus error -> logit.
+CHAIN_EDGES = [(3, 0, 2.0), (0, 1, -0.5), (1, 4, 1.0), (2, 4, 0.5)]
+
+
+def chain(edges=CHAIN_EDGES):
+    return make_graph(
+        kind=[0, 0, 1, 2, 3],
+        layer=[0, 2, 1, -1, 4],
+        activation=[1.0, 3.0, 0.0, 0.0, 0.9],
+        influence=[0.5, 0.8, 0.3, 0.2, 0.9],
+        edges=edges,
+    )
+
+
+def test_feature_names_and_families():
+    assert len(feature_names(32)) == 55
+    assert len(feature_names(4)) == 27
+    assert len(set(feature_names(4))) == 27
+    assert {family_of(n) for n in feature_names(4)} == set(FAMILIES)
+    assert family_of("layer_hist_3") == "node"
+    assert sum(family_of(n) == "node" for n in feature_names(4)) == 6 + 4
+    assert set(graph_features(chain(), 4)) == set(feature_names(4))
+
+
+def test_global_features():
+    f = graph_features(chain(), 4)
+    assert f["total_active_features"] == 17
+    assert f["n_feature_nodes"] == 2
+    assert f["n_error_nodes"] == 1
+    assert f["top_logit_prob"] == pytest.approx(0.9)
+    assert f["logit_entropy"] == 0.0  # one attributed logit
+    two_logits = make_graph([0, 3, 3], [0, 4, 4], [1.0, 0.6, 0.2], [0.5, 0.6, 0.2], [(0, 1, 1.0)])
+    g = graph_features(two_logits, 4)
+    assert g["top_logit_prob"] == pytest.approx(0.6)
+    assert g["logit_entropy"] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+def test_node_features():
+    f = graph_features(chain(), 4)
+    assert f["mean_node_influence"] == pytest.approx((0.5 + 0.8 + 0.3 + 0.2) / 4)
+    assert f["error_influence_total"] == pytest.approx(0.3)
+    assert f["error_influence_mean"] == pytest.approx(0.3)
+    assert f["feature_act_mean"] == pytest.approx(2.0)
+    assert f["feature_act_max"] == pytest.approx(3.0)
+    assert f["feature_act_std"] == pytest.approx(1.0)
+    assert [f[f"layer_hist_{i}"] for i in range(4)] == [1, 0, 1, 0]
+
+
+def test_topology_features():
+    f = graph_features(chain(), 4)
+    w = np.array([2.0, -0.5, 1.0, 0.5])
+    assert f["edge_weight_sum"] == pytest.approx(3.0)
+    assert f["edge_weight_mean"] == pytest.approx(0.75)
+    assert f["edge_weight_std"] == pytest.approx(w.std())
+    assert f["n_edges"] == 4
+    assert f["density"] == pytest.approx(4 / 20)
+    assert f["n_weak_components"] == 1
+    assert f["degree_centrality_mean"] == pytest.approx((2 + 2 + 1 + 1 + 2) / 4 / 5)
+    assert f["degree_centrality_max"] == pytest.approx(0.5)
+    # directed shortest paths: f0 lies on token->f1 and token->logit, f1 on token->logit
+    # and f0->logit; normalised by (n-1)(n-2) = 12
+    assert f["betweenness_max"] == pytest.approx(2 / 12)
+    assert f["betweenness_mean"] == pytest.approx(4 / 12 / 5)
+    # undirected component is the path token-f0-f1-logit-error: sum of d(5-d) = 20 pairs
+    assert f["avg_shortest_path_lwcc"] == pytest.approx(40 / 20)
+    # token -> f0 -> f1 -> logit with lengths 1/|w|: 1/2 + 1/0.5 + 1/1
+    assert f["token_logit_shortest_path"] == pytest.approx(3.5)
+
+
+def test_topology_components_and_missing_path():
+    f = graph_features(chain(CHAIN_EDGES[:3]), 4)  # error node isolated
+    assert f["n_weak_components"] == 2
+    assert f["avg_shortest_path_lwcc"] == pytest.approx(2 * (3 + 4 + 3) / 12)  # path of 4
+    g = graph_features(chain([e for e in CHAIN_EDGES if e[:2] != (1, 4)]), 4)
+    assert g["token_logit_shortest_path"] == -1
+
+
+def random_graph(seed=0, n=120, m=600):
+    rng = np.random.default_rng(seed)
+    kind = np.r_[np.zeros(n - 15), np.ones(5), 2 * np.ones(5), 3 * np.ones(5)].astype(int)
+    layer = np.r_[rng.integers(0, 4, n - 10), -np.ones(5), 4 * np.ones(5)].astype(int)
+    s, d = rng.integers(0, n, 4 * m), rng.integers(0, n, 4 * m)
+    ok = layer[s] < layer[d]
+    pairs = np.unique(np.c_[s[ok], d[ok]], axis=0)[:m]
+    edges = list(zip(pairs[:, 0], pairs[:, 1], rng.normal(size=len(pairs)), strict=True))
+    return make_graph(kind, layer, rng.random(n), rng.random(n), edges)
+
+
+def test_avg_path_matches_networkx_and_betweenness_is_seeded():
+    g = random_graph()
+    f = graph_features(g, 4, FeaturesConfig(betweenness_exact_max_nodes=1000))
+    und = g.to_networkx().to_undirected()
+    largest = und.subgraph(max(nx.connected_components(und), key=len))
+    assert f["avg_shortest_path_lwcc"] == pytest.approx(nx.average_shortest_path_length(largest))
+    dg = nx.DiGraph()
+    dg.add_nodes_from(range(g.n_nodes))
+    dg.add_weighted_edges_from(
+        (int(a), int(b), 1 / abs(float(w))) for a, b, w in zip(g.src, g.dst, g.weight, strict=True)
+    )
+    exact = np.array(list(nx.betweenness_centrality(dg, weight="weight").values()))
+    assert f["betweenness_max"] == pytest.approx(exact.max())
+    cfg = FeaturesConfig(betweenness_exact_max_nodes=10, betweenness_k=20)
+    a, b = graph_features(g, 4, cfg, seed=3), graph_features(g, 4, cfg, seed=3)
+    assert a["betweenness_mean"] == b["betweenness_mean"] and np.isfinite(a["betweenness_mean"])
+
+
+def test_feature_table_keys_and_labels():
+    from datasets import Dataset
+
+    steps = [
+        {"index": 0, "text": "a", "label": True, "parsed": True, "last_token": 5},
+        {"index": 1, "text": "b", "label": False, "parsed": True, "last_token": 9},
+        {"index": 2, "text": "c", "label": None, "parsed": False, "last_token": 12},
+    ]
+    traces = Dataset.from_list(
+        [
+            {
+                "id": "t0",
+                "task": "arithmetic",
+                "complexity": 3,
+                "split": "train",
+                "prompt_len": 3,
+                "steps": steps,
+            }
+        ]
+    )
+    keys = step_key_table(traces)
+    assert keys["label"].tolist() == [0, 1, -1]
+    assert keys["prev_last_token"].tolist() == [2, 5, 9]
+    graphs = [
+        chain(),
+        make_graph([0, 3], [1, 4], [1.0, 1.0], [1.0, 1.0], [(0, 1, 1.0)], step=1, position=9),
+    ]
+    table = feature_table(graphs, keys, 4, FeaturesConfig(n_workers=1), seed=0)
+    assert list(table.columns) == [*KEY_COLUMNS, *feature_names(4)]
+    assert table["step_id"].tolist() == ["t0:0", "t0:1"]
+    assert table["label"].tolist() == [0, 1]
+    assert table["n_prefix_tokens"].tolist() == [10, 10]
+    assert table["task"].tolist() == ["arithmetic"] * 2
+
+
+def test_features_stage_writes_table(tmp_path, monkeypatch):
+    import logging
+    import sys
+    import types
+
+    from datasets import Dataset
+
+    from crv.pipeline import StageContext
+    from crv.verifier.features import (
+        load_feature_meta,
+        load_feature_names,
+        load_feature_table,
+        run_stage,
+    )
+
+    steps = [
+        {"index": i, "text": "", "label": i == 0, "parsed": True, "last_token": 5 + i}
+        for i in range(2)
+    ]
+    row = {
+        "id": "t0",
+        "task": "boolean",
+        "complexity": 5,
+        "split": "test",
+        "prompt_len": 3,
+        "steps": steps,
+    }
+    Dataset.from_list([row]).save_to_disk(str(tmp_path / "traces" / "dataset"))
+    graphs = [
+        chain(),
+        make_graph([0, 3], [0, 4], [1.0, 1.0], [1.0, 1.0], [(0, 1, 1.0)], step=1, position=6),
+    ]
+    store = types.ModuleType("crv.attribution.store")
+    store.iter_step_graphs = lambda path: iter(graphs)
+    monkeypatch.setitem(sys.modules, "crv.attribution.store", store)
+    out = tmp_path / "out"
+    inputs = {"traces": tmp_path / "traces", "graphs": tmp_path / "graphs"}
+    ctx = StageContext(
+        "features", FeaturesConfig(), inputs, out, tmp_path, 0, "cpu", logging.getLogger("t")
+    )
+    report = run_stage(ctx)
+    assert report["n_layers"] == 4 and report["n_features"] == 27 and report["n_incorrect"] == 1
+    table = load_feature_table(out)
+    assert table["label"].tolist() == [0, 1] and table["n_prefix_tokens"].tolist() == [10, 7]
+    assert load_feature_names(out) == feature_names(4)
+    assert (
+        load_feature_meta(out)["seed"] == 0
+        and load_feature_meta(out)["config"]["betweenness_k"] == 32
+    )

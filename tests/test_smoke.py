@@ -1,0 +1,171 @@
+"""End to end: `crv experiment=smoke` runs every stage and writes a complete report.
+
+The golden check of crv: the console scripts as a user runs them, on the shipped crv-tiny,
+then `crv-verify` on the bundle that run exported. Slow-ish (a few minutes on 2 CPU cores),
+so it runs once per session and the other checks share its output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+METHODS = (
+    "crv",
+    "position",
+    "maxprob",
+    "perplexity",
+    "entropy",
+    "temperature",
+    "energy",
+    "lr_probe",
+    "mlp_probe",
+)
+METRIC_KEYS = ("auroc", "aupr", "fpr95", "auroc_ci", "aupr_ci", "fpr95_ci")
+BIN = Path(sys.executable).parent
+
+
+def _crv(
+    *args: str, cwd: Path, script: str = "crv", stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run(
+        [str(BIN / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("smoke")
+    proc = _crv(
+        "experiment=smoke",
+        f"hydra.run.dir={root}/run",
+        f"pipeline.cache_dir={root}/cache",
+        cwd=Path.cwd(),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+def test_report_has_every_stage_and_key(smoke_run: Path):
+    report = json.loads((smoke_run / "run" / "report.json").read_text())
+    for key in (
+        "subject",
+        "traces",
+        "transcoders",
+        "attribution",
+        "features",
+        "detection",
+        "interventions",
+        "bundle",
+        "timings",
+        "peak_memory_mb",
+    ):
+        assert key in report, key
+    tc = report["transcoders"]
+    for key in ("layers", "ce_clean", "ce_spliced", "ce_zero", "ce_loss_recovered", "kl_spliced"):
+        assert key in tc
+    assert {"layer", "fvu", "l0", "dead_frac", "cos"} <= set(tc["layers"][0])
+    for key in (
+        "n_graphs",
+        "seconds_per_graph",
+        "mean_nodes",
+        "mean_edges",
+        "replacement_score",
+        "completeness_score",
+    ):
+        assert key in report["attribution"]
+    for task in ("arithmetic", "boolean"):
+        det = report["detection"][task]
+        assert det["n_test_steps"] > 0
+        for method in METHODS:
+            assert set(METRIC_KEYS) <= set(det["methods"][method]), (task, method)
+    assert "ablation" in report["detection"] and "transfer" in report["detection"]
+    iv = report["interventions"]
+    for key in (
+        "n_flagged",
+        "n_attempted",
+        "fixed_step_rate",
+        "fixed_answer_rate",
+        "random_fixed_step_rate",
+        "random_fixed_answer_rate",
+        "broken_correct_rate",
+        "fixed_step_rate_ci",
+    ):
+        assert key in iv
+    artifacts = json.loads((smoke_run / "run" / "artifacts.json").read_text())
+    assert set(artifacts) >= {
+        "subject",
+        "traces",
+        "transcoders",
+        "graphs",
+        "features",
+        "verifier",
+        "bundle",
+    }
+    assert all(Path(p).is_absolute() and Path(p).is_dir() for p in artifacts.values())
+    md = (smoke_run / "run" / "report.md").read_text()
+    assert "Error detection" in md and "plots/" in md
+
+
+def test_rerun_reuses_cached_stages(smoke_run: Path):
+    proc = _crv(
+        "experiment=smoke",
+        "pipeline.stages=[subject,traces]",
+        f"hydra.run.dir={smoke_run}/rerun",
+        f"pipeline.cache_dir={smoke_run}/cache",
+        cwd=Path.cwd(),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((smoke_run / "rerun" / "report.json").read_text())
+    assert report["reused"] == ["subject", "traces"]
+    assert "reusing cached artifact" in proc.stdout + proc.stderr
+
+
+def test_crv_verify_on_the_smoke_bundle(smoke_run: Path, tmp_path: Path):
+    bundle = json.loads((smoke_run / "run" / "artifacts.json").read_text())["bundle"]
+    lines = [
+        {
+            "id": "good",
+            "prompt": "Q: Evaluate (2+3)*4\n",
+            "completion": "Step 1: 2+3=5, so 5*4\nStep 2: 5*4=20, so 20\nAnswer: 20\n",
+        },
+        {
+            "id": "bad",
+            "prompt": "Q: Evaluate (2+3)*4\n",
+            "steps": ["Step 1: 2+3=6, so 6*4", "Step 2: 6*4=24, so 24"],
+        },
+        {"id": "broken"},
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = _crv(
+        f"bundle={bundle}", f"input={inp}", f"output={out}", cwd=tmp_path, script="crv-verify"
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one line failed, the others verified
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records[:2]] == ["good", "bad"]
+    assert records[0]["error"] is None and len(records[0]["steps"]) == 2
+    assert all(0.0 <= s["score"] <= 1.0 for r in records[:2] for s in r["steps"])
+    assert "line 3" in records[2]["error"]
+
+
+def test_help_and_cfg():
+    proc = _crv("--help", cwd=Path.cwd())
+    assert proc.returncode == 0 and "transcoder.k=" in proc.stdout
+    proc = _crv("--cfg", "job", "experiment=smoke", cwd=Path.cwd())
+    assert proc.returncode == 0 and "n_per_complexity: 15" in proc.stdout
+    assert shutil.which("crv", path=str(BIN))

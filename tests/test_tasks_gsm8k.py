@@ -1,0 +1,67 @@
+"""The GSM8K-format loader on the shipped sample and on malformed files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from crv.tasks import load_gsm8k
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "gsm8k_sample.jsonl"
+
+
+def test_sample_file() -> None:
+    records = load_gsm8k(str(SAMPLE))
+    assert [r["gold"] for r in records] == ["48", "45", "15", "16"]
+    first = records[0]
+    assert first["id"] == "gsm8k-test-000000" and first["task"] == "gsm8k"
+    assert first["steps"] == [
+        "In the afternoon she makes 3 * 12 = 36 rolls.",
+        "In total she makes 12 + 36 = 48 rolls.",
+    ]
+    assert first["labels"] is None
+    assert records[2]["labels"] == [True, False]
+    assert len(load_gsm8k(str(SAMPLE), limit=2)) == 2
+
+
+def test_custom_step_pattern() -> None:
+    record = load_gsm8k(str(SAMPLE), step_pattern=r"[^.\n]*\d[^.\n]*\.", limit=1)[0]
+    assert len(record["steps"]) == 2
+
+
+def test_malformed_records_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    good = {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}
+    lines = [
+        json.dumps(good),
+        "{not json",
+        json.dumps({"question": "Q?", "answer": "no final answer"}),
+        json.dumps({**good, "labels": [True, True]}),
+        json.dumps({"answer": "1\n#### 1"}),
+        "",
+        json.dumps({**good, "labels": [False]}),
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        records = load_gsm8k(str(path))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 4
+    assert messages[0].startswith(f"{path}:2:") and "invalid JSON" in messages[0]
+    assert f"{path}:3:" in messages[1] and "####" in messages[1]
+    assert f"{path}:4:" in messages[2] and "'labels'" in messages[2]
+    assert f"{path}:5:" in messages[3] and "'question'" in messages[3]
+    assert [r["id"] for r in records] == ["gsm8k-test-000000", "gsm8k-test-000005"]
+    assert records[1]["labels"] == [False]
+
+
+def test_parquet_file(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    path = tmp_path / "sample.parquet"
+    Dataset.from_list([{**r, "labels": r.get("labels")} for r in rows]).to_parquet(str(path))
+    records = load_gsm8k(str(path), split="test")
+    assert [r["gold"] for r in records] == ["48", "45", "15", "16"]
+    assert records[1]["labels"] == [True, True] and records[0]["labels"] is None
