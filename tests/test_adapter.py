@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -66,7 +67,15 @@ FAMILIES = {
         )
     ),
     "gpt2": lambda: GPT2LMHeadModel(
-        GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=2, n_head=4, n_positions=32)
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=D,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     ),
     "gpt_neox": lambda: GPTNeoXForCausalLM(
         GPTNeoXConfig(
@@ -147,30 +156,76 @@ def test_frozen_keeps_values_and_restores(
 ) -> None:
     model, adapter = model_and_adapter
     before = model.config._attn_implementation
-    with torch.no_grad():
-        outside = model(_ids()).logits
-        with adapter.frozen():
-            assert model.config._attn_implementation == f"{FROZEN_ATTENTION}_{before}"
-            with adapter.frozen():  # nesting is harmless
-                inside = model(_ids()).logits
-        assert model.config._attn_implementation == before
-        assert torch.equal(inside, outside)
-        with pytest.raises(RuntimeError, match="boom"), adapter.frozen():
-            raise RuntimeError("boom")
+    outside = model(_ids()).logits
+    with adapter.frozen():
+        assert model.config._attn_implementation == f"{FROZEN_ATTENTION}_{before}"
+        with adapter.frozen():  # nesting is harmless
+            inside = model(_ids()).logits
+        with torch.no_grad():  # the no-gradient shortcut
+            inside_no_grad = model(_ids()).logits
+    assert model.config._attn_implementation == before
+    assert torch.equal(inside, outside)
+    assert torch.equal(inside_no_grad, outside)
+    with pytest.raises(RuntimeError, match="boom"), adapter.frozen():
+        raise RuntimeError("boom")
     assert model.config._attn_implementation == before
     assert all(not norm._forward_hooks for norm in adapter.norms)
 
 
-def _completeness_gap(model: torch.nn.Module, adapter: ArchAdapter, frozen: bool) -> float:
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: sliding window 4 < T
+def test_frozen_keeps_values_with_padding_and_cache(
+    family: str, implementation: str, padded: bool
+) -> None:
+    """Other mask forms: sdpa's None and boolean masks, padding, cached decoding."""
+    model = _build(family)
+    model.set_attn_implementation(implementation)
+    adapter = ArchAdapter.for_model(model)
+    ids = _ids()
+    mask = torch.ones(B, T + 1, dtype=torch.long)
+    if padded:
+        mask[0, :2] = 0  # left padding in the first row
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        prefill = model(ids, attention_mask=mask[:, :T], use_cache=True)
+        step = model(ids[:, :1], attention_mask=mask, cache=prefill.cache)
+        assert prefill.cache.get_seq_length() == T + 1
+        return prefill.logits, step.logits
+
+    outside = run()
+    with adapter.frozen():
+        inside = run()
+    for got, expected in zip(inside, outside, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_frozen_refuses_other_attention_and_restores() -> None:
+    model = _build("llama")
+    adapter = ArchAdapter.for_model(model)
+    model.config._attn_implementation_internal = "flash_attention_2"
+    with pytest.raises(ValueError, match="eager or sdpa"), adapter.frozen():
+        pass
+    assert model.config._attn_implementation == "flash_attention_2"
+    assert all(not norm._forward_hooks for norm in adapter.norms)
+
+
+def _completeness_gap(family: str, frozen: bool, forward_mode: bool) -> float:
     """Relative gap between a logit readout and the sum of gradient x source over its sources.
 
-    The sources are the residual stream entering layer 0 and every MLP output, all made
-    leaves. With biases zeroed, the frozen model is homogeneous linear in its sources (norm
-    scales and attention probabilities are constants), so the readout must equal the
-    gradient-times-source sum exactly: the identity attribution graphs are built on. Since
-    frozen() keeps forward values, finite differences would re-evaluate the scales and
-    cannot show this; gradients can.
+    The sources are the residual stream entering layer 0 and every MLP output. With biases
+    zeroed, the frozen model is homogeneous linear in its sources (norm scales and attention
+    probabilities are constants), so the readout must equal the gradient-times-source sum
+    exactly: the identity attribution graphs are built on. Since frozen() keeps forward
+    values, finite differences would re-evaluate the scales and cannot show this;
+    derivatives can. Backward mode: gradients of the readout. Forward mode (under no_grad,
+    as attribution may run it): each source's tangent is the source itself, so the
+    readout's tangent is the sum directly.
     """
+    model = _build(family)
+    if forward_mode and not frozen:  # torch's CPU sdpa kernel has no forward AD
+        model.set_attn_implementation("eager")
+    adapter = ArchAdapter.for_model(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
@@ -178,7 +233,8 @@ def _completeness_gap(model: torch.nn.Module, adapter: ArchAdapter, frozen: bool
     sources: list[torch.Tensor] = []
 
     def as_source(t: torch.Tensor) -> torch.Tensor:
-        sources.append(t.detach().requires_grad_(True))
+        t = t.detach()
+        sources.append(fwAD.make_dual(t, t.clone()) if forward_mode else t.requires_grad_(True))
         return sources[-1]
 
     def resid_hook(_m: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -192,23 +248,32 @@ def _completeness_gap(model: torch.nn.Module, adapter: ArchAdapter, frozen: bool
         for layer in range(adapter.n_layers)
     ]
     readout_BTV = torch.randn(B, T, VOCAB, generator=torch.Generator().manual_seed(2))
-    ctx = adapter.frozen() if frozen else contextlib.nullcontext()
     try:
-        with ctx:
+        with contextlib.ExitStack() as stack:
+            if frozen:
+                stack.enter_context(adapter.frozen())
+            if forward_mode:
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(fwAD.dual_level())
             value = (model(_ids()).logits * readout_BTV).sum()
+            if forward_mode:
+                value, total = fwAD.unpack_dual(value)
     finally:
         for handle in handles:
             handle.remove()
-    grads = torch.autograd.grad(value, sources)
-    total = sum((g * s).sum() for g, s in zip(grads, sources, strict=True))
     assert len(sources) == 1 + adapter.n_layers
+    if not forward_mode:
+        grads = torch.autograd.grad(value, sources)
+        total = sum((g * s).sum() for g, s in zip(grads, sources, strict=True))
     return (abs(total - value) / value.abs()).item()
 
 
-def test_frozen_is_linear_in_sources(model_and_adapter: tuple[torch.nn.Module, ArchAdapter]) -> None:
-    model, adapter = model_and_adapter
-    assert _completeness_gap(model, adapter, frozen=True) < 1e-4
-    assert _completeness_gap(model, adapter, frozen=False) > 1e-2  # the check has teeth
+@pytest.mark.parametrize("forward_mode", [False, True], ids=["backward", "forward"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_frozen_is_linear_in_sources(family: str, forward_mode: bool) -> None:
+    assert _completeness_gap(family, frozen=True, forward_mode=forward_mode) < 1e-4
+    # The check has teeth: the real model is not linear in its sources.
+    assert _completeness_gap(family, frozen=False, forward_mode=forward_mode) > 1e-2
 
 
 def test_unknown_family_is_a_clear_error() -> None:

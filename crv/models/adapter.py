@@ -7,12 +7,16 @@ supported Hugging Face families, one small table row per family, so that adding 
 means adding a row rather than touching the stages.
 
 `ArchAdapter.frozen()` builds the "local replacement model" that attribution
-differentiates: inside it every norm keeps its exact output value, but its gradient is
+differentiates: inside it every norm keeps its exact output value, but its derivative is
 that of the norm with the normalising factor (1/rms or 1/std) held constant, and every
-attention layer uses detached attention probabilities. With the MLP outputs held fixed,
-the logits are then an affine function of the token embeddings, so gradients give exact
-direct effects. Attention is frozen through transformers' attention-function registry
-(`AttentionInterface`): a registered eager implementation with a detached softmax is
+attention layer's probabilities are constants for autograd (backward and forward mode).
+With MLP outputs held fixed, the derivatives are then those of a model that is linear
+(affine, with biases) in the token embeddings and MLP outputs, so gradient x activation
+sums exactly to the logits. Forward values are untouched: evaluating at another input
+re-computes the scales, so the linearity is of the derivatives, not of finite differences.
+Attention is frozen through transformers' attention-function registry: for the model's
+implementation X (eager or sdpa) a twin `crv_frozen_X` is registered that keeps X's masks
+and output values and adds an eager, detached-softmax path for the derivatives; it is
 switched on for the model's configs inside the context and switched back on exit.
 """
 
@@ -25,11 +29,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 FROZEN_ATTENTION = "crv_frozen"  # prefix of the registered implementations
+_FROZEN_FLAG = "_crv_frozen"  # set on the model while inside frozen()
+SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -63,14 +69,13 @@ def _additive_mask(
 ) -> torch.Tensor:
     """The attention mask in eager's additive float form, whatever form it came in.
 
-    sdpa passes None for a purely causal mask and a boolean mask (True = attend)
-    otherwise; eager passes an additive float mask already.
+    sdpa passes None for a purely causal mask (it skips the mask only when no sliding
+    window binds) and a 4D boolean mask (True = attend) otherwise; eager passes an
+    additive float mask already.
     """
     if mask is None:  # causal; with a cache the queries are the last q_len positions
         q_pos = torch.arange(q_len, device=like.device)[:, None] + (k_len - q_len)
         mask = torch.arange(k_len, device=like.device)[None, :] <= q_pos
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"frozen attention cannot use a mask of type {type(mask).__name__}")
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
         return torch.where(mask, zero, torch.finfo(like.dtype).min)
@@ -95,9 +100,21 @@ def _frozen_attention(
     functions of the supported families: grouped-query heads repeated, scores scaled and
     optionally soft-capped (Gemma2), the mask as passed (causal and sliding window are
     already in it), softmax in float32. Its value is also the output when the model runs
-    eager attention; for any other implementation (`original`, e.g. sdpa) the output value
-    is that implementation's, so values inside frozen() are bit-identical to outside.
+    eager attention (identical in float32); with `original` (sdpa) the output value is
+    sdpa's, so values inside frozen() are bit-identical to outside.
     """
+    if original is not None:  # only its value is used: give it no gradient or tangent
+        exact_BQHd, weights = original(
+            module,
+            query_BHQd.detach(),
+            key_BKSd.detach(),
+            value_BKSd.detach(),
+            attention_mask,
+            scaling=scaling,
+            dropout=dropout,
+            softcap=softcap,
+            **kwargs,
+        )
     n_rep = query_BHQd.shape[1] // key_BKSd.shape[1]
     key_BHSd = key_BKSd.repeat_interleave(n_rep, dim=1)
     value_BHSd = value_BKSd.repeat_interleave(n_rep, dim=1)
@@ -113,18 +130,7 @@ def _frozen_attention(
     out_BQHd = torch.matmul(probs_BHQS, value_BHSd).transpose(1, 2).contiguous()
     if original is None:
         return out_BQHd, probs_BHQS
-    exact_BQHd, weights = original(
-        module,
-        query_BHQd,
-        key_BKSd,
-        value_BKSd,
-        attention_mask,
-        scaling=scaling,
-        dropout=dropout,
-        softcap=softcap,
-        **kwargs,
-    )
-    return exact_BQHd.detach() + (out_BQHd - out_BQHd.detach()), weights
+    return exact_BQHd + (out_BQHd - out_BQHd.detach()), weights
 
 
 def _frozen_implementation(original: str) -> str:
@@ -132,12 +138,16 @@ def _frozen_implementation(original: str) -> str:
 
     The twin builds its masks exactly as `original` does (mask functions are looked up by
     the same name as attention functions); without a registered mask function
-    transformers would build no mask at all.
+    transformers would build no mask at all. Flash and flex attention pass masks in other
+    forms (2D padding masks, block masks) and are not supported.
     """
+    if original not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"frozen() supports models running {' or '.join(SUPPORTED_ATTENTION)} attention, "
+            f"not {original!r}: call model.set_attn_implementation('sdpa') first"
+        )
     name = f"{FROZEN_ATTENTION}_{original}"
     if name not in ALL_ATTENTION_FUNCTIONS:
-        if original not in ALL_MASK_ATTENTION_FUNCTIONS:
-            raise ValueError(f"cannot freeze attention implementation {original!r}")
         exact = None if original == "eager" else ALL_ATTENTION_FUNCTIONS[original]
         ALL_ATTENTION_FUNCTIONS.register(name, functools.partial(_frozen_attention, original=exact))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
@@ -189,8 +199,9 @@ def _is_norm(module: nn.Module) -> bool:
 class ArchAdapter:
     """Family-independent view of a decoder-only causal LM.
 
-    Attributes: `family`, `n_layers`, `d_model`, `vocab_size`, `layers` (decoder blocks),
-    `embed_tokens`, `unembed_weight` [vocab, D], `final_norm`, `norms` (every norm module).
+    Attributes: `model`, `family`, `n_layers`, `d_model`, `vocab_size`, `layers` (decoder
+    blocks), `embed_tokens`, `unembed_weight` [vocab, D], `final_norm`, `norms` (every norm
+    module, including attention q/k norms).
     """
 
     def __init__(self, model: PreTrainedModel, spec: _FamilySpec) -> None:
@@ -207,7 +218,6 @@ class ArchAdapter:
         self._frozen_norms = {
             norm: _norm_with_frozen_scale(norm, spec.rms_weight_offset) for norm in self.norms
         }
-        self._is_frozen = False
         self._check_norms()
 
     @classmethod
@@ -257,10 +267,14 @@ class ArchAdapter:
         `crv_frozen_X`, and each norm gets a linearising forward hook; both are undone on
         exit, also on an exception.
         """
-        if self._is_frozen:  # nested use: already linearised
+        if getattr(self.model, _FROZEN_FLAG, False):  # nested use: already linearised
             yield
             return
-        configs = {id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}
+        configs = {
+            id(m.config): m.config
+            for m in self.model.modules()
+            if isinstance(getattr(m, "config", None), PretrainedConfig)
+        }
         saved = {key: cfg._attn_implementation_internal for key, cfg in configs.items()}
         handles = []
         try:
@@ -268,10 +282,10 @@ class ArchAdapter:
                 cfg._attn_implementation_internal = _frozen_implementation(saved[key] or "eager")
             for norm, frozen_norm in self._frozen_norms.items():
                 handles.append(norm.register_forward_hook(_linearising_hook(frozen_norm)))
-            self._is_frozen = True
+            setattr(self.model, _FROZEN_FLAG, True)
             yield
         finally:
-            self._is_frozen = False
+            setattr(self.model, _FROZEN_FLAG, False)
             for handle in handles:
                 handle.remove()
             for key, cfg in configs.items():
