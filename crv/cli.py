@@ -63,16 +63,19 @@ def main() -> None:
         print("Usage: crv [experiment=smoke] [section.field=value ...] [-m for sweeps]\n")
         print("Options (section.field=default  help):")
         print("\n".join(options_help()))
-        print("\nHydra's own flags (--cfg job, --multirun, ...) work as usual; see `crv --hydra-help`.")
+        print(
+            "\nHydra's own flags (--cfg job, --multirun, ...) work as usual; see `crv --hydra-help`."
+        )
         return
     hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(run)()
 
 
 def verify_main() -> None:
     """Console script `crv-verify`."""
-    from crv.verify import VerifyConfig, verify_main as _verify
-
     from hydra.core.config_store import ConfigStore
+
+    from crv.verify import VerifyConfig
+    from crv.verify import verify_main as _verify
 
     ConfigStore.instance().store(name="crv_verify", node=VerifyConfig)
 

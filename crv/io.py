@@ -34,7 +34,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    return atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n"
+    )
 
 
 def read_json(path: str | Path) -> Any:

@@ -73,30 +73,49 @@ STAGES: tuple[Stage, ...] = (
     Stage("subject", "model", (), "crv.models.subject:run_stage", "subject"),
     Stage("traces", "traces", ("subject",), "crv.traces:run_stage", "traces"),
     Stage(
-        "transcoders", "transcoder", ("subject", "traces"), "crv.transcoders.stage:run_stage",
+        "transcoders",
+        "transcoder",
+        ("subject", "traces"),
+        "crv.transcoders.stage:run_stage",
         "transcoders",
     ),
     Stage(
-        "graphs", "attribution", ("subject", "traces", "transcoders"),
-        "crv.attribution.stage:run_stage", "attribution",
+        "graphs",
+        "attribution",
+        ("subject", "traces", "transcoders"),
+        "crv.attribution.stage:run_stage",
+        "attribution",
     ),
-    Stage("features", "features", ("traces", "graphs"), "crv.verifier.features:run_stage", "features"),
     Stage(
-        "baselines", "baselines", ("subject", "traces"), "crv.verifier.baselines:run_stage",
+        "features", "features", ("traces", "graphs"), "crv.verifier.features:run_stage", "features"
+    ),
+    Stage(
+        "baselines",
+        "baselines",
+        ("subject", "traces"),
+        "crv.verifier.baselines:run_stage",
         "baselines",
     ),
     Stage(
-        "verifier", "verifier", ("traces", "features", "baselines"),
-        "crv.verifier.classifier:run_stage", "detection",
+        "verifier",
+        "verifier",
+        ("traces", "features", "baselines"),
+        "crv.verifier.classifier:run_stage",
+        "detection",
     ),
     Stage(
-        "interventions", "intervention",
+        "interventions",
+        "intervention",
         ("subject", "traces", "transcoders", "graphs", "features", "verifier"),
-        "crv.interventions:run_stage", "interventions",
+        "crv.interventions:run_stage",
+        "interventions",
     ),
     Stage(
-        "bundle", "bundle", ("subject", "transcoders", "graphs", "features", "verifier"),
-        "crv.bundle:run_stage", "bundle",
+        "bundle",
+        "bundle",
+        ("subject", "transcoders", "graphs", "features", "verifier"),
+        "crv.bundle:run_stage",
+        "bundle",
     ),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
@@ -225,7 +244,9 @@ class ArtifactCache:
             metrics = stage.load_runner()(make_ctx(tmp, scratch)) or {}
             seconds = time.perf_counter() - start
             atomic_write_json(tmp / METRICS, metrics)
-            atomic_write_json(tmp / MANIFEST, {**manifest, "seconds": seconds, "versions": _versions()})
+            atomic_write_json(
+                tmp / MANIFEST, {**manifest, "seconds": seconds, "versions": _versions()}
+            )
             if final.exists():  # a concurrent run finished first: keep theirs
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
@@ -256,7 +277,13 @@ def run_pipeline(
         key = artifact_key(stage, section_cfg, seed, input_keys)
         stage_log = logging.getLogger(f"crv.{stage.name}")
 
-        def make_ctx(out: Path, scratch: Path, stage: Stage = stage, cfg: Any = section_cfg) -> StageContext:
+        def make_ctx(
+            out: Path,
+            scratch: Path,
+            stage: Stage = stage,
+            cfg: Any = section_cfg,
+            stage_log: logging.Logger = stage_log,
+        ) -> StageContext:
             return StageContext(
                 name=stage.name,
                 cfg=cfg,

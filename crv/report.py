@@ -94,7 +94,9 @@ def write_report(report: dict[str, Any], results: Sequence[StageResult], run_dir
     atomic_write_text(run_dir / "report.md", render_markdown(report, plots))
 
 
-def summarize_sweep(multirun_dir: str | Path, metric: str = "detection.arithmetic.methods.crv.auroc") -> str:
+def summarize_sweep(
+    multirun_dir: str | Path, metric: str = "detection.arithmetic.methods.crv.auroc"
+) -> str:
     """One Markdown table across a multirun's report.json files, best `metric` first.
 
     Each row shows the run's overrides (from Hydra's `.hydra/overrides.yaml`) and the metric.

@@ -67,7 +67,9 @@ def token_char_ends(tokenizer: Any, ids: Sequence[int], text: str) -> list[int]:
             total += len(piece)
             ends.append(total)
         return ends
-    return [len(tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=True)) for i in range(len(ids))]
+    return [
+        len(tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=True)) for i in range(len(ids))
+    ]
 
 
 def last_token_index(char_ends: Sequence[int], end_char: int, offset: int) -> int:
@@ -78,11 +80,12 @@ def last_token_index(char_ends: Sequence[int], end_char: int, offset: int) -> in
     return offset + len(char_ends) - 1
 
 
-def few_shot_prefix(task: str, k: int, seed: int) -> str:
-    """`k` solved problems in the canonical format (their own seed: never a test problem)."""
+def few_shot_prefix(task: str, k: int, seed: int, exclude: set[str]) -> str:
+    """`k` solved 3-operator problems in the canonical format, none of them in `exclude`."""
     from crv.tasks import generate_problems
 
-    shots = generate_problems(task, 3, k, seed=10_000 + seed)
+    pool = generate_problems(task, 3, 50 * k, seed=10_000 + seed, unique=True)
+    shots = [p for p in pool if p.expression not in exclude][:k]
     return "".join(p.prompt + p.solution() + "\n" for p in shots)
 
 
@@ -92,7 +95,8 @@ def _synthetic_rows(cfg: TracesConfig, seed: int) -> list[dict[str, Any]]:
     rows = []
     for task in cfg.tasks:
         train, test = make_splits(task, cfg.complexities, cfg.n_per_complexity, cfg.test_frac, seed)
-        prefix = few_shot_prefix(task, cfg.few_shot, seed) if cfg.few_shot else ""
+        used = {p.expression for p in train + test}
+        prefix = few_shot_prefix(task, cfg.few_shot, seed, used) if cfg.few_shot else ""
         for split, problems in (("train", train), ("test", test)):
             for p in problems:
                 rows.append(
@@ -138,7 +142,9 @@ def _gsm8k_rows(cfg: TracesConfig, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def label_steps(row: dict[str, Any], completion: str) -> tuple[list[dict[str, Any]], str | None, bool]:
+def label_steps(
+    row: dict[str, Any], completion: str
+) -> tuple[list[dict[str, Any]], str | None, bool]:
     """Steps (index, text, label, parsed, start_char, end_char), final answer, its correctness."""
     if row["task"] == "gsm8k":
         from crv.tasks.segment import GENERIC_STEP_PATTERN, segment_steps
@@ -146,8 +152,14 @@ def label_steps(row: dict[str, Any], completion: str) -> tuple[list[dict[str, An
         spans = segment_steps(completion, GENERIC_STEP_PATTERN)
         labels = row.get("labels") or [None] * len(spans)
         steps = [
-            {"index": i, "text": completion[s:e], "label": labels[i] if i < len(labels) else None,
-             "parsed": True, "start_char": s, "end_char": e}
+            {
+                "index": i,
+                "text": completion[s:e],
+                "label": labels[i] if i < len(labels) else None,
+                "parsed": True,
+                "start_char": s,
+                "end_char": e,
+            }
             for i, (s, e) in enumerate(spans)
         ]
         final = completion.rsplit("####", 1)[-1].strip() if "####" in completion else None
@@ -159,8 +171,14 @@ def label_steps(row: dict[str, Any], completion: str) -> tuple[list[dict[str, An
     problem = Problem(row["id"], row["task"], row["complexity"], row["problem"], row["gold"])
     checked = check_completion(problem, completion)
     steps = [
-        {"index": s.index, "text": s.text, "label": s.label, "parsed": s.parsed,
-         "start_char": s.start_char, "end_char": s.end_char}
+        {
+            "index": s.index,
+            "text": s.text,
+            "label": s.label,
+            "parsed": s.parsed,
+            "start_char": s.start_char,
+            "end_char": s.end_char,
+        }
         for s in checked.steps
     ]
     return steps, checked.final_answer, checked.final_correct
@@ -173,7 +191,9 @@ def stats_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(r["task"], r["complexity"])].append(r)
         groups[(r["task"], "all")].append(r)
     table = []
-    for (task, complexity), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]).zfill(4))):
+    for (task, complexity), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]).zfill(4))
+    ):
         steps = [s for r in rs for s in r["steps"]]
         incorrect = sum(s["label"] is False for s in steps)
         table.append(
@@ -185,8 +205,13 @@ def stats_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "incorrect_steps": incorrect,
                 "unparseable_steps": sum(not s["parsed"] for s in steps),
                 "wellformed_rate": round(sum(s["parsed"] for s in steps) / max(len(steps), 1), 4),
-                "traces_with_error": round(sum(any(s["label"] is False for s in r["steps"]) for r in rs) / max(len(rs), 1), 4),
-                "final_accuracy": round(sum(bool(r["final_correct"]) for r in rs) / max(len(rs), 1), 4),
+                "traces_with_error": round(
+                    sum(any(s["label"] is False for s in r["steps"]) for r in rs) / max(len(rs), 1),
+                    4,
+                ),
+                "final_accuracy": round(
+                    sum(bool(r["final_correct"]) for r in rs) / max(len(rs), 1), 4
+                ),
             }
         )
     return table
@@ -206,14 +231,20 @@ def run_stage(ctx) -> dict[str, Any]:
     if cfg.gsm8k_path:
         rows += _gsm8k_rows(cfg, ctx.seed)
     caps = {
-        r["prompt"]: int(cfg.max_new_tokens_factor * len(tokenizer(r["reference"], add_special_tokens=False).input_ids)) + 16
+        r["prompt"]: int(
+            cfg.max_new_tokens_factor
+            * len(tokenizer(r["reference"], add_special_tokens=False).input_ids)
+        )
+        + 16
         for r in rows
     }
     ctx.log.info("generating %d traces", len(rows))
-    results = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], caps.__getitem__, cfg.runtime_batch_size)
+    results = generate_greedy(
+        model, tokenizer, [r["prompt"] for r in rows], caps.__getitem__, cfg.runtime_batch_size
+    )
 
     out_rows = []
-    for row, res in zip(rows, results):
+    for row, res in zip(rows, results, strict=True):
         steps, final, final_correct = label_steps(row, res.completion)
         char_ends = token_char_ends(tokenizer, res.completion_ids, res.completion)
         offset = len(res.prompt_ids)
@@ -221,11 +252,19 @@ def run_stage(ctx) -> dict[str, Any]:
             s["last_token"] = last_token_index(char_ends, s["end_char"], offset)
         out_rows.append(
             {
-                "id": row["id"], "task": row["task"], "complexity": row["complexity"],
-                "problem": row["problem"], "gold": row["gold"], "prompt": row["prompt"],
-                "completion": res.completion, "input_ids": res.prompt_ids + res.completion_ids,
-                "prompt_len": offset, "steps": steps, "final_answer": final,
-                "final_correct": bool(final_correct), "split": row["split"],
+                "id": row["id"],
+                "task": row["task"],
+                "complexity": row["complexity"],
+                "problem": row["problem"],
+                "gold": row["gold"],
+                "prompt": row["prompt"],
+                "completion": res.completion,
+                "input_ids": res.prompt_ids + res.completion_ids,
+                "prompt_len": offset,
+                "steps": steps,
+                "final_answer": final,
+                "final_correct": bool(final_correct),
+                "split": row["split"],
             }
         )
     Dataset.from_list(out_rows).save_to_disk(str(ctx.out / "dataset"))

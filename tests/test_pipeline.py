@@ -50,7 +50,9 @@ def stages(monkeypatch):
 
 
 def _run(stages, tmp_path: Path, a: int, b: int, requested=("down",)):
-    return run_pipeline({"a": Cfg(a), "b": Cfg(b)}, requested, tmp_path, seed=0, device="cpu", stages=stages)
+    return run_pipeline(
+        {"a": Cfg(a), "b": Cfg(b)}, requested, tmp_path, seed=0, device="cpu", stages=stages
+    )
 
 
 def test_second_run_reuses_every_stage(stages, tmp_path):
