@@ -1,7 +1,8 @@
 """Configuration of the `interventions` stage (the `intervention` config section).
 
 Every field's docstring is its help text. The defaults are sized for crv's embedded subject
-model on a 2-core CPU: about a hundred flagged steps, eleven regenerations each.
+model on a 2-core CPU: at most 80 flagged incorrect steps with 2N + 1 = 11 regenerations
+each, and 40 false alarms with two each.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ class InterventionConfig:
     split: str = "test"
     """Split of the traces whose flagged steps are intervened on."""
 
-    n_proposals: int = 5
+    verifier: str = "task"
+    """Verifier that flags a step: `task`, the step's own task's verifier (the per-task
+    detection results); `pooled`, the one trained on all tasks together."""
+
+    n_proposals: int = 3
     """Interventions proposed per flagged step (N): one feature each, best-ranked first."""
 
-    rank_by: RankBy = "influence"
+    rank_by: str = "influence"
     """How candidate features are ranked: `influence` (summed graph influence on the
     predicted tokens of the feature's nodes in the step), `verifier` (how much deleting the
     feature's nodes from the step graph lowers the verifier's score), or `layer` (latest
@@ -34,31 +39,49 @@ class InterventionConfig:
     """With rank_by=verifier, only the top features by influence are re-scored (each costs
     one recomputation of the graph features)."""
 
-    action: Action = "suppress"
+    action: str = "suppress"
     """`suppress`: clamp the feature's activation to 0; `amplify`: multiply it by
     `amplify_scale`."""
 
     amplify_scale: float = 2.0
     """Factor applied to the activation by the `amplify` action."""
 
-    scope: Scope = "step"
-    """`step`: intervene at the step's positions where the feature was active in the
-    original trace; `onward`: at every position from the step's start onward during
-    regeneration."""
+    scope: str = "step"
+    """`step`: intervene at the positions of the step window (those whose computation
+    writes the step: from the token before its first token through the token before its
+    last) where the feature was active in the original trace; `onward`: at every position
+    from the window's start to the end of the regeneration."""
 
-    max_steps: int = 80
-    """Cap on the flagged incorrect steps attempted (the lowest-scoring are dropped first
-    is NOT applied: a seeded random sample is taken so the rates are unbiased)."""
+    max_steps: int = 60
+    """Cap on the flagged incorrect steps attempted; when more are flagged, a seeded random
+    sample of this size is taken (not the highest-scoring ones, which would bias the rates)."""
 
-    max_correct_steps: int = 40
-    """Cap on the flagged correct steps (false alarms) attempted for `broken_correct_rate`."""
+    max_correct_steps: int = 20
+    """Cap on the flagged correct steps (false alarms) attempted for `broken_correct_rate`
+    (seeded random sample as for `max_steps`)."""
 
-    max_new_tokens: int = 160
-    """Regeneration length cap; a completion cut off before its answer line counts as a
-    wrong final answer."""
+    extra_new_tokens: int = 32
+    """Regeneration length: the larger of the original trace's remaining tokens and the
+    canonical solution's tokens, plus this slack. A completion cut off before its answer
+    line counts as a wrong final answer."""
 
     n_examples: int = 5
     """Worked examples kept in the report (fixed ones first)."""
 
     n_bootstrap: int = 2000
     """Paired bootstrap resamples for the confidence interval of `fixed_minus_random`."""
+
+    def __post_init__(self) -> None:
+        choices = {
+            "verifier": ("task", "pooled"),
+            "rank_by": ("influence", "verifier", "layer"),
+            "action": ("suppress", "amplify"),
+            "scope": ("step", "onward"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"intervention.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if self.n_proposals < 1:
+            raise ValueError(f"intervention.n_proposals must be >= 1, got {self.n_proposals}")

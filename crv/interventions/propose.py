@@ -1,34 +1,42 @@
 """Proposing feature interventions for a flagged step, and the matched random control.
 
-A candidate is a transcoder feature `(layer, feature)` with at least one node in the step's
-pruned attribution graph inside the step window (the positions whose next-token predictions
-write the step, see `crv.interventions.apply.step_window`). Candidates are ranked by one of
+The step window `(lo, hi)` holds the positions whose computation can change the step's
+text on regeneration: from the earlier of the token before the step's first token and the
+graph's explained token (`lo`; positions from there on are recomputed with the
+intervention) through the token before the step's last token (`hi`, which predicts the last
+token; see `crv.interventions.apply.StepSpan.window`). A candidate is a transcoder feature
+`(layer, feature)` with a node at a position >= lo in the step's pruned attribution graph.
+Its positions are those of the window where it was active in the original trace (in its
+layer's top k, non-zero) or has a graph node; with `scope="step"` a candidate without any is
+dropped (it could only change what comes after the step). Candidates are ranked by one of
 
-* `influence`: the summed graph influence of the feature's nodes in the window. Influence is
-  the feature's share of the (pruned, |weight|-normalised) paths into the logits of the
-  token after the step, so this ranks the features that most shaped what the model was
-  about to write, whatever their sign.
-* `verifier`: how much the verifier's score drops when the feature's nodes are deleted
-  from the graph and the graph features are recomputed (for `amplify`, how much it rises:
-  features whose presence the verifier reads as a sign of a correct step). This is very
-  indirect: the verifier sees only aggregate statistics (counts, per-layer histograms,
-  activation and influence moments, centralities), deleting nodes does not re-run pruning
-  or recompute the other nodes' influence, and a feature that moves a histogram bin the
-  trees happen to split on is not thereby a cause of the error. It answers "which nodes
-  make this graph look like an error graph", not "which feature made the model err".
+* `influence`: the summed graph influence of the feature's nodes at positions >= lo.
+  Influence is the feature's share of the (pruned, |weight|-normalised) paths into the
+  explained logits, so this ranks the features that most shaped the explained prediction,
+  whatever their sign.
+* `verifier`: how much the verifier's score drops when those nodes are deleted from the
+  graph and the graph features recomputed (for `amplify`, how much it rises: features whose
+  presence the verifier reads as a sign of a correct step). This is very indirect: the
+  verifier sees only aggregate statistics (counts, per-layer histograms, activation and
+  influence moments, centralities), deleting nodes neither re-runs pruning nor recomputes
+  the other nodes' influence, and a feature that moves a histogram bin the trees happen to
+  split on is not thereby a cause of the error. It answers "which nodes make this graph look
+  like an error graph", not "which feature made the model err".
 * `layer`: the latest layer first (ties by influence), after the paper's hand-picked case
   where a late-layer feature carried the wrong operation.
 
 The random control draws, for each proposal, one feature uniformly among the features
-active (in the transcoder's top k) at the same layer somewhere in the step window, excluding
-the proposed features, with the same action, value and scope, from a generator seeded by
-the run seed and the step id.
+active somewhere in the window at the same layer, excluding the proposed ones, with the same
+action, value and scope, from a generator seeded by the run seed and the step id. It is
+matched on layer, count and action, not on activation size or number of active positions:
+graph features tend to be the strongly active ones, so part of any advantage over the
+control may come from editing a bigger activation rather than the right feature.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -53,9 +61,10 @@ class Proposal:
     """0 for suppress, the scale for amplify."""
     scope: Scope
     start: int
-    """First position of the step window; `onward` intervenes from here to the end."""
+    """First position of the step window (lo); `onward` intervenes from here to the end."""
     positions: tuple[int, ...]
-    """Positions of the step window where the feature was active in the original trace."""
+    """Positions of the step window where the feature was active in the original trace
+    (or has a graph node); `step` intervenes here."""
     score: float
     """The ranking score (influence, verifier score change, or layer)."""
     source: str
@@ -80,15 +89,15 @@ class Proposal:
         return asdict(self)
 
 
-def _window_feature_nodes(graph: StepGraph, window: tuple[int, int]) -> np.ndarray:
-    lo, hi = window
-    return np.flatnonzero((graph.kind == FEATURE) & (graph.pos >= lo) & (graph.pos <= hi))
+def _candidate_nodes(graph: StepGraph, lo: int) -> np.ndarray:
+    """Indices of the graph's feature nodes at positions >= lo."""
+    return np.flatnonzero((graph.kind == FEATURE) & (graph.pos >= lo))
 
 
-def candidate_influence(graph: StepGraph, window: tuple[int, int]) -> dict[FeatureKey, float]:
-    """Summed influence of each feature's graph nodes inside the window."""
+def candidate_influence(graph: StepGraph, lo: int) -> dict[FeatureKey, float]:
+    """Summed influence of each feature's graph nodes at positions >= lo."""
     out: dict[FeatureKey, float] = {}
-    for i in _window_feature_nodes(graph, window):
+    for i in _candidate_nodes(graph, lo):
         key = (int(graph.layer[i]), int(graph.feature[i]))
         out[key] = out.get(key, 0.0) + float(graph.influence[i])
     return out
@@ -118,18 +127,22 @@ def drop_nodes(graph: StepGraph, drop: np.ndarray) -> StepGraph:
 
 def rank_candidates(
     graph: StepGraph,
-    window: tuple[int, int],
+    lo: int,
     rank_by: RankBy,
     action: Action = "suppress",
     score_graph: Callable[[StepGraph], float] | None = None,
     candidate_pool: int = 24,
+    allowed: Collection[FeatureKey] | None = None,
 ) -> list[tuple[FeatureKey, float]]:
-    """Candidates with their ranking score, best first; ties broken by (layer, feature).
+    """Candidates (nodes at positions >= lo; only `allowed` ones if given) with their
+    ranking score, best first; ties broken by (layer, feature).
 
     `score_graph` (the verifier's probability of "incorrect" for a graph) is needed for
     `rank_by="verifier"`, which re-scores only the `candidate_pool` most influential ones.
     """
-    influence = candidate_influence(graph, window)
+    influence = candidate_influence(graph, lo)
+    if allowed is not None:
+        influence = {key: value for key, value in influence.items() if key in allowed}
     by_influence = sorted(influence, key=lambda key: (-influence[key], key))
     if rank_by == "influence":
         return [(key, influence[key]) for key in by_influence]
@@ -141,7 +154,7 @@ def rank_candidates(
     if score_graph is None:
         raise ValueError("rank_by='verifier' needs a score_graph function")
     base = score_graph(graph)
-    nodes = _window_feature_nodes(graph, window)
+    nodes = _candidate_nodes(graph, lo)
     sign = 1.0 if action == "suppress" else -1.0
     scored = {}
     for key in by_influence[:candidate_pool]:
@@ -151,12 +164,18 @@ def rank_candidates(
     return [(key, scored[key]) for key in sorted(scored, key=lambda k: (-scored[k], k))]
 
 
-def _positions(
-    key: FeatureKey, graph: StepGraph, window: tuple[int, int], active: ActiveMap
-) -> tuple[int, ...]:
-    nodes = _window_feature_nodes(graph, window)
-    in_graph = graph.pos[nodes[(graph.layer[nodes] == key[0]) & (graph.feature[nodes] == key[1])]]
-    return tuple(sorted(set(active.get(key, ())) | {int(p) for p in in_graph}))
+def window_positions(
+    graph: StepGraph, window: tuple[int, int], active: ActiveMap
+) -> dict[FeatureKey, tuple[int, ...]]:
+    """Each candidate's positions in the window: where it was active or has a graph node."""
+    lo, hi = window
+    found: dict[FeatureKey, set[int]] = {}
+    for i in _candidate_nodes(graph, lo):
+        key = (int(graph.layer[i]), int(graph.feature[i]))
+        positions = found.setdefault(key, set(active.get(key, ())))
+        if graph.pos[i] <= hi:
+            positions.add(int(graph.pos[i]))
+    return {key: tuple(sorted(positions)) for key, positions in found.items()}
 
 
 def propose(
@@ -171,25 +190,19 @@ def propose(
     score_graph: Callable[[StepGraph], float] | None = None,
     candidate_pool: int = 24,
 ) -> list[Proposal]:
-    """The top `n` interventions for one step (fewer when the graph has fewer candidates).
+    """The top `n` interventions for one step (fewer when there are fewer candidates).
 
     Deterministic: the ranking has no randomness and ties break on (layer, feature).
     """
-    ranked = rank_candidates(graph, window, rank_by, action, score_graph, candidate_pool)
+    positions = window_positions(graph, window, active)
+    allowed = {key for key, where in positions.items() if where or scope == "onward"}
+    ranked = rank_candidates(
+        graph, window[0], rank_by, action, score_graph, candidate_pool, allowed
+    )
     value = 0.0 if action == "suppress" else float(amplify_scale)
     return [
-        Proposal(
-            layer,
-            feature,
-            action,
-            value,
-            scope,
-            window[0],
-            _positions((layer, feature), graph, window, active),
-            score,
-            "graph",
-        )
-        for (layer, feature), score in ranked[:n]
+        Proposal(*key, action, value, scope, window[0], positions[key], score, "graph")
+        for key, score in ranked[:n]
     ]
 
 
@@ -204,7 +217,7 @@ def random_control(
     """One random active feature per proposal, of the proposal's layer, never a proposed one.
 
     A proposal whose layer has no other active feature in the window gets no control, so
-    the control can be shorter than `proposals` (never in practice with k >= 2).
+    the control can be shorter than `proposals` (rare: k features are active per token).
     """
     taken = {(p.layer, p.feature) for p in proposals}
     out = []

@@ -1,0 +1,54 @@
+"""Feature interventions on flagged steps: can the graph that flagged an error also fix it?
+
+The verifier flags a step from its attribution graph. This stage asks whether the graph
+also points at the computation that went wrong: for every flagged step it proposes N
+single-feature interventions on transcoder features from the step's pruned graph
+(`propose`: ranked by graph influence, by how they move the verifier's score, or by layer;
+each suppresses the feature or amplifies it, at the step positions where it was active or
+from the step onward), regenerates the trace from the step's first token with the
+transcoders spliced in and their error added back, so that only the edited feature differs
+from the original model (`apply`), relabels the regenerated step and the final answer with
+the task's checker, and compares against a matched random control and against no
+intervention (`measure`).
+
+Honest limits:
+
+- The graph explains one next-token prediction (the token after the step), not the step's
+  text; its features are candidates for what shaped the step, not causes of the error.
+- Intervening on one feature is a small edit: most regenerated steps do not change at all,
+  and a changed step can become correct by chance. The random control (same layers, same
+  action, same number of attempts) is the yardstick; `fixed_minus_random` is the effect.
+- Best of N picks the winner with the task checker, an oracle no deployed system has;
+  first of N is the deployable rate.
+- "No intervention" regeneration runs the spliced model (recon + error), which equals the
+  original only up to float rounding, and decodes with a KV cache one sequence at a time
+  while the traces were decoded in batches; `consistency_rate` reports how often the
+  original step comes back exactly.
+- Only tasks with a programmatic checker (arithmetic, Boolean) are intervened on: a
+  regenerated free-text step (GSM8K) has no label.
+
+Modules: `config` (InterventionConfig), `propose`, `apply`, `measure`
+(`interventions_markdown`), `stage` (`run_stage`). The heavy ones load lazily so that
+importing the configuration does not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crv.interventions.config import InterventionConfig
+
+_LAZY = {
+    "run_stage": "crv.interventions.stage",
+    "interventions_markdown": "crv.interventions.measure",
+}
+
+__all__ = ["InterventionConfig", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,192 @@
+"""The `interventions` stage: propose, apply and measure interventions on flagged steps.
+
+Flagged steps are the labelled steps of the configured split (tasks with a programmatic
+checker only) whose verifier score reaches the verifier's threshold. Incorrect ones (true
+alarms) get the no-intervention regeneration, N proposals and N random controls; correct
+ones (false alarms) get the no-intervention regeneration and the top proposal. Every
+attempt goes to `interventions.json`; the returned dict is the report section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from crv.attribution.graph import StepGraph
+from crv.interventions.apply import active_features, regenerate, step_span
+from crv.interventions.config import InterventionConfig
+from crv.interventions.measure import StepAttempt, summarize
+from crv.interventions.propose import propose, random_control, step_rng
+from crv.io import atomic_write_json, read_json
+from crv.pipeline import MANIFEST, StageContext
+from crv.tasks import TASKS, Problem
+from crv.verifier.config import FeaturesConfig
+
+RESULTS_FILE = "interventions.json"
+
+
+def load_verifiers(verifier_dir: Path, tasks: list[str], which: str) -> dict[str, Any]:
+    """The verifier scoring each task's steps (`which`: "task" or "pooled"); a task for
+    which none was saved (its training steps held one class) is left out."""
+    from crv.verifier.classifier import load_verifier
+
+    out = {}
+    for task in tasks:
+        try:
+            out[task] = load_verifier(verifier_dir, task if which == "task" else None)
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def flag_steps(table: pd.DataFrame, verifiers: dict[str, Any], split: str) -> pd.DataFrame:
+    """Labelled steps of `split` with their verifier `score`, kept where the score reaches
+    the threshold of their task's verifier (tasks without a verifier are left out)."""
+    steps = table[(table["split"] == split) & (table["label"] >= 0)]
+    parts = [steps.iloc[:0].assign(score=np.zeros(0))]
+    for task, rows in steps.groupby("task", sort=True):
+        if task in verifiers:
+            scored = rows.assign(score=verifiers[task].predict_proba(rows))
+            parts.append(scored[scored["score"] >= verifiers[task].threshold])
+    return pd.concat(parts).sort_values("step_id", kind="stable").reset_index(drop=True)
+
+
+def sample_steps(steps: pd.DataFrame, cap: int, rng: np.random.Generator) -> pd.DataFrame:
+    """At most `cap` rows, a uniform sample when there are more, in step_id order."""
+    if len(steps) > cap:
+        steps = steps.iloc[np.sort(rng.choice(len(steps), size=cap, replace=False))]
+    return steps
+
+
+def graph_scorer(
+    features_dir: Path, verifiers: dict[str, Any], n_layers: int, seed: int
+) -> Callable[[str, StepGraph], float]:
+    """(task, graph) -> the task verifier's score of the graph's features, computed as the
+    features stage computed them (its config is read from the artifact's manifest)."""
+    from crv.verifier.features import graph_features
+
+    manifest = features_dir / MANIFEST
+    feat_cfg = FeaturesConfig(**read_json(manifest)["config"]) if manifest.is_file() else None
+
+    def score(task: str, graph: StepGraph) -> float:
+        row = pd.DataFrame([graph_features(graph, n_layers, feat_cfg, seed)])
+        return float(verifiers[task].predict_proba(row)[0])
+
+    return score
+
+
+def attempt_step(
+    adapter: Any,
+    tset: Any,
+    tokenizer: Any,
+    row: dict[str, Any],
+    flagged: Any,
+    graph: StepGraph,
+    cfg: InterventionConfig,
+    seed: int,
+    score_graph: Callable[[StepGraph], float] | None,
+) -> StepAttempt:
+    """All regenerations of one flagged step (`flagged`: its feature-table row + score)."""
+    step = row["steps"][int(flagged.step)]
+    span = step_span(row, step, tokenizer)
+    window = span.window(graph.position)
+    active = active_features(adapter, tset, row["input_ids"], window)
+    incorrect = int(flagged.label) == 1
+    proposals = propose(
+        graph,
+        window,
+        active,
+        cfg.n_proposals if incorrect else 1,
+        cfg.rank_by,
+        cfg.action,
+        cfg.amplify_scale,
+        cfg.scope,
+        score_graph,
+        cfg.candidate_pool,
+    )
+    controls = (
+        random_control(proposals, active, step_rng(seed, flagged.step_id)) if incorrect else []
+    )
+    problem = Problem(row["id"], row["task"], row["complexity"], row["problem"], row["gold"])
+    canonical = len(tokenizer(problem.solution(), add_special_tokens=False)["input_ids"])
+    budget = max(len(row["input_ids"]) - span.first_token, canonical) + cfg.extra_new_tokens
+
+    def run(proposal=None, rank=-1):
+        return regenerate(
+            adapter, tset, tokenizer, row, step["index"], span, budget, proposal, rank
+        )
+
+    return StepAttempt(
+        step_id=flagged.step_id,
+        trace_id=row["id"],
+        step=int(step["index"]),
+        task=row["task"],
+        incorrect=incorrect,
+        score=float(flagged.score),
+        original_text=step["text"],
+        original_final_correct=bool(row["final_correct"]),
+        span=span,
+        proposals=proposals,
+        controls=controls,
+        none=run(),
+        graph=[run(p, i) for i, p in enumerate(proposals)],
+        random=[run(p, i) for i, p in enumerate(controls)],
+    )
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    """Intervene on a sample of flagged steps; write every attempt; return the rates."""
+    from crv.attribution.store import load_step_graphs
+    from crv.models.adapter import ArchAdapter
+    from crv.models.loading import load_subject
+    from crv.traces import load_traces
+    from crv.transcoders.io import load_transcoder_set
+    from crv.verifier.features import load_feature_table
+
+    cfg: InterventionConfig = ctx.cfg
+    model, tokenizer = load_subject(ctx.inputs["subject"], ctx.device)
+    adapter = ArchAdapter.for_model(model)
+    tset = load_transcoder_set(ctx.inputs["transcoders"], ctx.device)
+    verifiers = load_verifiers(ctx.inputs["verifier"], sorted(TASKS), cfg.verifier)
+    flagged = flag_steps(load_feature_table(ctx.inputs["features"]), verifiers, cfg.split)
+    wrong, right = flagged[flagged["label"] == 1], flagged[flagged["label"] == 0]
+    rng = np.random.default_rng(ctx.seed)
+    chosen = pd.concat(
+        [sample_steps(wrong, cfg.max_steps, rng), sample_steps(right, cfg.max_correct_steps, rng)]
+    )
+    scorer = None
+    if cfg.rank_by == "verifier":
+        scorer = graph_scorer(ctx.inputs["features"], verifiers, adapter.n_layers, ctx.seed)
+    traces = load_traces(ctx.inputs["traces"])
+    row_of = {tid: i for i, tid in enumerate(traces["id"])}
+    ctx.log.info(
+        "interventions: %d flagged incorrect, %d false alarms; attempting %d steps",
+        len(wrong),
+        len(right),
+        len(chosen),
+    )
+    attempts = []
+    for flag in tqdm(list(chosen.itertuples(index=False)), desc="interventions", unit="step"):
+        row = traces[row_of[flag.trace_id]]
+        graph = next(
+            g for g in load_step_graphs(ctx.inputs["graphs"], flag.trace_id) if g.step == flag.step
+        )
+        score_graph = (lambda g, task=row["task"]: scorer(task, g)) if scorer else None
+        attempts.append(
+            attempt_step(adapter, tset, tokenizer, row, flag, graph, cfg, ctx.seed, score_graph)
+        )
+    atomic_write_json(
+        ctx.out / RESULTS_FILE,
+        {"config": dataclasses.asdict(cfg), "attempts": [a.to_dict() for a in attempts]},
+    )
+    result = summarize(attempts, len(wrong), len(right), cfg.n_examples, cfg.n_bootstrap, ctx.seed)
+    settings = {
+        k: getattr(cfg, k) for k in ("rank_by", "action", "scope", "n_proposals", "verifier")
+    }
+    return {**settings, **result}

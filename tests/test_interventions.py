@@ -1,0 +1,512 @@
+"""Interventions: exact no-op regeneration, local feature edits, deterministic proposals,
+the matched random control, and the rates with their intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from crv.attribution.graph import FEATURE, LOGIT, TOKEN, StepGraph
+from crv.generation import generate_greedy
+from crv.interventions import InterventionConfig, interventions_markdown
+from crv.interventions.apply import (
+    Outcome,
+    StepSpan,
+    active_features,
+    regenerate,
+    step_span,
+    to_intervention,
+)
+from crv.interventions.measure import (
+    StepAttempt,
+    paired_bootstrap_diff,
+    summarize,
+    wilson_interval,
+)
+from crv.interventions.propose import (
+    Proposal,
+    drop_nodes,
+    propose,
+    random_control,
+    rank_candidates,
+    step_rng,
+)
+from crv.models.adapter import ArchAdapter
+from crv.models.tiny import TinyConfig, build_model, build_tokenizer
+from crv.tasks import Problem
+from crv.transcoders.module import TopKTranscoder, TranscoderSet
+from crv.transcoders.splice import splice
+
+N_LAYERS, D_MODEL = 3, 32
+PROMPT = "Q: Evaluate 7*((5+9)+7)\n"
+
+
+@pytest.fixture(scope="module")
+def subject():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend on a shared machine
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    cfg = TinyConfig(layers=N_LAYERS, hidden=D_MODEL, heads=2, intermediate=64, seed=0)
+    model = build_model(cfg, tokenizer).eval()
+    gen = torch.Generator().manual_seed(0)
+    tset = TranscoderSet(
+        {layer: TopKTranscoder(D_MODEL, 128, 8, generator=gen) for layer in range(N_LAYERS)},
+        k=8,
+        activation="relu_topk",
+    )
+    yield ArchAdapter.for_model(model), tokenizer, tset
+    torch.set_num_threads(threads)
+
+
+def _row(prompt_ids: list[int], completion_ids: list[int], completion: str) -> dict:
+    return {
+        "id": "arithmetic-n3-000000",
+        "task": "arithmetic",
+        "complexity": 3,
+        "problem": "7*((5+9)+7)",
+        "gold": "147",
+        "prompt_len": len(prompt_ids),
+        "input_ids": prompt_ids + completion_ids,
+        "completion": completion,
+    }
+
+
+def test_no_intervention_regeneration_reproduces_the_original(subject):
+    adapter, tokenizer, tset = subject
+    [res] = generate_greedy(adapter.model, tokenizer, [PROMPT], 40)
+    row = _row(res.prompt_ids, res.completion_ids, res.completion)
+    offset = len(res.prompt_ids)
+    for cut in (1, 17):
+        span = StepSpan(offset + cut, offset + cut + 5)
+        out = regenerate(adapter, tset, tokenizer, row, 0, span, len(res.completion_ids) - cut)
+        assert out.condition == "none" and out.proposal is None and not out.changed
+        assert out.regenerated == tokenizer.decode(
+            res.completion_ids[cut:], skip_special_tokens=True
+        )
+
+
+def test_step_span_finds_the_step_tokens(subject):
+    _, tokenizer, _ = subject
+    problem = Problem("p", "arithmetic", 3, "7*((5+9)+7)", "147")
+    completion = problem.solution()
+    prompt_ids = tokenizer(problem.prompt)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    row = _row(prompt_ids, completion_ids, completion)
+    start = completion.index("Step 2")
+    end = completion.index("\n", start)
+    ids = row["input_ids"]
+    last = (
+        len(prompt_ids)
+        + len(tokenizer(completion[:end], add_special_tokens=False)["input_ids"])
+        - 1
+    )
+    span = step_span(row, {"start_char": start, "end_char": end, "last_token": last}, tokenizer)
+    assert tokenizer.decode(ids[span.first_token : span.last_token + 1]) == completion[start:end]
+    assert span.window(last) == (span.first_token - 1, last - 1)
+    assert span.window(span.first_token - 3) == (span.first_token - 3, last - 1)
+
+
+def _mlp_outputs(adapter, tset, ids, interventions=()):
+    """Per-layer spliced MLP outputs and splice records of one forward pass."""
+    outs: dict[int, torch.Tensor] = {}
+    with splice(adapter, tset, add_error=True, interventions=interventions, record=True) as h:
+        hooks = [
+            adapter.mlp(layer).register_forward_hook(
+                lambda _m, _i, y, layer=layer: outs.__setitem__(layer, y.detach().clone())
+            )
+            for layer in range(N_LAYERS)
+        ]
+        with torch.no_grad():
+            adapter.model(input_ids=ids, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+    return outs, {layer: recs[0] for layer, recs in h.records.items()}
+
+
+def test_suppressing_a_feature_changes_only_it_and_nothing_upstream(subject):
+    adapter, tokenizer, tset = subject
+    ids = torch.tensor([tokenizer(PROMPT + "Step 1: 5+9=14, so 7*(14+7)\n")["input_ids"]])
+    window = (12, 20)
+    active = active_features(adapter, tset, ids[0].tolist(), window)
+    layer = 1
+    (layer, feature), positions = next((k, p) for k, p in active.items() if k[0] == layer)
+    proposal = Proposal(layer, feature, "suppress", 0.0, "step", window[0], positions, 1.0, "graph")
+    clean_out, clean_rec = _mlp_outputs(adapter, tset, ids)
+    edit_out, edit_rec = _mlp_outputs(adapter, tset, ids, [to_intervention(proposal, ids.shape[1])])
+
+    first = min(positions)
+    for lay in range(N_LAYERS):
+        upto = (
+            ids.shape[1] if lay <= layer else first
+        )  # upstream: earlier layers, earlier positions
+        assert torch.equal(clean_rec[lay].idx_BTK[:, :upto], edit_rec[lay].idx_BTK[:, :upto])
+        assert torch.equal(clean_rec[lay].acts_BTK[:, :upto], edit_rec[lay].acts_BTK[:, :upto])
+        if lay < layer:
+            assert torch.equal(clean_out[lay], edit_out[lay])
+    # at the edited layer the output moves by exactly -a * W_dec[f] at the chosen positions
+    acts, idx = clean_rec[layer].acts_BTK[0], clean_rec[layer].idx_BTK[0]
+    a_T = (acts * (idx == feature)).sum(-1)
+    expected = torch.zeros_like(clean_out[layer][0])
+    expected[list(positions)] = -a_T[list(positions), None] * tset[layer].W_dec[feature].detach()
+    assert a_T[list(positions)].gt(0).all()
+    torch.testing.assert_close(
+        edit_out[layer][0] - clean_out[layer][0], expected, atol=1e-5, rtol=0
+    )
+    # and it does reach the layers downstream
+    assert not torch.equal(clean_out[N_LAYERS - 1], edit_out[N_LAYERS - 1])
+
+
+def test_intervened_regeneration_differs_and_is_relabelled(subject):
+    adapter, tokenizer, tset = subject
+    [res] = generate_greedy(adapter.model, tokenizer, [PROMPT], 30)
+    row = _row(res.prompt_ids, res.completion_ids, res.completion)
+    span = StepSpan(len(res.prompt_ids) + 3, len(res.prompt_ids) + 8)
+    window = span.window(span.last_token)
+    active = active_features(adapter, tset, row["input_ids"], window)
+    changed = 0
+    for layer, feature in list(active)[:5]:
+        p = Proposal(layer, feature, "amplify", 8.0, "onward", window[0], (), 0.0, "graph")
+        out = regenerate(adapter, tset, tokenizer, row, 0, span, 27, p, rank=0)
+        assert out.condition == "graph" and out.rank == 0
+        assert isinstance(out.step_correct, bool) and isinstance(out.final_correct, bool)
+        changed += out.changed
+    assert changed > 0
+
+
+def _graph(seed: int = 0) -> StepGraph:
+    """A hand-made graph: 12 feature nodes over 3 layers and positions 8..12, 2 tokens, 2 logits."""
+    rng = np.random.default_rng(seed)
+    n_feat = 12
+    kind = np.array([FEATURE] * n_feat + [TOKEN] * 2 + [LOGIT] * 2, dtype=np.int8)
+    layer = np.r_[rng.integers(0, N_LAYERS, n_feat), [-1, -1], [N_LAYERS] * 2].astype(np.int16)
+    pos = np.r_[rng.integers(8, 13, n_feat), [3, 11], [12, 12]].astype(np.int32)
+    feature = np.r_[rng.integers(0, 6, n_feat), [5, 7], [9, 10]].astype(np.int32)
+    activation = np.r_[rng.random(n_feat), [0, 0], [0.6, 0.3]].astype(np.float32)
+    influence = np.r_[rng.random(n_feat), rng.random(2), [0.6, 0.3]].astype(np.float32)
+    src = rng.integers(0, 14, 30).astype(np.int32)
+    dst = rng.integers(n_feat, 16, 30).astype(np.int32)
+    weight = rng.normal(size=30).astype(np.float32)
+    return StepGraph("t", 1, 12, kind, layer, pos, feature, activation, influence, src, dst, weight)
+
+
+def _active(graph: StepGraph, window: tuple[int, int]) -> dict[tuple[int, int], tuple[int, ...]]:
+    """Graph features plus extra active features on every layer, as a recording would give."""
+    active: dict[tuple[int, int], set[int]] = {}
+    for i in np.flatnonzero(graph.kind == FEATURE):
+        active.setdefault((int(graph.layer[i]), int(graph.feature[i])), set()).add(
+            int(graph.pos[i])
+        )
+    for layer in range(N_LAYERS):
+        for feature in range(100, 110):
+            active[(layer, feature)] = {window[0] + feature % 3}
+    return {k: tuple(sorted(v)) for k, v in sorted(active.items())}
+
+
+def test_proposals_are_deterministic_and_ranked(subject):
+    graph, window = _graph(), (9, 12)
+    active = _active(graph, window)
+    args = (graph, window, active, 4, "influence", "suppress", 2.0, "step")
+    first, again = propose(*args), propose(*args)
+    assert first == again and len(first) == 4
+    assert [p.score for p in first] == sorted((p.score for p in first), reverse=True)
+    for p in first:
+        assert p.source == "graph" and p.value == 0.0 and p.start == window[0]
+        assert all(window[0] <= q <= window[1] for q in p.positions)
+        in_window = (graph.pos >= 9) & (graph.layer == p.layer) & (graph.feature == p.feature)
+        assert set(graph.pos[in_window & (graph.kind == FEATURE)].tolist()) <= set(p.positions)
+    by_layer = propose(graph, window, active, 4, "layer", "amplify", 3.0, "onward")
+    assert [p.layer for p in by_layer] == sorted((p.layer for p in by_layer), reverse=True)
+    assert all(
+        p.value == 3.0 and p.target_positions(15) == (9, 10, 11, 12, 13, 14) for p in by_layer
+    )
+    a = random_control(first, active, step_rng(7, "t:1"))
+    assert a == random_control(first, active, step_rng(7, "t:1"))
+    draws = {tuple(random_control(first, active, step_rng(s, "t:1"))) for s in range(6)}
+    assert len(draws) > 1
+
+
+def test_step_scope_drops_candidates_that_cannot_change_the_step():
+    graph, window = _graph(3), (9, 11)
+    graph.feature[0], graph.layer[0], graph.pos[0] = 50, 2, 12  # only at the explained token
+    step = propose(graph, window, {}, 50, "influence", "suppress", 2.0, "step")
+    onward = propose(graph, window, {}, 50, "influence", "suppress", 2.0, "onward")
+    assert (2, 50) not in {(p.layer, p.feature) for p in step}
+    assert (2, 50) in {(p.layer, p.feature) for p in onward}
+    assert all(p.positions and max(p.positions) <= 11 for p in step)
+    assert len(onward) > len(step) > 0
+
+
+def test_random_control_matches_layers_and_count():
+    graph, window = _graph(1), (8, 12)
+    active = _active(graph, window)
+    proposals = propose(graph, window, active, 5, "influence", "amplify", 2.0, "step")
+    controls = random_control(proposals, active, step_rng(0, "t:1"))
+    assert len(controls) == len(proposals)
+    assert [c.layer for c in controls] == [p.layer for p in proposals]
+    proposed = {(p.layer, p.feature) for p in proposals}
+    assert len({(c.layer, c.feature) for c in controls}) == len(controls)
+    for c, p in zip(controls, proposals, strict=True):
+        assert (c.layer, c.feature) not in proposed and (c.layer, c.feature) in active
+        assert (c.action, c.value, c.scope, c.source) == (p.action, p.value, p.scope, "random")
+        assert c.positions == active[(c.layer, c.feature)]
+
+
+def test_verifier_ranking_and_drop_nodes():
+    graph, window = _graph(2), (8, 12)
+
+    # a stand-in verifier that finds layer-2 feature nodes suspicious
+    def score(g: StepGraph) -> float:
+        return float(np.sum((g.kind == FEATURE) & (g.layer == 2))) / 10
+
+    ranked = rank_candidates(graph, window[0], "verifier", "suppress", score, candidate_pool=50)
+    top_layers = [key[0] for key, s in ranked if s > 0]
+    assert top_layers and set(top_layers) == {2}
+    assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+    amplified = rank_candidates(graph, window[0], "verifier", "amplify", score, candidate_pool=50)
+    assert amplified[-1][1] < 0 and amplified[-1][0][0] == 2
+    drop = np.zeros(graph.n_nodes, dtype=bool)
+    drop[[0, 3]] = True
+    smaller = drop_nodes(graph, drop)
+    assert smaller.n_nodes == graph.n_nodes - 2
+    kept_edges = ~np.isin(graph.src, [0, 3]) & ~np.isin(graph.dst, [0, 3])
+    assert smaller.n_edges == int(kept_edges.sum())
+    np.testing.assert_array_equal(smaller.weight, graph.weight[kept_edges])
+    with pytest.raises(ValueError, match="score_graph"):
+        rank_candidates(graph, window[0], "verifier")
+
+
+def test_wilson_and_bootstrap_intervals():
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(0, 0) is None
+    a, b = np.array([1, 1, 0, 1] * 10), np.array([0, 1, 0, 0] * 10)
+    ci = paired_bootstrap_diff(a, b, 500, seed=0)
+    assert ci == paired_bootstrap_diff(a, b, 500, seed=0)
+    assert ci[0] <= 0.5 <= ci[1] and ci[0] > 0
+
+
+def _outcome(
+    proposal: Proposal | None, step_ok: bool, final_ok: bool, changed: bool = True
+) -> Outcome:
+    source = proposal.source if proposal else "none"
+    return Outcome(source, 0, proposal, "x", changed, "x", step_ok, None, final_ok)
+
+
+def test_summarize_rates_and_markdown():
+    p = Proposal(2, 5, "suppress", 0.0, "step", 9, (9, 10), 0.4, "graph")
+    r = Proposal(2, 101, "suppress", 0.0, "step", 9, (10,), 0.0, "random")
+    span = StepSpan(10, 14)
+
+    def attempt(
+        i: int, incorrect: bool, fixes: list[bool], random_fix: bool, consistent: bool
+    ) -> StepAttempt:
+        return StepAttempt(
+            f"t{i}:1",
+            f"t{i}",
+            1,
+            "arithmetic",
+            incorrect,
+            0.9,
+            "orig",
+            False,
+            span,
+            [p] * len(fixes),
+            [r],
+            _outcome(None, False, False, changed=not consistent),
+            [_outcome(p, ok, ok) for ok in fixes],
+            [_outcome(r, random_fix, False)],
+        )
+
+    attempts = [
+        attempt(0, True, [False, True], False, True),
+        attempt(1, True, [True, False], True, True),
+        attempt(2, True, [False, False], False, False),
+        attempt(3, True, [False, False], False, True),
+        attempt(4, False, [False], False, True),
+        attempt(5, False, [True], False, True),
+    ]
+    out = summarize(attempts, n_flagged=9, n_false_alarms=3, n_examples=2, n_bootstrap=200, seed=0)
+    assert (
+        out["n_flagged"] == 9 and out["n_attempted"] == 4 and out["n_false_alarms_attempted"] == 2
+    )
+    assert out["fixed_step_rate"] == 0.5 and out["first_fixed_step_rate"] == 0.25
+    assert out["random_fixed_step_rate"] == 0.25 and out["fixed_minus_random"] == 0.25
+    assert out["fixed_answer_rate"] == 0.5 and out["broken_correct_rate"] == 0.5
+    assert out["consistency_rate"] == pytest.approx(5 / 6, abs=1e-4)
+    assert out["changed_step_rate"] == 1.0 and out["random_changed_step_rate"] == 1.0
+    for key in ("fixed_step_rate", "consistency_rate", "fixed_minus_random", "broken_correct_rate"):
+        low, high = out[f"{key}_ci"]
+        assert low <= out[key] <= high
+    assert [ex["step_id"] for ex in out["examples"]] == ["t0:1", "t1:1"]
+    assert out["examples"][0]["fixed_step"] and "L2/F5" in out["examples"][0]["intervention"]
+    md = interventions_markdown(out)
+    assert "0.500 [" in md and "t0:1" in md and "suppress L2/F5" in md
+
+
+def test_config_defaults():
+    cfg = InterventionConfig()
+    assert cfg.max_steps == 80 and cfg.rank_by in ("influence", "verifier", "layer")
+    with pytest.raises(ValueError, match="rank_by"):
+        InterventionConfig(rank_by="gradient")
+    with pytest.raises(ValueError, match="scope"):
+        InterventionConfig(scope="everywhere")
+
+
+def _trace_row(tokenizer, problem: Problem, prompt_ids, completion_ids, split: str) -> dict:
+    from crv.traces import label_steps, last_token_index, token_char_ends
+
+    completion = tokenizer.decode(completion_ids, skip_special_tokens=True)
+    row = _row(prompt_ids, completion_ids, completion) | {
+        "id": problem.id,
+        "problem": problem.expression,
+        "gold": problem.gold,
+        "split": split,
+    }
+    steps, final, final_correct = label_steps(row, completion)
+    ends = token_char_ends(tokenizer, completion_ids, completion)
+    for s in steps:
+        s["last_token"] = last_token_index(ends, s["end_char"], len(prompt_ids))
+    return row | {
+        "prompt": problem.prompt,
+        "steps": steps,
+        "final_answer": final,
+        "final_correct": final_correct,
+    }
+
+
+def _fake_graph(adapter, tset, row: dict, step: dict, seed: int) -> StepGraph:
+    """A small graph over features really active in the step (influence made up)."""
+    span = StepSpan(step["last_token"] - 3, step["last_token"])  # stand-in first token
+    active = active_features(adapter, tset, row["input_ids"], span.window(step["last_token"]))
+    keys = list(active)[:: max(1, len(active) // 8)][:8]
+    rng = np.random.default_rng(seed)
+    n = len(keys)
+    kind = np.array([FEATURE] * n + [TOKEN, LOGIT], dtype=np.int8)
+    layer = np.array([k[0] for k in keys] + [-1, N_LAYERS], dtype=np.int16)
+    pos = np.array([active[k][0] for k in keys] + [step["last_token"]] * 2, dtype=np.int32)
+    feature = np.array([k[1] for k in keys] + [5, 6], dtype=np.int32)
+    activation = np.r_[rng.random(n), [0.0, 0.9]].astype(np.float32)
+    influence = np.r_[rng.random(n), [0.1, 0.9]].astype(np.float32)
+    src = np.r_[np.arange(n), [n]].astype(np.int32)
+    dst = np.full(n + 1, n + 1, dtype=np.int32)
+    weight = rng.normal(size=n + 1).astype(np.float32)
+    return StepGraph(
+        row["id"],
+        step["index"],
+        step["last_token"],
+        kind,
+        layer,
+        pos,
+        feature,
+        activation,
+        influence,
+        src,
+        dst,
+        weight,
+        {"n_active_features": 40.0},
+    )
+
+
+def test_run_stage_end_to_end(subject, tmp_path):
+    import logging
+
+    from datasets import Dataset
+
+    from crv.attribution.store import save_step_graphs, trace_file
+    from crv.interventions.stage import RESULTS_FILE, run_stage
+    from crv.io import read_json
+    from crv.pipeline import StageContext
+    from crv.transcoders.io import save_transcoder_set
+    from crv.verifier.classifier import XGBVerifier
+    from crv.verifier.config import FeaturesConfig, VerifierConfig
+    from crv.verifier.features import TABLE_FILE, feature_names, feature_table, step_key_table
+
+    adapter, tokenizer, tset = subject
+    dirs = {
+        name: tmp_path / name
+        for name in ("subject", "traces", "transcoders", "graphs", "features", "verifier", "out")
+    }
+    adapter.model.save_pretrained(dirs["subject"])
+    tokenizer.save_pretrained(dirs["subject"])
+    save_transcoder_set(tset, dirs["transcoders"])
+
+    problems = [
+        Problem(f"arithmetic-n3-{i:06d}", "arithmetic", 3, e, g)
+        for i, (e, g) in enumerate([("7*((5+9)+7)", "147"), ("(2+3)*(4+1)", "25")])
+    ]
+    generated = generate_greedy(adapter.model, tokenizer, [p.prompt for p in problems], 30)
+    rows = [
+        _trace_row(
+            tokenizer, problems[0], generated[0].prompt_ids, generated[0].completion_ids, "test"
+        )
+    ]
+    solution_ids = tokenizer(problems[1].solution(), add_special_tokens=False)["input_ids"]
+    rows.append(_trace_row(tokenizer, problems[1], generated[1].prompt_ids, solution_ids, "test"))
+    assert rows[0]["steps"][0]["label"] is False and rows[1]["steps"][0]["label"] is True
+    Dataset.from_list(rows).save_to_disk(str(dirs["traces"] / "dataset"))
+
+    graphs = {
+        r["id"]: [_fake_graph(adapter, tset, r, s, i) for i, s in enumerate(r["steps"])]
+        for r in rows
+    }
+    for trace_id, trace_graphs in graphs.items():
+        save_step_graphs(trace_file(dirs["graphs"], trace_id), trace_id, trace_graphs)
+
+    from datasets import load_from_disk
+
+    names = feature_names(N_LAYERS)
+    table = feature_table(
+        [g for gs in graphs.values() for g in gs],
+        step_key_table(load_from_disk(str(dirs["traces"] / "dataset"))),
+        N_LAYERS,
+        FeaturesConfig(),
+        0,
+    )
+    dirs["features"].mkdir()
+    table.to_parquet(dirs["features"] / TABLE_FILE, index=False)
+
+    rng = np.random.default_rng(0)
+    verifier = XGBVerifier(VerifierConfig(n_estimators=5), names, 0)
+    x = rng.normal(size=(40, len(names)))
+    verifier.fit(x, np.arange(40) % 2, np.arange(40))
+    verifier.threshold = 0.0  # flag every step
+    verifier.save(dirs["verifier"] / "tasks" / "arithmetic")
+
+    cfg = InterventionConfig(
+        n_proposals=2,
+        max_steps=5,
+        max_correct_steps=1,
+        extra_new_tokens=4,
+        rank_by="verifier",
+        n_bootstrap=100,
+    )
+    ctx = StageContext(
+        "interventions",
+        cfg,
+        {k: v for k, v in dirs.items() if k != "out"},
+        dirs["out"],
+        tmp_path / "scratch",
+        0,
+        "cpu",
+        logging.getLogger("test"),
+    )
+    dirs["out"].mkdir()
+    result = run_stage(ctx)
+    n_wrong = int((table["label"] == 1).sum())
+    assert result["n_flagged"] == n_wrong and result["n_attempted"] == n_wrong
+    assert result["n_false_alarms"] == int((table["label"] == 0).sum())
+    assert result["n_false_alarms_attempted"] == 1
+    assert result["consistency_rate_ci"] is not None
+    saved = read_json(dirs["out"] / RESULTS_FILE)
+    assert len(saved["attempts"]) == n_wrong + 1
+    wrong = next(a for a in saved["attempts"] if a["incorrect"] and a["trace_id"] == rows[0]["id"])
+    assert wrong["consistent"]  # the model's own trace comes back without intervention
+    conditions = [o["condition"] for o in wrong["outcomes"]]
+    assert (
+        conditions[0] == "none"
+        and conditions.count("graph") == 2
+        and conditions.count("random") == 2
+    )
+    assert result["examples"] and "## " not in interventions_markdown(result)
