@@ -15,6 +15,7 @@ padded sequence see exactly the positions it would see alone (tested: batched ==
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -72,9 +73,14 @@ def generate_greedy(
         with torch.inference_mode():
             for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
                 outs = _generate_batch(
-                    model, [encoded[i] for i in batch], [caps[i] for i in batch], eos_id, pad_id, device
+                    model,
+                    [encoded[i] for i in batch],
+                    [caps[i] for i in batch],
+                    eos_id,
+                    pad_id,
+                    device,
                 )
-                for i, (ids, stopped) in zip(batch, outs):
+                for i, (ids, stopped) in zip(batch, outs, strict=True):
                     results[i] = GenerationResult(
                         prompt=prompts[i],
                         prompt_ids=list(encoded[i]),
@@ -107,6 +113,10 @@ def _generate_batch(
     cap = torch.tensor(caps, device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
+    # transformers 5 renamed the forward argument; the cache object is updated in place.
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     generated: list[torch.Tensor] = []
     done = cap <= 0
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
@@ -118,10 +128,10 @@ def _generate_batch(
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,
+            **{cache_arg: cache},
         )
-        cache = out.past_key_values
         next_ids = out.logits[:, -1, :].argmax(-1)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
         hit_eos = (next_ids == eos_id) & ~done

@@ -52,10 +52,14 @@ class StepGraph:
         n = len(self.kind)
         for name in NODE_COLUMNS:
             if len(getattr(self, name)) != n:
-                raise ValueError(f"StepGraph column {name!r} has {len(getattr(self, name))} rows, expected {n}")
+                raise ValueError(
+                    f"StepGraph column {name!r} has {len(getattr(self, name))} rows, expected {n}"
+                )
         if not (len(self.src) == len(self.dst) == len(self.weight)):
             raise ValueError("StepGraph edge columns src/dst/weight differ in length")
-        if len(self.src) and (self.src.max() >= n or self.dst.max() >= n or min(self.src.min(), self.dst.min()) < 0):
+        if len(self.src) and (
+            self.src.max() >= n or self.dst.max() >= n or min(self.src.min(), self.dst.min()) < 0
+        ):
             raise ValueError("StepGraph edge refers to a node that does not exist")
 
     @property
@@ -81,6 +85,11 @@ class StepGraph:
                 influence=float(self.influence[i]),
             )
         g.add_weighted_edges_from(
-            zip(self.src.tolist(), self.dst.tolist(), self.weight.astype(float).tolist())
+            zip(
+                self.src.tolist(),
+                self.dst.tolist(),
+                self.weight.astype(float).tolist(),
+                strict=True,
+            )
         )
         return g

@@ -1,8 +1,8 @@
 """Configuration of the `interventions` stage (the `intervention` config section).
 
 Every field's docstring is its help text. The defaults are sized for crv's embedded subject
-model on a 2-core CPU: at most 80 flagged incorrect steps with 2N + 1 = 11 regenerations
-each, and 40 false alarms with two each.
+model on a 2-core CPU: at most 60 flagged incorrect steps with 2N + 1 = 7 regenerations
+each, and 20 false alarms with two each.
 """
 
 from __future__ import annotations

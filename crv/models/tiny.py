@@ -33,7 +33,7 @@ import random
 import re
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,7 @@ class TinyConfig:
     """MLP width."""
     context: int = 1024
     """Maximum sequence length (max_position_embeddings)."""
-    tokens: int = 20_000_000
+    tokens: int = 8_000_000
     """Training budget in (non-padding) tokens; the schedules are fractions of it."""
     lr: float = 3e-3
     """Peak learning rate (AdamW)."""
@@ -110,19 +110,19 @@ class TinyConfig:
     """Final learning rate as a fraction of the peak (cosine decay)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
-    batch_tokens: int = 6144
+    batch_tokens: int = 3072
     """Tokens per batch (approximate); the batch size in sequences follows the trace length."""
     curriculum: float = 0.3
     """Fraction of the budget over which the largest trained complexity grows to the maximum."""
     max_complexity: int = 10
     """Largest complexity (operators) trained on; complexities are drawn uniformly up to it."""
-    boolean_share: float = 0.2
+    boolean_share: float = 0.3
     """Fraction of batches drawn from the boolean task (the rest is arithmetic)."""
     seed: int = 0
     """Seed of the weights, the batch order and the training problems."""
-    threads: int = 2
+    threads: int = 1
     """torch CPU threads (results depend on it in the last bits)."""
-    checkpoint_every: int = 2_000_000
+    checkpoint_every: int = 1_000_000
     """Save the model every this many tokens, so a stopped run still leaves a model."""
 
 
@@ -131,7 +131,7 @@ def _field_help(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     helps = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -161,7 +161,9 @@ def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaFor
     return LlamaForCausalLM(config).float()
 
 
-def _encode_trace(tokenizer: PreTrainedTokenizerFast, prompt: str, completion: str) -> tuple[list[int], int]:
+def _encode_trace(
+    tokenizer: PreTrainedTokenizerFast, prompt: str, completion: str
+) -> tuple[list[int], int]:
     """`<bos> prompt completion <eos>` as ids, and the number of prompt ids (incl. bos)."""
     prompt_ids = tokenizer(prompt)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
@@ -189,7 +191,9 @@ class _Batches:
         if self.cfg.curriculum <= 0:
             return self.cfg.max_complexity
         ramp = min(1.0, progress / self.cfg.curriculum)
-        return max(1, min(self.cfg.max_complexity, 1 + math.ceil(ramp * (self.cfg.max_complexity - 1))))
+        return max(
+            1, min(self.cfg.max_complexity, 1 + math.ceil(ramp * (self.cfg.max_complexity - 1)))
+        )
 
     def next(self, progress: float) -> tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(task, complexity, input_ids, attention_mask, labels) of the next batch."""
@@ -257,7 +261,10 @@ def train_tiny(cfg: TinyConfig, out_dir: str | Path, progress: bool = True) -> d
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
         eps=1e-8,
@@ -266,7 +273,14 @@ def train_tiny(cfg: TinyConfig, out_dir: str | Path, progress: bool = True) -> d
     seen, trained, step, next_ckpt = 0, 0, 0, cfg.checkpoint_every
     ema: dict[str, float] = {}
     start = time.perf_counter()
-    bar = tqdm(total=cfg.tokens, unit="tok", unit_scale=True, desc="crv-tiny", disable=not progress)
+    bar = tqdm(
+        total=cfg.tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="crv-tiny",
+        mininterval=5.0,
+        disable=not progress,
+    )
 
     def info(finished: bool) -> dict[str, Any]:
         seconds = time.perf_counter() - start
@@ -300,7 +314,10 @@ def train_tiny(cfg: TinyConfig, out_dir: str | Path, progress: bool = True) -> d
         bar.update(n_tokens)
         bar.set_postfix(
             {f"loss_{k[:4]}": f"{v:.3f}" for k, v in sorted(ema.items())}
-            | {"tok/s": f"{seen / (time.perf_counter() - start):.0f}", "nmax": batches.max_complexity(frac)}
+            | {
+                "tok/s": f"{seen / (time.perf_counter() - start):.0f}",
+                "nmax": batches.max_complexity(frac),
+            }
         )
         if seen >= next_ckpt and seen < cfg.tokens:
             save_model_dir(model, tokenizer, Path(out_dir), info(False))
@@ -329,10 +346,12 @@ def evaluate_tiny(
 ) -> dict[str, Any]:
     """Greedy traces of the model on fresh problems, checked step by step; prints a table.
 
-    `seed` must differ from the training seeds (they are `seed * 1_000_003 + batch`, small for
-    the shipped config) so the problems are held out by construction of the generator's seed.
-    Steps count as in the verifier's data: every step of the trace; a trace is wrong when any
-    step is incorrect or unparseable.
+    `seed` differs from the training problem seeds (`cfg.seed * 1_000_003 + batch index`, below
+    10,000 for the shipped config), so the problems are fresh draws; at small complexities some
+    still coincide with training problems by chance, the space of expressions being small.
+    Steps count as in the verifier's data (`check_completion`): up to and including the first
+    incorrect or unparseable one; a trace is wrong when it has such a step. `reasons` counts
+    the checker's verdicts on those first bad steps, per task.
     """
     from crv.generation import generate_greedy
     from crv.tasks import check_completion, generate_problems
@@ -348,11 +367,15 @@ def evaluate_tiny(
     ]
     caps = {p.prompt: completion_cap(tokenizer, p) for p in problems}
     start = time.perf_counter()
-    results = generate_greedy(model, tokenizer, [p.prompt for p in problems], caps.__getitem__, batch_size)
+    results = generate_greedy(
+        model, tokenizer, [p.prompt for p in problems], caps.__getitem__, batch_size
+    )
     gen_seconds = time.perf_counter() - start
     rows: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for p, r in zip(problems, results):
+    reasons: dict[str, Counter[str]] = {task: Counter() for task in TASKS}
+    for p, r in zip(problems, results, strict=True):
         checked = check_completion(p, r.completion)
+        reasons[p.task].update(s.reason for s in checked.steps if not s.label)
         row = rows[p.task, p.complexity]
         row["traces"] += 1
         row["steps"] += len(checked.steps)
@@ -372,33 +395,57 @@ def evaluate_tiny(
                     if k not in ("task", "complexity"):
                         total[k] = total.get(k, 0) + v
         table.append(total)
-    header = "task        n    traces  steps  incorrect  unparsed  wrong traces  final acc  no eos"
-    print(header)
+    print(
+        "task        n    traces  steps  incorrect  unparsed  well-formed"
+        "  wrong traces      final acc  no eos"
+    )
     for r in table:
         print(
             f"{r['task']:<11} {r['complexity']!s:<4} {r['traces']:>6} {r['steps']:>6} "
             f"{r['incorrect_steps']:>10} {r['unparsed_steps']:>9} "
+            f"{1 - r['unparsed_steps'] / max(1, r['steps']):>11.1%} "
             f"{r['wrong_traces']:>6} ({r['wrong_traces'] / r['traces']:6.1%}) "
             f"{r['final_correct'] / r['traces']:>9.1%} {r['no_answer']:>7}"
         )
+    for task, counts in reasons.items():
+        print(f"{task} first bad steps: {dict(counts.most_common())}")
     print(f"generation: {len(problems)} traces in {gen_seconds:.1f} s")
-    return {"model_dir": str(model_dir), "seed": seed, "generation_seconds": gen_seconds, "table": table}
+    return {
+        "model_dir": str(model_dir),
+        "seed": seed,
+        "generation_seconds": gen_seconds,
+        "table": table,
+        "reasons": {task: dict(counts) for task, counts in reasons.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m crv.models.tiny --out DIR [--field value ...]` or `--eval DIR`."""
-    parser = argparse.ArgumentParser(prog="python -m crv.models.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m crv.models.tiny", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, help="train and write the model directory here")
     parser.add_argument("--eval", type=Path, help="evaluate this model directory instead")
-    parser.add_argument("--n-per-complexity", type=int, default=100, help="eval: problems per task and complexity")
-    parser.add_argument("--eval-seed", type=int, default=20_260_000, help="eval: problem seed (held out)")
+    parser.add_argument(
+        "--n-per-complexity", type=int, default=100, help="eval: problems per task and complexity"
+    )
+    parser.add_argument(
+        "--eval-seed", type=int, default=20_260_000, help="eval: problem seed (held out)"
+    )
     parser.add_argument("--eval-json", type=Path, help="eval: also write the table here")
     helps = _field_help(TinyConfig)
     for f in dataclasses.fields(TinyConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=helps.get(f.name))
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=f.default,
+            help=helps.get(f.name),
+        )
     args = parser.parse_args(argv)
     if args.eval is not None:
-        result = evaluate_tiny(args.eval, args.n_per_complexity, args.eval_seed)
+        result = evaluate_tiny(
+            args.eval, args.n_per_complexity, args.eval_seed, threads=args.threads
+        )
         if args.eval_json is not None:
             args.eval_json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return

@@ -58,7 +58,9 @@ def save_transcoder_set(tset: TranscoderSet, directory: str | Path) -> Path:
         name = layer_file(layer)
         atomic_write(directory / name, lambda p, t=tensors: save_file(t, str(p)))
         files.append(name)
-    return atomic_write_text(directory / CONFIG_NAME, yaml.safe_dump(_config(tset, files), sort_keys=False))
+    return atomic_write_text(
+        directory / CONFIG_NAME, yaml.safe_dump(_config(tset, files), sort_keys=False)
+    )
 
 
 def absolute_config_for(directory: str | Path) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from torch import nn
 
 from crv.transcoders.config import ACTIVATIONS
 
-
 FEATURE_INPUT_HOOK = "mlp.hook_in"
 FEATURE_OUTPUT_HOOK = "mlp.hook_out"
 
@@ -122,7 +121,9 @@ def topk_encode(
     return _TopKEncode.apply(x_ND, W_enc_FD, b_enc_F, k, relu, aux_candidates_C, k_aux)
 
 
-def sparse_decode(acts_NK: torch.Tensor, idx_NK: torch.Tensor, W_dec_FD: torch.Tensor) -> torch.Tensor:
+def sparse_decode(
+    acts_NK: torch.Tensor, idx_NK: torch.Tensor, W_dec_FD: torch.Tensor
+) -> torch.Tensor:
     """sum_k acts[n, k] * W_dec[idx[n, k]] as a gather-sum (no bias); [N, D]."""
     return F.embedding_bag(idx_NK, W_dec_FD, per_sample_weights=acts_NK, mode="sum")
 
@@ -193,6 +194,18 @@ class TopKTranscoder(nn.Module):
         """
         self.b_dec.copy_(y_ND.float().mean(0))
         self.b_enc.copy_(-(self.W_enc @ x_ND.float().mean(0)))
+
+    @torch.no_grad()
+    def fold_scales(self, scale_x: float, scale_y: float) -> None:
+        """Turn a transcoder of (scale_x * x -> scale_y * y) into one of (x -> y).
+
+        The latents shrink by 1/scale_y (W_enc *= scale_x / scale_y, b_enc /= scale_y), a
+        common positive factor, so TopK selects the same latents and ReLU zeroes the same
+        ones; the decoder rows stay unit-norm and b_dec /= scale_y.
+        """
+        self.W_enc *= scale_x / scale_y
+        self.b_enc /= scale_y
+        self.b_dec /= scale_y
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -160,7 +160,9 @@ def add_splice(
     handle._handles.append(tracker)
     for layer in layers:
         ivs = [iv for iv in interventions if iv.layer == layer]
-        hook = _splice_hook(tset[layer], tracker, ivs, add_error, keep_bos, handle.records.get(layer))
+        hook = _splice_hook(
+            tset[layer], tracker, ivs, add_error, keep_bos, handle.records.get(layer)
+        )
         handle._handles.append(adapter.mlp(layer).register_forward_hook(hook))
     return handle
 
@@ -189,9 +191,7 @@ def _splice_hook(
             if delta_BTD is not None:
                 out_BTD = out_BTD + delta_BTD
         if records is not None:
-            records.append(
-                LayerRecord(positions_T, acts_BTK.detach(), idx_BTK, error_BTD)
-            )
+            records.append(LayerRecord(positions_T, acts_BTK.detach(), idx_BTK, error_BTD))
         return out_BTD.to(y_BTD.dtype)
 
     return hook
