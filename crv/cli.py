@@ -21,7 +21,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("crv")
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
     if device != "auto":
         return device
     import torch
@@ -44,7 +44,7 @@ def run(cfg: DictConfig) -> dict:
         cfg.pipeline.stages,
         cache_root=cache_dir,
         seed=cfg.seed,
-        device=_resolve_device(cfg.device),
+        device=resolve_device(cfg.device),
     )
     atomic_write_json(run_dir / "artifacts.json", {r.name: str(r.path) for r in results})
     report = build_report(results)
@@ -82,4 +82,11 @@ def verify_main() -> None:
     def _task(cfg: DictConfig) -> None:
         sys.exit(_verify(OmegaConf.to_object(cfg)))
 
+    # A filter command: no run directory, no log files, stdout kept for the records.
+    sys.argv += [
+        "hydra.run.dir=.",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+    ]
     hydra.main(config_path=None, config_name="crv_verify", version_base="1.3")(_task)()

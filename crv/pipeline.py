@@ -165,7 +165,7 @@ def artifact_key(stage: Stage, section_cfg: Any, seed: int, input_keys: dict[str
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
@@ -245,7 +245,7 @@ class ArtifactCache:
             seconds = time.perf_counter() - start
             atomic_write_json(tmp / METRICS, metrics)
             atomic_write_json(
-                tmp / MANIFEST, {**manifest, "seconds": seconds, "versions": _versions()}
+                tmp / MANIFEST, {**manifest, "seconds": seconds, "versions": library_versions()}
             )
             if final.exists():  # a concurrent run finished first: keep theirs
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -75,7 +75,7 @@ def split_train_val(groups: np.ndarray, y: np.ndarray, val_frac: float, seed: in
     has_pos = frame.groupby("g", sort=True)["y"].max()
     val_groups: list = []
     for flag in (0, 1):
-        members = has_pos.index[has_pos.to_numpy() == flag].to_numpy()
+        members = np.array(has_pos.index[has_pos.to_numpy() == flag])
         n_val = int(round(val_frac * len(members)))
         n_val = min(max(n_val, 1), len(members) - 1) if len(members) >= 2 else 0
         val_groups.extend(rng.permutation(members)[:n_val].tolist())

@@ -1,0 +1,408 @@
+"""The `bundle` stage: everything `crv-verify` needs, in one self-contained directory.
+
+A trained verifier is only meaningful together with the exact model, transcoders and
+settings that produced its training graphs: a graph feature computed with other
+transcoders, another pruning threshold or another model has a different distribution, and
+the verifier's scores would be silently wrong. The bundle therefore pins all of them and
+refuses, when loaded, a subject model that does not match what it was built for.
+
+Layout (the bundle is the stage's artifact directory)::
+
+    bundle.json        manifest: format, versions, subject reference, settings, threshold
+    subject/           the subject model (HF directory), when embedded (small models)
+    transcoders/       the transcoder set (circuit-tracer layout, safetensors)
+    verifier/          model.json (xgboost JSON) + verifier.json (feature names, threshold)
+
+`bundle.json` is written last, so a directory without it is not a bundle. A large subject
+model is not copied: the manifest records its name, source settings (hub name, GGUF file),
+artifact path and a hash of its config, and `load_bundle(..., model=DIR)` can point at
+another copy of it. Loading compares family, layer count, width, vocabulary size, config
+hash and tokenizer vocabulary hash and refuses a mismatch with a `BundleMismatchError` naming the field.
+
+Everything is read with safe loaders only: JSON, YAML (`safe_load`), safetensors and
+xgboost's JSON model format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import crv
+from crv.io import atomic_write_json, read_json
+from crv.tasks.segment import CANONICAL_STEP_PATTERN
+
+MANIFEST_FILE = "bundle.json"
+FORMAT_NAME = "crv-bundle"
+FORMAT_VERSION = 1
+SUBJECT_DIR, TRANSCODERS_DIR, VERIFIER_DIR = "subject", "transcoders", "verifier"
+
+VOLATILE_CONFIG_KEYS = frozenset(
+    {"transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype"}
+)
+"""config.json keys left out of the config hash: they change when the same model is
+re-saved by another transformers version or in another dtype, not when the model does."""
+
+SUBJECT_FIELDS = ("family", "n_layers", "d_model", "vocab_size", "config_hash", "tokenizer_hash")
+"""Subject properties a bundle pins; a loaded model must match every one of them."""
+
+_SECTIONS = ("subject", "transcoders", "verifier", "attribution", "features", "step_pattern")
+"""Top-level entries every manifest has."""
+
+_PIPELINE_FILES = frozenset({"manifest.json", "metrics.json"})
+"""Files the pipeline adds to every artifact; they are not part of a copied model."""
+
+
+@dataclass
+class BundleConfig:
+    """What the `bundle` stage exports besides the artifacts it depends on."""
+
+    step_pattern: str = CANONICAL_STEP_PATTERN
+    """Regex (re.MULTILINE) splitting a completion into steps for `crv-verify`; the default
+    is the canonical task format's (every non-empty line except `Answer:`)."""
+
+    embed_subject: str = "auto"
+    """auto | always | never: copy the subject model into the bundle. auto copies it when
+    it is at most `embed_max_mb` (the embedded crv-tiny is a few MB)."""
+
+    embed_max_mb: float = 100.0
+    """Largest subject model (MiB on disk) that `embed_subject=auto` copies."""
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used: missing, unreadable, incomplete or from a newer crv."""
+
+
+class BundleMismatchError(BundleError):
+    """The subject model does not match the one the bundle was built for."""
+
+    def __init__(self, field: str, expected: Any, got: Any, model: str) -> None:
+        self.field, self.expected, self.got = field, expected, got
+        super().__init__(
+            f"subject model {model} does not match the bundle: {field} is {got!r}, "
+            f"the bundle was built for {expected!r}"
+        )
+
+
+def _sha256_json(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def config_hash(model_dir: str | Path) -> str:
+    """sha256 of a model directory's config.json, canonicalised (sorted keys, no
+    `VOLATILE_CONFIG_KEYS`), so re-saving the same model keeps the hash."""
+    path = Path(model_dir) / "config.json"
+    config = {k: v for k, v in read_json(path).items() if k not in VOLATILE_CONFIG_KEYS}
+    return _sha256_json(config)
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 of a tokenizer's vocabulary (token -> id), independent of its file format."""
+    return _sha256_json(tokenizer.get_vocab())
+
+
+def subject_properties(adapter: Any, tokenizer: Any, model_dir: str | Path) -> dict[str, Any]:
+    """The `SUBJECT_FIELDS` of a loaded subject model (its `ArchAdapter`, tokenizer and
+    directory), plus its context length."""
+    return {
+        "family": adapter.family,
+        "n_layers": adapter.n_layers,
+        "d_model": adapter.d_model,
+        "vocab_size": adapter.vocab_size,
+        "config_hash": config_hash(model_dir),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "max_context": getattr(adapter.model.config, "max_position_embeddings", None),
+    }
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def _should_embed(cfg: BundleConfig, subject_dir: Path) -> bool:
+    if cfg.embed_subject not in ("auto", "always", "never"):
+        raise ValueError(
+            f"bundle.embed_subject must be auto, always or never, not {cfg.embed_subject!r}"
+        )
+    if cfg.embed_subject == "auto":
+        return _dir_mb(subject_dir) <= cfg.embed_max_mb
+    return cfg.embed_subject == "always"
+
+
+def export_bundle(
+    out: str | Path,
+    cfg: BundleConfig,
+    *,
+    subject_dir: str | Path,
+    transcoders_dir: str | Path,
+    verifier_dir: str | Path,
+    attribution: dict[str, Any],
+    features: dict[str, Any],
+    n_layers: int,
+    seed: int,
+    subject_source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a bundle into `out` (created; must not already hold one); returns the manifest.
+
+    `attribution` and `features` are the settings (config sections, as dicts) the
+    verifier's training graphs and features were computed with; `n_layers` and `seed` are
+    the feature computation's layer-histogram size and seed. `subject_source` is the
+    subject's model config section (name, GGUF file, ...), recorded for provenance.
+    The subject is checked against the transcoders before anything is written.
+    """
+    from crv.models.adapter import ArchAdapter
+    from crv.models.loading import load_subject
+    from crv.pipeline import library_versions
+    from crv.transcoders.io import load_transcoder_set, save_transcoder_set
+    from crv.verifier.classifier import load_verifier
+
+    out, subject_dir = Path(out), Path(subject_dir).resolve()
+    if (out / MANIFEST_FILE).exists():
+        raise BundleError(f"{out} already holds a bundle; export into a new directory")
+    model, tokenizer = load_subject(subject_dir, "cpu")
+    adapter = ArchAdapter.for_model(model)
+    props = subject_properties(adapter, tokenizer, subject_dir)
+    tset = load_transcoder_set(transcoders_dir)
+    tset.check_compatible(adapter)
+    del model, adapter
+    verifier = load_verifier(verifier_dir)
+
+    embed = _should_embed(cfg, subject_dir)
+    if embed:
+        shutil.copytree(
+            subject_dir,
+            out / SUBJECT_DIR,
+            ignore=lambda _, names: [n for n in names if n in _PIPELINE_FILES],
+        )
+    save_transcoder_set(tset, out / TRANSCODERS_DIR)
+    verifier.save(out / VERIFIER_DIR)
+    first = tset[tset.layers[0]]
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"crv": crv.__version__, **library_versions()},
+        "subject": {
+            **props,
+            "embedded": embed,
+            "dir": SUBJECT_DIR if embed else None,
+            "path": str(subject_dir),
+            "source": subject_source or {},
+        },
+        "transcoders": {
+            "dir": TRANSCODERS_DIR,
+            "layers": tset.layers,
+            "k": tset.k,
+            "activation": tset.activation,
+            "n_latents": first.n_latents,
+        },
+        "verifier": {
+            "dir": VERIFIER_DIR,
+            "threshold": float(verifier.threshold),
+            "feature_names": list(verifier.feature_names),
+        },
+        "attribution": attribution,
+        "features": {"config": features, "n_layers": int(n_layers), "seed": int(seed)},
+        "step_pattern": cfg.step_pattern,
+    }
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def run_stage(ctx: Any) -> dict[str, Any]:
+    """`bundle` stage: export the subject, transcoders, verifier and settings of this run."""
+    from crv.pipeline import MANIFEST
+    from crv.verifier.features import META_FILE
+
+    def config_of(stage: str) -> dict[str, Any]:
+        return dict(read_json(Path(ctx.inputs[stage]) / MANIFEST)["config"])
+
+    manifest = export_bundle(
+        ctx.out,
+        ctx.cfg,
+        subject_dir=ctx.inputs["subject"],
+        transcoders_dir=ctx.inputs["transcoders"],
+        verifier_dir=ctx.inputs["verifier"],
+        attribution=config_of("graphs"),
+        features=config_of("features"),
+        n_layers=int(read_json(Path(ctx.inputs["features"]) / META_FILE)["n_layers"]),
+        seed=ctx.seed,
+        subject_source=config_of("subject"),
+    )
+    ctx.log.info(
+        "bundle written to %s (subject embedded: %s)", ctx.out, manifest["subject"]["embedded"]
+    )
+    return {
+        "subject_embedded": manifest["subject"]["embedded"],
+        "size_mb": round(_dir_mb(Path(ctx.out)), 2),
+        "threshold": manifest["verifier"]["threshold"],
+        "n_features": len(manifest["verifier"]["feature_names"]),
+    }
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the subject model with its adapter, transcoders, verifier, settings."""
+
+    path: Path
+    manifest: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    adapter: Any
+    transcoders: Any
+    verifier: Any
+    attribution: Any
+    """`crv.attribution.config.AttributionConfig` the training graphs were built with."""
+    features: Any
+    """`crv.verifier.config.FeaturesConfig` the training features were computed with."""
+
+    @property
+    def threshold(self) -> float:
+        """Decision threshold chosen on validation data: flag a step when score >= it."""
+        return float(self.manifest["verifier"]["threshold"])
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.manifest["verifier"]["feature_names"])
+
+    @property
+    def step_pattern(self) -> str:
+        return str(self.manifest["step_pattern"])
+
+    @property
+    def n_layers_features(self) -> int:
+        return int(self.manifest["features"]["n_layers"])
+
+    @property
+    def feature_seed(self) -> int:
+        return int(self.manifest["features"]["seed"])
+
+    @property
+    def max_context(self) -> int | None:
+        """Longest token sequence the subject model accepts (None: unknown)."""
+        value = self.manifest["subject"].get("max_context")
+        return int(value) if value is not None else None
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the bundle at `path`; BundleError if it is not a usable bundle."""
+    file = Path(path) / MANIFEST_FILE
+    if not file.is_file():
+        raise BundleError(f"{path} is not a crv bundle: {MANIFEST_FILE} is missing")
+    try:
+        manifest = read_json(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"cannot read {file}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise BundleError(f"{file} is not a crv bundle manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise BundleError(
+            f"{file} has bundle format version {version!r}; this crv reads up to "
+            f"{FORMAT_VERSION}: upgrade crv"
+        )
+    missing = [key for key in _SECTIONS if key not in manifest]
+    missing += [
+        f"subject.{key}" for key in SUBJECT_FIELDS if key not in manifest.get("subject", {})
+    ]
+    if missing:
+        raise BundleError(f"{file} is incomplete: it lacks {', '.join(missing)}")
+    return manifest
+
+
+def resolve_subject_dir(path: Path, manifest: dict[str, Any], model: str | Path | None) -> Path:
+    """Where to load the subject from: `model` if given, else the embedded copy, else the
+    artifact path recorded at export."""
+    subject = manifest["subject"]
+    if model is not None:
+        candidate = Path(model)
+        if not (candidate / "config.json").is_file():
+            raise BundleError(f"model={model} is not a model directory (no config.json)")
+        return candidate
+    if subject.get("embedded"):
+        return path / subject["dir"]
+    recorded = Path(subject["path"])
+    if not (recorded / "config.json").is_file():
+        name = subject.get("source", {}).get("name", "?")
+        raise BundleError(
+            f"the bundle does not embed its subject model ({name}) and the recorded copy "
+            f"{recorded} is missing; pass model=DIR (that model's HF directory)"
+        )
+    return recorded
+
+
+def check_subject(manifest: dict[str, Any], props: dict[str, Any], model: str) -> None:
+    """Raise BundleMismatchError naming the first `SUBJECT_FIELDS` entry that differs."""
+    expected = manifest["subject"]
+    for name in SUBJECT_FIELDS:
+        if props[name] != expected[name]:
+            raise BundleMismatchError(name, expected[name], props[name], model)
+
+
+def _settings(cls: type, values: dict[str, Any], section: str) -> Any:
+    """A config dataclass from a manifest section; BundleError naming an unknown field."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise BundleError(
+            f"bundle {section} settings have fields this crv does not know: {unknown}; "
+            "upgrade crv or rebuild the bundle"
+        )
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"bundle {section} settings are invalid: {exc}") from None
+
+
+def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None = None) -> Bundle:
+    """Load a bundle for verification, checking the subject model against it.
+
+    `model` overrides where the subject is loaded from (a HF directory of the same
+    model). Raises BundleError for an unusable bundle and BundleMismatchError (naming the
+    field) when the subject model differs from the one the bundle was built for.
+    """
+    from crv.attribution.config import AttributionConfig
+    from crv.models.adapter import ArchAdapter
+    from crv.models.loading import load_subject
+    from crv.transcoders.io import load_transcoder_set
+    from crv.verifier.classifier import load_verifier
+    from crv.verifier.config import FeaturesConfig
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    subject_dir = resolve_subject_dir(path, manifest, model)
+    try:
+        subject, tokenizer = load_subject(subject_dir, device)
+        adapter = ArchAdapter.for_model(subject)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot load the subject model from {subject_dir}: {exc}") from None
+    check_subject(manifest, subject_properties(adapter, tokenizer, subject_dir), str(subject_dir))
+    try:
+        tset = load_transcoder_set(path / manifest["transcoders"]["dir"], device)
+        tset.check_compatible(adapter)
+        verifier = load_verifier(path / manifest["verifier"]["dir"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"bundle {path} is damaged: {exc}") from None
+    if list(verifier.feature_names) != list(manifest["verifier"]["feature_names"]):
+        raise BundleError(
+            f"bundle {path} is damaged: the verifier's feature names differ from the manifest's"
+        )
+    subject.requires_grad_(False)
+    return Bundle(
+        path=path,
+        manifest=manifest,
+        model=subject,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        transcoders=tset,
+        verifier=verifier,
+        attribution=_settings(AttributionConfig, manifest["attribution"], "attribution"),
+        features=_settings(FeaturesConfig, manifest["features"]["config"], "features"),
+    )

@@ -1,0 +1,532 @@
+"""`crv-verify`: score every reasoning step of a user's traces with an exported bundle.
+
+Usage (Hydra overrides)::
+
+    crv-verify bundle=PATH input=traces.jsonl output=scores.jsonl [intervene=true] [format=table]
+
+`input=-` reads standard input and `output=-` writes standard output.
+
+**Input**: JSONL, one trace per line, either ``{"id": optional str, "prompt": str,
+"steps": [str, ...]}`` or ``{"id": ..., "prompt": str, "completion": str}``. A completion is
+split into steps with the bundle's step regex. Given `steps`, the completion is their
+concatenation joined by "\\n" (no trailing newline), so the same trace given either way is
+tokenised identically and gets the same scores. The model sees `prompt` tokenised with its
+special tokens (bos) followed by the completion tokenised without them, exactly as traces
+were tokenised for training. Blank lines are skipped; every other line gets one record.
+
+**Output**: JSONL, one record per input line, in input order::
+
+    {"id", "line", "steps": [{"index", "text", "score", "flagged", "top_features":
+     [{"layer", "feature", "influence"}], "interventions": [{"layer", "feature", "action",
+     "scale"}]}], "error": null}
+
+`id` echoes the input's (null when absent or unreadable) and `line` is the 1-based input
+line number. `score` is the verifier's probability that the step is incorrect; `flagged` is
+`score >= threshold` (the threshold chosen on validation data, stored in the bundle).
+`top_features` are the transcoder features of the step's attribution graph with the most
+influence on the explained prediction; `interventions` (flagged steps only) are the
+single-feature edits `crv.interventions.propose` ranks first (`scale` multiplies the
+activation: 0 suppresses). With `intervene=true` every step also gets `regenerated`: null
+for an unflagged step (or one without proposals), else `{"intervention": 0, "step": the regenerated step's text (null
+if the regeneration has no such step), "continuation": the text generated from the step's
+first token}`, greedy, with the first intervention applied to the spliced transcoders.
+
+A line that cannot be verified (not UTF-8, not JSON, no `prompt`, no steps, an empty or
+non-string step, longer than the model's context) gets a record whose `error` names the
+line number and the problem; the other lines are still verified. A human-readable table
+goes to stderr (or is the output with `format=table`), with a progress bar for long inputs.
+
+**Exit status**: 0 when every line was verified, 1 when some lines failed, 2 when nothing
+could run (bad bundle, unreadable input, unwritable output), with a one-line error and no
+traceback; 130 when interrupted. The output file is written atomically (`crv.io.atomic_write`): an interrupted
+run leaves a previous output file untouched and never a truncated one.
+
+Each trace costs one forward pass of the subject for all of its steps (the attribution
+module's shared per-trace path) plus the attribution's backward passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+FORMATS = ("jsonl", "table")
+STDIO = "-"
+
+
+@dataclass
+class VerifyConfig:
+    """Options of `crv-verify` (Hydra overrides, e.g. `bundle=DIR input=- output=out.jsonl`)."""
+
+    bundle: str | None = None
+    """Bundle directory exported by the pipeline's `bundle` stage (see artifacts.json)."""
+
+    input: str = STDIO
+    """JSONL file of traces; `-` reads standard input."""
+
+    output: str = STDIO
+    """Where the records go; `-` writes standard output. A file is replaced atomically."""
+
+    format: str = "jsonl"
+    """jsonl: one JSON record per input line; table: the human-readable table instead."""
+
+    intervene: bool = False
+    """Also regenerate each flagged step with its first proposed intervention applied."""
+
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+
+    model: str | None = None
+    """Load the subject model from this HF directory instead of the bundle's (it must be
+    the same model: dimensions, vocabulary and config hash are checked)."""
+
+    threshold: float | None = None
+    """Flag steps with score >= this instead of the bundle's validation threshold."""
+
+    top_features: int = 5
+    """Features listed per step, by summed influence in the step's graph."""
+
+    n_interventions: int = 3
+    """Interventions proposed per flagged step."""
+
+    rank_by: str = "influence"
+    """How interventions are ranked: influence, verifier or layer (see crv.interventions)."""
+
+    action: str = "suppress"
+    """suppress (activation to 0) or amplify (activation times `amplify_scale`)."""
+
+    amplify_scale: float = 2.0
+    """Activation factor of the amplify action."""
+
+    scope: str = "step"
+    """step: intervene where the feature was active in the step; onward: from the step on."""
+
+    regen_extra_tokens: int = 16
+    """Regeneration length: the step's own token count plus this many tokens."""
+
+    batch_size: int | None = None
+    """Rows per attribution backward pass; default the bundle's (speed and memory only)."""
+
+    progress_min_lines: int = 10
+    """Show a progress bar on stderr for inputs of at least this many lines."""
+
+    quiet: bool = False
+    """No table and no progress bar on stderr."""
+
+
+class TraceError(ValueError):
+    """A problem with one input line; its message names the line and the problem."""
+
+    def __init__(self, message: str, trace_id: str | None = None) -> None:
+        super().__init__(message)
+        self.trace_id = trace_id
+        """The line's `id` when it could be read, for the error record."""
+
+
+@dataclass
+class Trace:
+    """One parsed input line: the text the model sees and the steps' character spans."""
+
+    line: int
+    id: str | None
+    prompt: str
+    completion: str
+    spans: list[tuple[int, int]]
+
+
+def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) of every non-blank line, without line endings."""
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not content
+        data = data[3:]
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        if raw.strip():
+            yield number, raw
+
+
+def parse_trace(raw: bytes, line: int, step_pattern: str) -> Trace:
+    """Decode and validate one input line; TraceError naming the problem otherwise."""
+    from crv.tasks.segment import segment_steps
+
+    trace_id = None
+
+    def fail(problem: str) -> TraceError:
+        return TraceError(f"line {line}: {problem}", trace_id)
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(
+            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+        ) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise fail(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise fail(f"expected a JSON object, got {type(obj).__name__}")
+    if obj.get("id") is not None and not isinstance(obj["id"], str):
+        raise fail(f"'id' must be a string, got {type(obj['id']).__name__}")
+    trace_id = obj.get("id")
+    if "prompt" not in obj:
+        raise fail("missing 'prompt'")
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str):
+        raise fail(f"'prompt' must be a string, got {type(prompt).__name__}")
+    if "steps" in obj and "completion" in obj:
+        raise fail("give either 'steps' or 'completion', not both")
+    if "steps" in obj:
+        steps = obj["steps"]
+        if not isinstance(steps, list):
+            raise fail(f"'steps' must be a list of strings, got {type(steps).__name__}")
+        if not steps:
+            raise fail("no steps: 'steps' is empty")
+        spans, start = [], 0
+        for i, step in enumerate(steps):
+            if not isinstance(step, str):
+                raise fail(f"step {i} is not a string (got {type(step).__name__})")
+            if not step.strip():
+                raise fail(f"step {i} is empty")
+            spans.append((start, start + len(step)))
+            start += len(step) + 1
+        return Trace(line, trace_id, prompt, "\n".join(steps), spans)
+    if "completion" not in obj:
+        raise fail("no steps: give 'steps' (a list of strings) or 'completion' (a string)")
+    completion = obj["completion"]
+    if not isinstance(completion, str):
+        raise fail(f"'completion' must be a string, got {type(completion).__name__}")
+    spans = segment_steps(completion, step_pattern)
+    if not spans:
+        raise fail("no steps: the completion has no step matching the bundle's step pattern")
+    return Trace(line, trace_id, prompt, completion, spans)
+
+
+@dataclass
+class Encoded:
+    """A trace as the model sees it, with each step's first and last token index."""
+
+    input_ids: list[int]
+    prompt_len: int
+    first_tokens: list[int]
+    last_tokens: list[int]
+
+
+class StepVerifier:
+    """Scores the steps of parsed traces with a loaded bundle (one forward pass per trace)."""
+
+    def __init__(self, bundle: Any, cfg: VerifyConfig) -> None:
+        self.bundle, self.cfg = bundle, cfg
+        self.threshold = bundle.threshold if cfg.threshold is None else float(cfg.threshold)
+        self.attribution = bundle.attribution
+        if cfg.batch_size is not None:
+            self.attribution = dataclasses.replace(self.attribution, batch_size=cfg.batch_size)
+
+    def encode(self, trace: Trace) -> Encoded:
+        """Token ids of prompt + completion and each step's token span; TraceError when the
+        trace does not fit the model's context."""
+        from crv.traces import last_token_index, token_char_ends
+
+        tok = self.bundle.tokenizer
+        prompt_ids = tok(trace.prompt)["input_ids"]
+        completion_ids = tok(trace.completion, add_special_tokens=False)["input_ids"]
+        ids = list(prompt_ids) + list(completion_ids)
+        limit = self.bundle.max_context
+        if limit is not None and len(ids) > limit:
+            raise TraceError(
+                f"line {trace.line}: the trace is {len(ids)} tokens, longer than the "
+                f"model's context of {limit} tokens"
+            )
+        ends = token_char_ends(tok, completion_ids, trace.completion)
+        offset = len(prompt_ids)
+        first = [last_token_index(ends, start + 1, offset) for start, _ in trace.spans]
+        last = [last_token_index(ends, end, offset) for _, end in trace.spans]
+        return Encoded(ids, offset, first, last)
+
+    def graphs(self, trace: Trace, enc: Encoded) -> list[Any]:
+        """The pruned step graphs of all steps of a trace, from one shared forward pass."""
+        from crv.attribution.attribute import step_positions, trace_graphs
+
+        b, cfg = self.bundle, self.attribution
+        steps = [{"last_token": t} for t in enc.last_tokens]
+        positions = step_positions(steps, enc.prompt_len, cfg.position)
+        if min(positions) < 1:  # position 0 (bos) has no sources to explain it from
+            raise TraceError(
+                f"line {trace.line}: the prompt is empty; step 0 has no token before it"
+            )
+        trace_id = trace.id or f"line{trace.line}"
+        return trace_graphs(b.adapter, b.transcoders, enc.input_ids, positions, cfg, trace_id)
+
+    def feature_frame(self, graphs: list[Any]) -> Any:
+        """The verifier's input rows (one per graph) in the bundle's feature order."""
+        import pandas as pd
+
+        from crv.verifier.features import graph_features
+
+        b = self.bundle
+        rows = [graph_features(g, b.n_layers_features, b.features, b.feature_seed) for g in graphs]
+        return pd.DataFrame(rows, columns=b.feature_names).astype("float64")
+
+    def score_graph(self, graph: Any) -> float:
+        """P(incorrect) of one graph (used to rank interventions by verifier effect)."""
+        return float(self.bundle.verifier.predict_proba(self.feature_frame([graph]))[0])
+
+    def verify(self, trace: Trace) -> list[dict[str, Any]]:
+        """The step records of one trace (see the module docstring)."""
+        from crv.interventions.propose import candidate_influence
+
+        enc = self.encode(trace)
+        graphs = self.graphs(trace, enc)
+        scores = self.bundle.verifier.predict_proba(self.feature_frame(graphs))
+        records = []
+        for i, ((start, end), graph, score) in enumerate(
+            zip(trace.spans, graphs, scores, strict=True)
+        ):
+            influence = candidate_influence(graph, 0)
+            top = sorted(influence, key=lambda key: (-influence[key], key))[: self.cfg.top_features]
+            flagged = bool(score >= self.threshold)
+            record: dict[str, Any] = {
+                "index": i,
+                "text": trace.completion[start:end],
+                "score": float(score),
+                "flagged": flagged,
+                "top_features": [
+                    {"layer": layer, "feature": feature, "influence": influence[layer, feature]}
+                    for layer, feature in top
+                ],
+                "interventions": [],
+            }
+            if flagged:
+                record.update(self.interventions(trace, enc, i, graph))
+            elif self.cfg.intervene:
+                record["regenerated"] = None
+            records.append(record)
+        return records
+
+    def interventions(self, trace: Trace, enc: Encoded, i: int, graph: Any) -> dict[str, Any]:
+        """Proposed interventions of a flagged step and, with `intervene`, the regeneration."""
+        from crv.interventions.apply import StepSpan, active_features, regenerate
+        from crv.interventions.propose import propose
+        from crv.tasks.segment import segment_steps
+
+        cfg, b = self.cfg, self.bundle
+        span = StepSpan(enc.first_tokens[i], enc.last_tokens[i])
+        window = span.window(graph.position)
+        active = active_features(b.adapter, b.transcoders, enc.input_ids, window)
+        proposals = propose(
+            graph,
+            window,
+            active,
+            cfg.n_interventions,
+            cfg.rank_by,
+            cfg.action,
+            cfg.amplify_scale,
+            cfg.scope,
+            score_graph=self.score_graph,
+        )
+        out: dict[str, Any] = {
+            "interventions": [
+                {"layer": p.layer, "feature": p.feature, "action": p.action, "scale": p.value}
+                for p in proposals
+            ]
+        }
+        if not cfg.intervene:
+            return out
+        if not proposals:
+            out["regenerated"] = None
+            return out
+        # A free-text row ("gsm8k") makes `regenerate` segment and leave labels unknown;
+        # the regenerated step is then found with the bundle's own step pattern.
+        row = {
+            "input_ids": enc.input_ids,
+            "prompt_len": enc.prompt_len,
+            "completion": trace.completion,
+            "task": "gsm8k",
+            "gold": "",
+        }
+        n_new = span.last_token - span.first_token + 1 + cfg.regen_extra_tokens
+        outcome = regenerate(
+            b.adapter, b.transcoders, b.tokenizer, row, i, span, n_new, proposals[0], 0
+        )
+        kept = b.tokenizer.decode(
+            enc.input_ids[enc.prompt_len : span.first_token], skip_special_tokens=True
+        )
+        completion = kept + outcome.regenerated
+        spans = segment_steps(completion, b.step_pattern)
+        out["regenerated"] = {
+            "intervention": 0,
+            "step": completion[slice(*spans[i])] if i < len(spans) else None,
+            "continuation": outcome.regenerated,
+        }
+        return out
+
+
+def verify_line(verifier: StepVerifier, line: int, raw: bytes) -> dict[str, Any]:
+    """The output record of one input line; problems become the record's `error`."""
+    trace_id = None
+    try:
+        trace = parse_trace(raw, line, verifier.bundle.step_pattern)
+        trace_id = trace.id
+        steps = verifier.verify(trace)
+    except TraceError as exc:
+        return {"id": exc.trace_id or trace_id, "line": line, "steps": [], "error": str(exc)}
+    except Exception as exc:  # one bad trace must not stop the others
+        return {
+            "id": trace_id,
+            "line": line,
+            "steps": [],
+            "error": f"line {line}: cannot verify: {type(exc).__name__}: {exc}",
+        }
+    return {"id": trace_id, "line": line, "steps": steps, "error": None}
+
+
+def _shorten(text: str, width: int) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def render_table(records: list[dict[str, Any]], threshold: float) -> str:
+    """Records as a fixed-width table: one row per step, one per failed line, a summary."""
+    rows = [
+        f"{'line':>5}  {'id':<14} {'step':>4}  {'score':>6}  {'flag':<4}  {'top feature':<20} text"
+    ]
+    n_steps = n_flagged = 0
+    for rec in records:
+        rid = _shorten(rec["id"] or "-", 14)
+        if rec["error"] is not None:
+            rows.append(
+                f"{rec['line']:>5}  {rid:<14} {'-':>4}  {'-':>6}  {'ERR':<4}  {rec['error']}"
+            )
+            continue
+        for step in rec["steps"]:
+            n_steps += 1
+            n_flagged += step["flagged"]
+            top = step["top_features"][0] if step["top_features"] else None
+            feat = f"L{top['layer']}/F{top['feature']} ({top['influence']:.3g})" if top else "-"
+            rows.append(
+                f"{rec['line']:>5}  {rid:<14} {step['index']:>4}  {step['score']:>6.3f}  "
+                f"{'!!' if step['flagged'] else '':<4}  {feat:<20} {_shorten(step['text'], 60)}"
+            )
+    failed = sum(rec["error"] is not None for rec in records)
+    rows.append(
+        f"{len(records)} traces ({len(records) - failed} verified, {failed} failed), "
+        f"{n_steps} steps, {n_flagged} flagged at threshold {threshold:.4g}"
+    )
+    return "\n".join(rows) + "\n"
+
+
+class _Failure(Exception):
+    """A run-level failure: printed as one line, exit status 2."""
+
+
+def _read_input(source: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if source == STDIO else Path(source).read_bytes()
+    except OSError as exc:
+        raise _Failure(f"cannot read input {source}: {exc.strerror or exc}") from None
+
+
+def _check_config(cfg: VerifyConfig) -> None:
+    if not cfg.bundle:
+        raise _Failure("no bundle given: crv-verify bundle=PATH input=FILE output=FILE")
+    if cfg.format not in FORMATS:
+        raise _Failure(f"format must be one of {', '.join(FORMATS)}, not {cfg.format!r}")
+    choices = {
+        "rank_by": ("influence", "verifier", "layer"),
+        "action": ("suppress", "amplify"),
+        "scope": ("step", "onward"),
+    }
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise _Failure(
+                f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}"
+            )
+
+
+def _load_quietly(cfg: VerifyConfig) -> Any:
+    """The bundle, loaded without transformers' weight-loading progress bar (stderr is for
+    the command's own table and progress)."""
+    from transformers.utils import logging as hf_logging
+
+    from crv.bundle import BundleError, load_bundle
+    from crv.cli import resolve_device
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_bundle(cfg.bundle, resolve_device(cfg.device), cfg.model)
+    except BundleError as exc:
+        raise _Failure(str(exc)) from None
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def run_verify(
+    cfg: VerifyConfig, verifier: StepVerifier, lines: list[tuple[int, bytes]], sink: IO[str]
+) -> list[dict[str, Any]]:
+    """Verify `lines` in order, streaming JSONL records to `sink` (`format=jsonl`) or the
+    table at the end (`format=table`); returns the records."""
+    from tqdm.auto import tqdm
+
+    show_progress = not cfg.quiet and len(lines) >= cfg.progress_min_lines
+    records = []
+    for line, raw in tqdm(
+        lines, desc="verify", unit="trace", file=sys.stderr, disable=not show_progress
+    ):
+        record = verify_line(verifier, line, raw)
+        records.append(record)
+        if cfg.format == "jsonl":
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if cfg.format == "table":
+        sink.write(render_table(records, verifier.threshold))
+    return records
+
+
+def _write_output(
+    target: str, produce: Callable[[IO[str]], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Run `produce` into stdout, or into `target` atomically (all or nothing)."""
+    from crv.io import atomic_write
+
+    if target == STDIO:
+        return produce(sys.stdout)
+    result: list[list[dict[str, Any]]] = []
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as sink:
+            result.append(produce(sink))
+
+    try:
+        atomic_write(target, write)
+    except OSError as exc:
+        raise _Failure(
+            f"cannot write output {target}: {exc.strerror or exc}; it was left unchanged"
+        ) from None
+    return result[0]
+
+
+def verify_main(cfg: VerifyConfig) -> int:
+    """Run `crv-verify`; returns the exit status (0 all verified, 1 some lines failed,
+    2 nothing could run), printing run-level errors as one line on stderr."""
+    try:
+        _check_config(cfg)
+        data = _read_input(cfg.input)
+        bundle = _load_quietly(cfg)
+        verifier = StepVerifier(bundle, cfg)
+        lines = list(iter_lines(data))
+        records = _write_output(cfg.output, lambda sink: run_verify(cfg, verifier, lines, sink))
+    except _Failure as exc:
+        print(f"crv-verify: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        kept = "" if cfg.output == STDIO else f"; {cfg.output} was left unchanged"
+        print(f"crv-verify: interrupted{kept}", file=sys.stderr)
+        return 130
+    if cfg.format == "jsonl" and not cfg.quiet:
+        sys.stderr.write(render_table(records, verifier.threshold))
+    return 1 if any(rec["error"] is not None for rec in records) else 0

@@ -1,0 +1,122 @@
+"""A tiny but complete bundle for the bundle and crv-verify tests, built offline in seconds.
+
+The parts are random (a 2-layer Llama with crv-tiny's tokenizer, random TopK transcoders, an
+xgboost verifier fitted to random feature rows with the right feature names), so scores
+mean nothing, but every code path (tokenising, attribution, features, scoring,
+interventions) runs exactly as with a trained bundle.
+
+A test module uses the fixtures `bundle_parts` and `tiny_bundle` by importing the functions
+that define them: `from fixtures_bundle import bundle_parts_fixture, tiny_bundle_fixture`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from crv.attribution.config import AttributionConfig
+from crv.bundle import BundleConfig, export_bundle
+from crv.models.tiny import build_tokenizer
+from crv.transcoders.io import save_transcoder_set
+from crv.transcoders.module import TopKTranscoder, TranscoderSet
+from crv.verifier.classifier import XGBVerifier
+from crv.verifier.config import FeaturesConfig, VerifierConfig
+from crv.verifier.features import feature_names
+
+N_LAYERS, D_MODEL, CONTEXT = 2, 32, 96
+ATTRIBUTION = AttributionConfig(max_logits=3, max_feature_nodes=12, batch_size=16)
+FEATURES = FeaturesConfig(n_workers=1)
+
+PROMPT = "Q: Evaluate (5+9)*(2+3)\n"
+STEPS = ["Step 1: 5+9=14, so 14*(2+3)", "Step 2: 2+3=5, so 14*5", "Step 3: 14*5=70, so 70"]
+
+
+def write_subject(out: Path, seed: int = 0, **shape: int | float) -> Path:
+    """A random Llama with crv-tiny's tokenizer, saved as a subject artifact directory."""
+    tokenizer = build_tokenizer()
+    config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=D_MODEL,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**config, **shape})).float()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_transcoders(out: Path, seed: int = 0) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    tset = TranscoderSet(
+        {layer: TopKTranscoder(D_MODEL, 64, 4, generator=gen) for layer in range(N_LAYERS)},
+        k=4,
+        activation="relu_topk",
+    )
+    save_transcoder_set(tset, out)
+    return out
+
+
+def write_verifier(out: Path, seed: int = 0) -> Path:
+    """An xgboost verifier fitted to random rows whose label depends on many features.
+
+    Feature values are drawn over the ranges real graphs of the tiny model span (0 to
+    ~100), so different graphs land in different leaves and their scores differ.
+    """
+    names = feature_names(N_LAYERS)
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1.0, 100.0, size=(400, len(names))) * rng.uniform(0.0, 1.0, size=(400, 1))
+    y = ((x - x.mean(0)) @ rng.normal(size=len(names)) > 0).astype(np.int64)
+    cfg = VerifierConfig(n_estimators=20, max_depth=3, n_threads=1)
+    XGBVerifier(cfg, names, seed).fit(x, y, np.arange(len(y))).save(out)
+    return out
+
+
+def build_parts(root: Path) -> dict[str, Path]:
+    """Subject, transcoder and verifier directories under `root`."""
+    return {
+        "subject_dir": write_subject(root / "subject"),
+        "transcoders_dir": write_transcoders(root / "transcoders"),
+        "verifier_dir": write_verifier(root / "verifier"),
+    }
+
+
+def make_bundle(root: Path, parts: dict[str, Path], **cfg: str | float) -> Path:
+    """Export a bundle of `parts` into `root / "bundle"`."""
+    out = root / "bundle"
+    export_bundle(
+        out,
+        BundleConfig(**cfg),
+        **parts,
+        attribution=dataclasses.asdict(ATTRIBUTION),
+        features=dataclasses.asdict(FEATURES),
+        n_layers=N_LAYERS,
+        seed=0,
+        subject_source={"name": "test-tiny"},
+    )
+    return out
+
+
+@pytest.fixture(scope="session", name="bundle_parts")
+def bundle_parts_fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_parts(tmp_path_factory.mktemp("parts"))
+
+
+@pytest.fixture(scope="session", name="tiny_bundle")
+def tiny_bundle_fixture(
+    tmp_path_factory: pytest.TempPathFactory, bundle_parts: dict[str, Path]
+) -> Path:
+    """A bundle with the subject model embedded."""
+    return make_bundle(tmp_path_factory.mktemp("embedded"), bundle_parts)

@@ -1,0 +1,187 @@
+"""Bundle export and loading: manifest contents, self-containment, refusal of a wrong model."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from fixtures_bundle import (  # noqa: F401  (the *_fixture functions define fixtures)
+    ATTRIBUTION,
+    FEATURES,
+    N_LAYERS,
+    bundle_parts_fixture,
+    make_bundle,
+    tiny_bundle_fixture,
+    write_subject,
+)
+
+from crv.bundle import (
+    MANIFEST_FILE,
+    BundleConfig,
+    BundleError,
+    BundleMismatchError,
+    config_hash,
+    load_bundle,
+    read_manifest,
+    run_stage,
+)
+from crv.io import atomic_write_json, read_json
+from crv.pipeline import StageContext
+from crv.verifier.classifier import load_verifier
+from crv.verifier.features import feature_names
+
+
+def test_manifest_records_everything(tiny_bundle: Path, bundle_parts: dict[str, Path]) -> None:
+    manifest = read_json(tiny_bundle / MANIFEST_FILE)
+    verifier = load_verifier(bundle_parts["verifier_dir"])
+    subject = manifest["subject"]
+    assert subject["embedded"] and (tiny_bundle / subject["dir"] / "config.json").is_file()
+    assert subject["source"] == {"name": "test-tiny"}
+    assert subject["config_hash"] == config_hash(bundle_parts["subject_dir"])
+    assert (subject["n_layers"], subject["d_model"], subject["family"]) == (N_LAYERS, 32, "llama")
+    assert manifest["verifier"]["threshold"] == verifier.threshold
+    assert manifest["verifier"]["feature_names"] == feature_names(N_LAYERS)
+    assert manifest["step_pattern"] == BundleConfig().step_pattern
+    assert {"crv", "torch", "transformers", "xgboost"} <= set(manifest["versions"])
+    assert (tiny_bundle / "verifier" / "model.json").is_file()
+    assert (tiny_bundle / "transcoders" / "config.yaml").is_file()
+
+
+def test_load_restores_settings_and_is_self_contained(tiny_bundle: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_bundle, moved)  # nothing outside the directory is needed
+    bundle = load_bundle(moved)
+    assert bundle.attribution == ATTRIBUTION
+    assert bundle.features == FEATURES
+    assert bundle.transcoders.layers == list(range(N_LAYERS))
+    assert bundle.adapter.n_layers == N_LAYERS
+    assert bundle.max_context == 96
+    assert bundle.verifier.feature_names == bundle.feature_names
+
+
+def test_config_hash_ignores_resaving_but_not_changes(
+    tmp_path: Path, bundle_parts: dict[str, Path]
+) -> None:
+    src = bundle_parts["subject_dir"]
+    config = read_json(src / "config.json")
+    resaved = tmp_path / "resaved"
+    resaved.mkdir()
+    atomic_write_json(resaved / "config.json", {**config, "transformers_version": "0.0.1"})
+    assert config_hash(resaved) == config_hash(src)
+    atomic_write_json(resaved / "config.json", {**config, "rope_theta": 1234.0})
+    assert config_hash(resaved) != config_hash(src)
+
+
+@pytest.mark.parametrize(
+    ("field", "shape"),
+    [
+        ("n_layers", {"num_hidden_layers": 3}),
+        ("d_model", {"hidden_size": 48}),
+        ("vocab_size", {"vocab_size": 40}),
+        ("config_hash", {"rms_norm_eps": 1e-3}),
+    ],
+)
+def test_mismatched_model_is_refused_naming_the_field(
+    tiny_bundle: Path, tmp_path: Path, field: str, shape: dict
+) -> None:
+    other = write_subject(tmp_path / "other", **shape)
+    with pytest.raises(BundleMismatchError, match=field) as info:
+        load_bundle(tiny_bundle, model=other)
+    assert info.value.field == field
+
+
+def test_other_tokenizer_is_refused(
+    tiny_bundle: Path, bundle_parts: dict[str, Path], tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(bundle_parts["subject_dir"], other)
+    tokenizer = read_json(other / "tokenizer.json")
+    vocab = tokenizer["model"]["vocab"]
+    vocab["0"], vocab["1"] = vocab["1"], vocab["0"]  # same size, different token ids
+    atomic_write_json(other / "tokenizer.json", tokenizer)
+    with pytest.raises(BundleMismatchError, match="tokenizer_hash"):
+        load_bundle(tiny_bundle, model=other)
+
+
+def test_same_model_elsewhere_is_accepted(tiny_bundle: Path, bundle_parts: dict[str, Path]) -> None:
+    assert load_bundle(tiny_bundle, model=bundle_parts["subject_dir"]).adapter.d_model == 32
+
+
+def test_large_subject_is_referenced_not_copied(
+    tmp_path: Path, bundle_parts: dict[str, Path]
+) -> None:
+    parts = {**bundle_parts, "subject_dir": tmp_path / "subject"}
+    shutil.copytree(bundle_parts["subject_dir"], parts["subject_dir"])
+    out = make_bundle(tmp_path, parts, embed_subject="never")
+    assert not (out / "subject").exists()
+    assert read_manifest(out)["subject"]["path"] == str(parts["subject_dir"].resolve())
+    assert load_bundle(out).adapter.n_layers == N_LAYERS
+    shutil.rmtree(parts["subject_dir"])
+    with pytest.raises(BundleError, match="model=DIR"):
+        load_bundle(out)
+
+
+def test_not_a_bundle_newer_format_and_incomplete_manifest_are_refused(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(BundleError, match="bundle.json is missing"):
+        load_bundle(tmp_path)
+    newer = tmp_path / "newer"
+    shutil.copytree(tiny_bundle, newer)
+    manifest = read_json(newer / MANIFEST_FILE)
+    atomic_write_json(newer / MANIFEST_FILE, {**manifest, "format_version": 99})
+    with pytest.raises(BundleError, match="upgrade crv"):
+        load_bundle(newer)
+    del manifest["verifier"], manifest["subject"]["config_hash"]
+    atomic_write_json(newer / MANIFEST_FILE, manifest)
+    with pytest.raises(BundleError, match="lacks verifier, subject.config_hash"):
+        load_bundle(newer)
+
+
+def test_export_refuses_to_overwrite(tiny_bundle: Path, bundle_parts: dict[str, Path]) -> None:
+    with pytest.raises(BundleError, match="already holds a bundle"):
+        make_bundle(tiny_bundle.parent, bundle_parts)
+
+
+def test_run_stage_reads_the_settings_of_its_inputs(
+    tmp_path: Path, bundle_parts: dict[str, Path]
+) -> None:
+    """The stage takes attribution, feature and subject settings from its inputs' manifests."""
+    subject, graphs, features = tmp_path / "subject", tmp_path / "graphs", tmp_path / "features"
+    shutil.copytree(bundle_parts["subject_dir"], subject)
+    atomic_write_json(subject / "manifest.json", {"config": {"name": "crv-tiny"}})
+    atomic_write_json(graphs / "manifest.json", {"config": dataclasses.asdict(ATTRIBUTION)})
+    atomic_write_json(features / "manifest.json", {"config": dataclasses.asdict(FEATURES)})
+    atomic_write_json(features / "features.json", {"n_layers": N_LAYERS})
+    inputs = {
+        "subject": subject,
+        "transcoders": bundle_parts["transcoders_dir"],
+        "graphs": graphs,
+        "features": features,
+        "verifier": bundle_parts["verifier_dir"],
+    }
+    out = tmp_path / "out"
+    ctx = StageContext(
+        "bundle",
+        BundleConfig(),
+        inputs,
+        out,
+        tmp_path / "scratch",
+        7,
+        "cpu",
+        logging.getLogger("test"),
+    )
+    metrics = run_stage(ctx)
+    manifest = read_manifest(out)
+    assert metrics["subject_embedded"] and metrics["n_features"] == len(feature_names(N_LAYERS))
+    assert manifest["subject"]["source"] == {"name": "crv-tiny"}
+    assert manifest["attribution"] == dataclasses.asdict(ATTRIBUTION)
+    assert manifest["features"] == {
+        "config": dataclasses.asdict(FEATURES),
+        "n_layers": N_LAYERS,
+        "seed": 7,
+    }
+    assert not (out / "subject" / "manifest.json").exists()  # the pipeline's file is not copied
