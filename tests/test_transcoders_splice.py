@@ -1,0 +1,205 @@
+"""Splicing transcoders into a model, feature interventions, evaluation and the stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from crv.transcoders.config import TranscoderConfig
+from crv.transcoders.evaluate import evaluate_transcoders
+from crv.transcoders.module import TopKTranscoder, TranscoderSet
+from crv.transcoders.splice import FeatureIntervention, splice
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model: torch.nn.Module):  # noqa: ANN201
+    from crv.models.adapter import ArchAdapter
+
+    return ArchAdapter.for_model(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def tset() -> TranscoderSet:
+    gen = torch.Generator().manual_seed(0)
+    tcs = {layer: TopKTranscoder(32, 64, 4, "relu_topk", gen) for layer in (0, 1)}
+    for tc in tcs.values():
+        with torch.no_grad():
+            tc.b_enc.fill_(0.05)
+            tc.W_dec.mul_(0.05)
+    return TranscoderSet(tcs, k=4, activation="relu_topk")
+
+
+IDS = torch.tensor([[1, 7, 3, 9, 12, 5, 44, 2, 8, 30]])
+
+
+def _mlp_outputs(model: torch.nn.Module, adapter, layer: int, ids: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """Layer `layer`'s MLP output as the rest of the model sees it (hook added last)."""
+    seen = []
+    handle = adapter.mlp(layer).register_forward_hook(lambda _m, _i, out: seen.append(out.clone()))
+    try:
+        model(input_ids=ids)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_splice_with_error_reproduces_clean_logits(tiny_model, adapter, tset) -> None:  # noqa: ANN001
+    clean = tiny_model(input_ids=IDS).logits
+    with splice(adapter, tset, add_error=True):
+        spliced = tiny_model(input_ids=IDS).logits
+    torch.testing.assert_close(spliced, clean, atol=1e-5, rtol=0)
+    with splice(adapter, tset):
+        replaced = tiny_model(input_ids=IDS).logits
+    assert (replaced - clean).abs().max() > 1e-4  # without the error term the model changes
+    torch.testing.assert_close(tiny_model(input_ids=IDS).logits, clean)  # hooks removed
+
+
+@pytest.mark.parametrize("action", ["zero", "scale", "clamp"])
+def test_intervention_changes_exactly_that_feature(tiny_model, adapter, tset, action: str) -> None:  # noqa: ANN001
+    with splice(adapter, tset, add_error=True, record=True) as handle:
+        base = _mlp_outputs(tiny_model, adapter, 0, IDS)
+    rec = handle.records[0][0]
+    # A feature active at position 4 (zero/scale) or one inactive there (clamp).
+    active = rec.idx_BTK[0, 4][rec.acts_BTK[0, 4] > 0]
+    feature = (
+        int(active[0])
+        if action != "clamp"
+        else int(next(f for f in range(64) if f not in rec.idx_BTK[0, 4]))
+    )
+    old = float((rec.acts_BTK[0, 4] * (rec.idx_BTK[0, 4] == feature)).sum())
+    new = {"zero": 0.0, "scale": old * 3.0, "clamp": 2.5}[action]
+    iv = FeatureIntervention(
+        layer=0,
+        feature=feature,
+        positions=[4, 7],
+        action=action,
+        value=3.0 if action == "scale" else 2.5,
+    )
+    with splice(adapter, tset, add_error=True, interventions=[iv]):
+        edited = _mlp_outputs(tiny_model, adapter, 0, IDS)
+    diff = edited - base
+    torch.testing.assert_close(
+        diff[0, 4], (new - old) * tset[0].W_dec[feature], atol=1e-6, rtol=1e-5
+    )
+    others = [p for p in range(IDS.shape[1]) if p not in (4, 7)]
+    assert diff[0, others].abs().max() == 0
+    old_7 = float((rec.acts_BTK[0, 7] * (rec.idx_BTK[0, 7] == feature)).sum())
+    new_7 = {"zero": 0.0, "scale": old_7 * 3.0, "clamp": 2.5}[action]
+    torch.testing.assert_close(
+        diff[0, 7], (new_7 - old_7) * tset[0].W_dec[feature], atol=1e-6, rtol=1e-5
+    )
+
+
+def test_interventions_use_absolute_positions_with_kv_cache(tiny_model, adapter, tset) -> None:  # noqa: ANN001
+    iv = FeatureIntervention(layer=1, feature=3, positions=[2, 8], action="clamp", value=4.0)
+    with splice(adapter, tset, add_error=True, interventions=[iv]):
+        full = tiny_model(input_ids=IDS).logits
+        out = tiny_model(input_ids=IDS[:, :5], use_cache=True)
+        steps = [out.logits]
+        for t in range(5, IDS.shape[1]):
+            out = tiny_model(input_ids=IDS[:, t : t + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert (full - tiny_model(input_ids=IDS).logits)[0, 8].abs().max() > 1e-4
+
+
+def test_trained_transcoders_beat_mean_predictor(tiny_model, adapter) -> None:  # noqa: ANN001
+    from crv.transcoders.activations import training_batches
+    from crv.transcoders.train import TranscoderTrainer
+
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 50, (40,), generator=gen).tolist() for _ in range(60)]
+    cfg = TranscoderConfig(
+        k=8,
+        expansion=4,
+        tokens=40_000,
+        batch_tokens=512,
+        lr=3e-3,
+        shuffle_buffer_tokens=2048,
+        lr_warmup_steps=5,
+    )
+    trainer = TranscoderTrainer(cfg, adapter.d_model, [0, 1], seed=0)
+    trainer.train(
+        training_batches(cfg, tiny_model, adapter, seqs[:50], [0, 1], gen), progress=False
+    )
+    report = evaluate_transcoders(
+        tiny_model, adapter, trainer.transcoder_set(), seqs[50:], batch_seqs=8
+    )
+    assert {
+        "layers",
+        "ce_clean",
+        "ce_spliced",
+        "ce_zero",
+        "ce_loss_recovered",
+        "kl_spliced",
+    } <= set(report)
+    for row in report["layers"]:
+        assert (
+            row["fvu"] < 0.5 and row["l0"] <= 8 and 0 <= row["dead_frac"] <= 1 and row["cos"] > 0.7
+        )
+    assert report["kl_spliced"] >= 0
+
+
+def test_stage_writes_loadable_set_and_eval(tmp_path: Path, tiny_model) -> None:  # noqa: ANN001
+    loading = pytest.importorskip("crv.models.loading")
+    import logging
+
+    from datasets import Dataset
+
+    from crv.io import read_json
+    from crv.models.tiny import build_tokenizer
+    from crv.pipeline import StageContext
+    from crv.transcoders.io import load_transcoder_set
+    from crv.transcoders.stage import run_stage
+
+    subject = tmp_path / "subject"
+    tiny_model.save_pretrained(subject)
+    build_tokenizer().save_pretrained(subject)
+    loading.load_subject(subject, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "input_ids": [1, *torch.randint(3, 30, (30,), generator=gen).tolist()],
+            "split": "test" if i % 4 == 0 else "train",
+        }
+        for i in range(24)
+    ]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "traces" / "dataset"))
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = TranscoderConfig(
+        k=4, expansion=2, tokens=2048, batch_tokens=256, shuffle_buffer_tokens=512
+    )
+    ctx = StageContext(
+        "transcoders",
+        cfg,
+        {"subject": subject, "traces": tmp_path / "traces"},
+        out,
+        tmp_path / "scratch",
+        0,
+        "cpu",
+        logging.getLogger("test"),
+    )
+    report = run_stage(ctx)
+    assert read_json(out / "eval.json")["ce_clean"] == report["ce_clean"]
+    assert [row["layer"] for row in report["layers"]] == [0, 1]
+    assert load_transcoder_set(out).layers == [0, 1]
