@@ -1,0 +1,219 @@
+"""Step-graph throughput: one forward pass per trace with shared rows vs one pass per step.
+
+Both sides build the same graphs (same config, same model and transcoders) for canonical
+traces of >= 5 steps: `shared` attributes every step of a trace from one forward pass and
+reuses feature rows between its steps (`crv.attribution.attribute.trace_graphs`); `per-step`
+attributes each step from its own prefix with nothing shared. Prints graphs per second of
+both, the rows each computed, whether the graphs agree, and ends with `ratio: X` (shared over
+per-step throughput).
+
+Subject: data/crv-tiny when present, else a random 4-layer hidden-128 Llama. Transcoders: a
+given transcoder-set directory, else 16x/k=32 TopK transcoders briefly trained here on the
+model's activations (`--train-steps`, 0 = data-initialised random ones). Traces: the canonical
+solutions of synthetic arithmetic problems (teacher-forced, no generation).
+
+    python benchmarks/attribution.py [--traces 6 --complexities 5 7 --threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crv.attribution.attribute import TraceAttributor
+from crv.attribution.config import AttributionConfig
+from crv.attribution.graph import StepGraph
+from crv.models.adapter import ArchAdapter
+from crv.transcoders.module import TranscoderSet
+
+TINY = Path(__file__).resolve().parent.parent / "data" / "crv-tiny"
+
+
+def load_model(path: Path) -> tuple[Any, Any, str]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from crv.models.tiny import build_tokenizer
+
+    if (path / "model.safetensors").is_file():
+        from crv.models.loading import load_subject
+
+        model, tokenizer = load_subject(path)
+        return model.requires_grad_(False), tokenizer, str(path)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
+    return (
+        LlamaForCausalLM(config).eval().requires_grad_(False),
+        tokenizer,
+        "random 4-layer hidden-128 Llama",
+    )
+
+
+def canonical_traces(
+    tokenizer: Any, complexities: list[int], n: int, seed: int
+) -> list[dict[str, Any]]:
+    """Arithmetic problems with their canonical solutions as traces (ids, step positions)."""
+    from crv.tasks import generate_problems
+    from crv.tasks.segment import segment_steps
+    from crv.traces import last_token_index, token_char_ends
+
+    traces = []
+    for complexity in complexities:
+        for problem in generate_problems("arithmetic", complexity, n, seed):
+            completion = problem.solution()
+            prompt_ids = tokenizer(problem.prompt).input_ids
+            completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
+            ends = token_char_ends(tokenizer, completion_ids, completion)
+            positions = [
+                last_token_index(ends, end, len(prompt_ids)) for _, end in segment_steps(completion)
+            ]
+            traces.append(
+                {"id": problem.id, "input_ids": prompt_ids + completion_ids, "positions": positions}
+            )
+    return [t for t in traces if len(t["positions"]) >= 5]
+
+
+def mlp_activations(
+    adapter: ArchAdapter, traces: list[dict[str, Any]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLP inputs and outputs of every layer over the traces' tokens, [L, N, D] each."""
+    xs: list[list[torch.Tensor]] = [[] for _ in range(adapter.n_layers)]
+    ys: list[list[torch.Tensor]] = [[] for _ in range(adapter.n_layers)]
+
+    def hook(layer: int):
+        def record(_: Any, inputs: tuple, out: torch.Tensor) -> None:
+            xs[layer].append(inputs[0][0])
+            ys[layer].append(out[0])
+
+        return record
+
+    handles = [adapter.mlp(i).register_forward_hook(hook(i)) for i in range(adapter.n_layers)]
+    with torch.no_grad():
+        for trace in traces:
+            adapter.model(input_ids=torch.tensor([trace["input_ids"]]))
+    for h in handles:
+        h.remove()
+    return torch.stack([torch.cat(x) for x in xs]), torch.stack([torch.cat(y) for y in ys])
+
+
+def make_transcoders(adapter: ArchAdapter, tokenizer: Any, steps: int, seed: int) -> TranscoderSet:
+    """16x, k=32 TopK transcoders, trained for `steps` steps of 2048 tokens (0: data-initialised)."""
+    from crv.transcoders.config import TranscoderConfig
+    from crv.transcoders.train import TranscoderTrainer
+
+    x_LND, y_LND = mlp_activations(adapter, canonical_traces(tokenizer, [3, 5, 7], 40, seed + 1))
+    cfg = TranscoderConfig(batch_tokens=2048, tokens=max(steps, 1) * 2048)
+    trainer = TranscoderTrainer(cfg, adapter.d_model, range(adapter.n_layers), seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, x_LND.shape[1], (cfg.batch_tokens,), generator=gen)
+        trainer.step(x_LND[:, idx], y_LND[:, idx])
+    if steps == 0:
+        for layer in range(adapter.n_layers):
+            trainer.tset[layer].init_from_data(x_LND[layer], y_LND[layer])
+    tset = trainer.transcoder_set()
+    for layer in tset.layers:
+        tset[layer].requires_grad_(False)
+    return tset
+
+
+def same_graph(g: StepGraph, h: StepGraph) -> bool:
+    cols = ("kind", "layer", "pos", "feature", "src", "dst")
+    return all(np.array_equal(getattr(g, c), getattr(h, c)) for c in cols) and np.allclose(
+        g.weight, h.weight, atol=1e-4, rtol=1e-3
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=TINY, help="subject model directory")
+    parser.add_argument("--transcoders", type=Path, default=None, help="transcoder-set directory")
+    parser.add_argument(
+        "--train-steps", type=int, default=150, help="quick transcoder training steps"
+    )
+    parser.add_argument("--traces", type=int, default=4, help="traces per complexity")
+    parser.add_argument("--complexities", type=int, nargs="+", default=[5, 7])
+    parser.add_argument(
+        "--max-feature-nodes", type=int, default=AttributionConfig.max_feature_nodes
+    )
+    parser.add_argument("--batch-size", type=int, default=AttributionConfig.batch_size)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer, model_name = load_model(args.model)
+    adapter = ArchAdapter.for_model(model)
+    start = time.perf_counter()
+    if args.transcoders is not None:
+        from crv.transcoders.io import load_transcoder_set
+
+        tset = load_transcoder_set(args.transcoders)
+        tc_name = str(args.transcoders)
+    else:
+        tset = make_transcoders(adapter, tokenizer, args.train_steps, args.seed)
+        tc_name = f"16x k=32 TopK, {args.train_steps} quick training steps"
+    print(f"subject: {model_name}; transcoders: {tc_name} ({time.perf_counter() - start:.0f} s)")
+    cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
+    traces = canonical_traces(tokenizer, args.complexities, args.traces, args.seed)
+    n_graphs = sum(len(t["positions"]) for t in traces)
+    lengths = [len(t["input_ids"]) for t in traces]
+    print(
+        f"{len(traces)} traces, {n_graphs} step graphs, {min(lengths)}-{max(lengths)} tokens; "
+        f"max_feature_nodes {cfg.max_feature_nodes}, batch_size {cfg.batch_size}, threads {args.threads}"
+    )
+
+    start = time.perf_counter()
+    shared: list[StepGraph] = []
+    rows_shared = 0
+    for t in traces:
+        attributor = TraceAttributor(adapter, tset, t["input_ids"], t["positions"], cfg)
+        atts = attributor.attribute_steps(t["positions"], trace_id=t["id"])
+        shared += [att.pruned(cfg.node_threshold, cfg.edge_threshold) for att in atts]
+        rows_shared += attributor.n_rows_computed
+    t_shared = time.perf_counter() - start
+
+    start = time.perf_counter()
+    per_step: list[StepGraph] = []
+    rows_per_step = 0
+    for t in traces:
+        for s, p in enumerate(t["positions"]):
+            attributor = TraceAttributor(adapter, tset, t["input_ids"][: p + 1], [p], cfg)
+            per_step.append(
+                attributor.attribute_step(p, s, t["id"]).pruned(
+                    cfg.node_threshold, cfg.edge_threshold
+                )
+            )
+            rows_per_step += attributor.n_rows_computed
+    t_per_step = time.perf_counter() - start
+
+    agree = sum(same_graph(g, h) for g, h in zip(shared, per_step, strict=True))
+    print(f"{'':10} {'s/graph':>8} {'graphs/s':>9} {'rows':>7}")
+    print(f"{'shared':10} {t_shared / n_graphs:8.3f} {n_graphs / t_shared:9.2f} {rows_shared:7d}")
+    print(
+        f"{'per-step':10} {t_per_step / n_graphs:8.3f} {n_graphs / t_per_step:9.2f} {rows_per_step:7d}"
+    )
+    print(
+        f"identical graphs: {agree}/{n_graphs}; mean nodes {np.mean([g.n_nodes for g in shared]):.0f}, "
+        f"edges {np.mean([g.n_edges for g in shared]):.0f}"
+    )
+    print(f"ratio: {t_per_step / t_shared:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Configuration of the `graphs` stage (the `attribution` config section).
+
+Every field's docstring is its help text. The defaults follow CRV (10 logits up to 95%
+probability, 80% node / 98% edge influence). The feature budget is scaled like the paper's:
+4,096 expanded features for Llama-3.1-8B is the number of active latents at one position
+(32 layers x k 128); for crv's embedded subject (4 layers x k 32) that is 128, which takes
+about 0.2 s per step graph on one CPU core (traces of 100-250 tokens).
+Fields named `runtime_*` change speed or memory, never a graph, and are left out of the
+artifact's cache key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POSITIONS = ("after", "before")
+
+
+@dataclass
+class AttributionConfig:
+    """How each reasoning step's attribution graph is built and pruned."""
+
+    max_logits: int = 10
+    """Most next-token logits attributed per step (the top ones by probability)."""
+
+    logit_cum_prob: float = 0.95
+    """Stop adding logits once their cumulative probability reaches this."""
+
+    max_feature_nodes: int = 128
+    """Most transcoder features given a row (expanded) per step, in order of influence
+    (CRV: 4096 for Llama-3.1-8B, the active latents of one position; scale with layers x k)."""
+
+    batch_size: int = 32
+    """Target rows per backward pass."""
+
+    update_interval: int = 2
+    """Batches of feature rows expanded between two re-rankings of the candidate features."""
+
+    node_threshold: float = 0.8
+    """Pruning keeps the smallest node set holding this share of the influence on the logits."""
+
+    edge_threshold: float = 0.98
+    """Pruning then keeps the smallest edge set holding this share of the edge influence."""
+
+    position: str = "after"
+    """Token whose next-token logits a step's graph explains: `after` = the step's last token,
+    `before` = the previous step's last token (the prompt's last token for the first step)."""
+
+    splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    """Trace splits to attribute."""
+
+    max_traces: int | None = None
+    """Attribute at most this many traces, spread evenly over the selected splits' traces in
+    dataset order (so every task and complexity is represented); None = all."""
+
+    runtime_row_cache_mb: int = 512
+    """Memory for rows kept for reuse by later steps of the same trace (least recently used
+    rows are dropped first and recomputed if needed again)."""
+
+    def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise ValueError(
+                f"attribution.position must be one of {POSITIONS}, got {self.position!r}"
+            )
+        if not (0 < self.node_threshold <= 1 and 0 < self.edge_threshold <= 1):
+            raise ValueError("attribution.node_threshold and edge_threshold must lie in (0, 1]")
+        if (
+            min(self.max_logits, self.batch_size, self.update_interval) < 1
+            or self.max_feature_nodes < 0
+        ):
+            raise ValueError("attribution.max_logits, batch_size and update_interval must be >= 1")

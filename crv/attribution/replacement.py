@@ -1,0 +1,261 @@
+"""The local replacement model of one token sequence, and batched backward passes through it.
+
+`ReplacementTrace` runs the subject model once over a sequence inside `adapter.frozen()`
+(attention probabilities and norm scales constant for autograd) with hooks that make the
+autograd leaves whose gradients give every attribution row:
+
+- the input of layer 0 (the token nodes' vectors, positional or scaled embeddings included),
+- every MLP's output, replaced by a detached copy of itself (same value, no gradient path
+  back into the MLP), which splits into transcoder features and an error term,
+
+and that keep the tensors targets are read at: every MLP's input (a feature's pre-activation
+is `W_enc[f] . MLP-in`) and the final norm's output (a demeaned logit is
+`(W_U[t] - mean_v W_U[v]) . final-norm-out`). Between the leaves and those tensors the
+frozen model is affine, so a gradient injected at a target and read at the leaves is that
+target's exact row of direct effects.
+
+The forward runs through the model's KV cache in segments that end at the target positions
+(the steps' tokens). It is still one pass over the sequence, but the autograd graph of a
+segment only reaches back into earlier segments (through the cached keys and values), so a
+backward pass for targets at position q traverses positions <= q only, as if the sequence
+had been cut after q.
+
+A row is a dense float32 vector over the source columns of positions 0..q, laid out
+position-major by `SourceLayout`; position 0 (BOS) is never a source and stays zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from crv.models.adapter import ArchAdapter
+from crv.transcoders.module import TranscoderSet
+
+Key = tuple[int, int, int]
+"""A target: (layer, position, feature index); layer = n_layers and a token id for logits."""
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """Source columns of a row: per position, [features (layer, TopK slot) | errors | token].
+
+    Position-major, so the sources at positions <= q are the first (q + 1) * stride columns.
+    """
+
+    n_layers: int
+    k: int
+
+    @property
+    def stride(self) -> int:
+        return self.n_layers * self.k + self.n_layers + 1
+
+    def feature_col(self, pos: np.ndarray | int, layer: np.ndarray | int, slot: np.ndarray | int):
+        return pos * self.stride + layer * self.k + slot
+
+    def error_col(self, pos: np.ndarray | int, layer: np.ndarray | int):
+        return pos * self.stride + self.n_layers * self.k + layer
+
+    def token_col(self, pos: np.ndarray | int):
+        return pos * self.stride + self.n_layers * self.k + self.n_layers
+
+
+class ReplacementTrace:
+    """One frozen forward pass over `input_ids[: max(positions) + 1]`; rows by backward passes.
+
+    After construction: `acts_PLK` / `idx_PLK` (TopK activations and latent indices of every
+    layer's transcoder), `errors_PLD` (MLP out minus transcoder reconstruction), `embeds_PD`
+    (layer-0 input) for the P positions up to the last target position, and the next-token
+    probabilities at each target position (`probs(pos)`).
+    """
+
+    def __init__(
+        self,
+        adapter: ArchAdapter,
+        tset: TranscoderSet,
+        input_ids: Sequence[int] | torch.Tensor,
+        positions: Sequence[int],
+    ) -> None:
+        if sorted(tset.layers) != list(range(adapter.n_layers)):
+            raise ValueError(
+                f"attribution needs a transcoder for every layer 0..{adapter.n_layers - 1}, "
+                f"the set has layers {tset.layers}"
+            )
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        if not positions or min(positions) < 1 or max(positions) >= len(ids):
+            raise ValueError(
+                f"target positions must lie in 1..{len(ids) - 1}, got {sorted(positions)}"
+            )
+        self.adapter, self.tset = adapter, tset
+        self.n_layers = adapter.n_layers
+        self.layout = SourceLayout(adapter.n_layers, tset.k)
+        self.ends = sorted({int(p) + 1 for p in positions})
+        self.starts = [0, *self.ends[:-1]]
+        self.n_positions = self.ends[-1]
+        self.device = adapter.unembed_weight.device
+        self.input_ids = ids[: self.n_positions].to(self.device)
+        self._forward()
+        self._encode()
+        W_U = adapter.unembed_weight.detach().float()
+        self._logit_dirs_VD = W_U - W_U.mean(0, keepdim=True)
+
+    # -- forward -------------------------------------------------------------------------
+
+    def _forward(self) -> None:
+        model, L = self.adapter.model, self.n_layers
+        self._emb_leaves: list[torch.Tensor] = []  # per segment [1, n_s, D]
+        self._mlp_in: list[list[torch.Tensor]] = [[] for _ in range(L)]  # [layer][segment]
+        self._mlp_out: list[list[torch.Tensor]] = [[] for _ in range(L)]  # leaves
+        self._final: list[torch.Tensor] = []
+        self._probs: dict[int, torch.Tensor] = {}
+        cache = DynamicCache(config=model.config)
+        with torch.enable_grad(), self.adapter.frozen(), self._hooks():
+            for start, end in zip(self.starts, self.ends, strict=True):
+                out = model(
+                    input_ids=self.input_ids[None, start:end],
+                    position_ids=torch.arange(start, end, device=self.device)[None],
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                self._probs[end - 1] = torch.softmax(out.logits[0, -1].detach().double(), -1).cpu()
+
+    @contextlib.contextmanager
+    def _hooks(self) -> Iterator[None]:
+        """Leaves at the layer-0 input and the MLP outputs; keep MLP inputs and final norm out.
+
+        Registered inside `frozen()`, so they run after the adapter's linearising norm hooks
+        and see the linearised tensors.
+        """
+
+        def embed_hook(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            leaf = hidden.detach().requires_grad_(True)
+            self._emb_leaves.append(leaf)
+            if args:
+                return (leaf, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": leaf}
+
+        def mlp_hook(layer: int):
+            def hook(_: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+                self._mlp_in[layer].append(inputs[0])
+                leaf = out.detach().requires_grad_(True)
+                self._mlp_out[layer].append(leaf)
+                return leaf
+
+            return hook
+
+        def final_hook(_: nn.Module, __: tuple, out: torch.Tensor) -> None:
+            self._final.append(out)
+
+        handles = [self.adapter.layers[0].register_forward_pre_hook(embed_hook, with_kwargs=True)]
+        handles += [
+            self.adapter.mlp(i).register_forward_hook(mlp_hook(i)) for i in range(self.n_layers)
+        ]
+        handles.append(self.adapter.final_norm.register_forward_hook(final_hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def _encode(self) -> None:
+        acts, idx, errors = [], [], []
+        for layer in range(self.n_layers):
+            tc = self.tset[layer]
+            x_PD = torch.cat(self._mlp_in[layer], dim=1)[0].detach()
+            y_PD = torch.cat(self._mlp_out[layer], dim=1)[0].detach().float()
+            acts_PK, idx_PK = tc.encode(x_PD)
+            acts.append(acts_PK.float())
+            idx.append(idx_PK)
+            errors.append(y_PD - tc.decode(acts_PK, idx_PK).float())
+        self.acts_PLK = torch.stack(acts, dim=1)
+        self.idx_PLK = torch.stack(idx, dim=1)
+        self.errors_PLD = torch.stack(errors, dim=1)
+        self.embeds_PD = torch.cat(self._emb_leaves, dim=1)[0].detach().float()
+
+    def probs(self, pos: int) -> torch.Tensor:
+        """Next-token probabilities (float64, [V], on the CPU) at a target position."""
+        return self._probs[pos]
+
+    # -- rows ----------------------------------------------------------------------------
+
+    def _target_vectors(self, keys: Sequence[Key]) -> torch.Tensor:
+        vecs = []
+        for layer, _, index in keys:
+            if layer == self.n_layers:
+                vecs.append(self._logit_dirs_VD[index])
+            else:
+                vecs.append(self.tset[layer].W_enc[index].detach().float())
+        return torch.stack(vecs)
+
+    def rows(self, keys: Sequence[Key]) -> list[torch.Tensor]:
+        """The rows of `keys` from one batched backward pass; row b has (pos_b + 1) * stride
+        columns (float32): the direct effect of every source on the target's pre-activation
+        (feature) or demeaned logit (logit)."""
+        L, K, S = self.n_layers, self.layout.k, self.layout.stride
+        B = len(keys)
+        layer_B = np.array([k[0] for k in keys])
+        pos_B = np.array([k[1] for k in keys])
+        seg_B = np.searchsorted(self.ends, pos_B, side="right")
+        last_seg = int(seg_B.max())
+        top_layer = int(layer_B.max())  # leaves at layers >= top_layer get no gradient
+        vecs_BD = self._target_vectors(keys)
+
+        outputs, grad_outputs = [], []
+        for layer, seg in sorted({(int(a), int(b)) for a, b in zip(layer_B, seg_B, strict=True)}):
+            out = self._final[seg] if layer == L else self._mlp_in[layer][seg]
+            members = np.flatnonzero((layer_B == layer) & (seg_B == seg))
+            grad = out.new_zeros(B, *out.shape)
+            grad[members, 0, pos_B[members] - self.starts[seg]] = vecs_BD[members].to(out.dtype)
+            outputs.append(out)
+            grad_outputs.append(grad)
+        inputs = self._emb_leaves[: last_seg + 1] + [
+            leaf for layer in range(top_layer) for leaf in self._mlp_out[layer][: last_seg + 1]
+        ]
+        grads = torch.autograd.grad(
+            outputs,
+            inputs,
+            grad_outputs,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+
+        P = self.ends[last_seg]
+        n_seg = last_seg + 1
+
+        def joined(
+            part: Sequence[torch.Tensor | None], leaves: Sequence[torch.Tensor]
+        ) -> torch.Tensor:
+            """Segments' batched gradients as one [B, P, D] float32 tensor."""
+            return torch.cat(
+                [
+                    (g if g is not None else leaf.new_zeros(B, *leaf.shape))
+                    for g, leaf in zip(part, leaves, strict=True)
+                ],
+                dim=2,
+            )[:, 0].float()
+
+        with torch.no_grad():
+            row_BPS = torch.zeros(B, P, S, device=self.device)
+            grad_BPD = joined(grads[:n_seg], self._emb_leaves[:n_seg])
+            row_BPS[:, :, L * K + L] = torch.einsum("bpd,pd->bp", grad_BPD, self.embeds_PD[:P])
+            for layer in range(top_layer):
+                part = grads[n_seg * (layer + 1) : n_seg * (layer + 2)]
+                grad_BPD = joined(part, self._mlp_out[layer][:n_seg])
+                dec_PKD = self.tset[layer].W_dec.detach().float()[self.idx_PLK[:P, layer]]
+                feat_BPK = torch.einsum("bpd,pkd->bpk", grad_BPD, dec_PKD)
+                row_BPS[:, :, layer * K : (layer + 1) * K] = feat_BPK * self.acts_PLK[:P, layer]
+                row_BPS[:, :, L * K + layer] = torch.einsum(
+                    "bpd,pd->bp", grad_BPD, self.errors_PLD[:P, layer]
+                )
+            row_BPS[:, 0] = 0.0  # BOS is not a source
+        return [row_BPS[b, : pos_B[b] + 1].reshape(-1).clone() for b in range(B)]

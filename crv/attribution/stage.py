@@ -1,0 +1,115 @@
+"""The `graphs` stage: the pruned attribution graph of every reasoning step of every trace.
+
+Reads the subject model, the traces and the transcoder set through their public loaders,
+builds each trace's step graphs from one forward pass (`attribute.trace_graphs`) and writes
+one file per trace (`store.py`) into the scratch directory first, atomically, so a killed run
+resumes with the traces it has not finished; the finished files are then copied into the
+artifact. Returns the means over all graphs that the pipeline reports under `attribution`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from crv.attribution.attribute import step_positions, trace_graphs
+from crv.attribution.config import AttributionConfig
+from crv.attribution.store import (
+    GRAPH_DIR,
+    read_metadata,
+    read_step_graphs,
+    save_step_graphs,
+    trace_file,
+)
+
+
+def run_stage(ctx: Any) -> dict[str, Any]:
+    from crv.models.adapter import ArchAdapter
+    from crv.models.loading import load_subject
+    from crv.traces import load_traces
+    from crv.transcoders.io import load_transcoder_set
+
+    cfg: AttributionConfig = ctx.cfg
+    model, _ = load_subject(ctx.inputs["subject"], ctx.device)
+    model.requires_grad_(False)
+    adapter = ArchAdapter.for_model(model)
+    tset = load_transcoder_set(ctx.inputs["transcoders"], ctx.device)
+    for layer in tset.layers:
+        tset[layer].requires_grad_(False)
+    tset.check_compatible(adapter)
+
+    traces = load_traces(ctx.inputs["traces"])
+    splits = set(cfg.splits)
+    rows = [i for i, split in enumerate(traces["split"]) if split in splits]
+    if cfg.max_traces is not None and cfg.max_traces < len(rows):
+        # evenly spread, so that a budget still covers every task and complexity
+        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, cfg.max_traces).round().astype(int)]
+    traces = traces.select(rows)
+    ctx.log.info("attributing the steps of %d traces (splits %s)", len(traces), sorted(splits))
+
+    graph_stats: list[tuple[int, int, float, float]] = []  # nodes, edges, replacement, completeness
+    seconds, n_skipped, n_resumed = 0.0, 0, 0
+    for trace in tqdm(traces, desc="graphs", unit="trace"):
+        path = trace_file(ctx.scratch, trace["id"])
+        if path.is_file():
+            n_resumed += 1
+            graphs = read_step_graphs(path)
+            meta = read_metadata(path)
+        else:
+            start = time.perf_counter()
+            n_tokens = len(trace["input_ids"])
+            positions = step_positions(trace["steps"], trace["prompt_len"], cfg.position)
+            kept = [
+                (s["index"], p)
+                for s, p in zip(trace["steps"], positions, strict=True)
+                if 1 <= p < n_tokens
+            ]
+            graphs = []
+            if kept:
+                steps, kept_positions = zip(*kept, strict=True)
+                graphs = trace_graphs(
+                    adapter,
+                    tset,
+                    trace["input_ids"],
+                    list(kept_positions),
+                    cfg,
+                    trace["id"],
+                    list(steps),
+                )
+            meta = {
+                "seconds": str(time.perf_counter() - start),
+                "n_skipped_steps": str(len(trace["steps"]) - len(kept)),
+            }
+            save_step_graphs(path, trace["id"], graphs, meta)
+        seconds += float(meta["seconds"])
+        n_skipped += int(meta["n_skipped_steps"])
+        graph_stats += [
+            (g.n_nodes, g.n_edges, g.scores["replacement_score"], g.scores["completeness_score"])
+            for g in graphs
+        ]
+
+    out_dir = ctx.out / GRAPH_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for trace_id in traces["id"]:
+        shutil.copy2(trace_file(ctx.scratch, trace_id), out_dir)
+
+    stats = np.array(graph_stats, dtype=np.float64).reshape(-1, 4)
+    n_graphs = len(stats)
+    means = stats.mean(0) if n_graphs else np.full(4, np.nan)
+    if n_skipped:
+        ctx.log.warning("%d steps had no valid token position and were skipped", n_skipped)
+    return {
+        "n_traces": len(traces),
+        "n_graphs": n_graphs,
+        "n_skipped_steps": n_skipped,
+        "n_resumed_traces": n_resumed,
+        "seconds_per_graph": seconds / n_graphs if n_graphs else float("nan"),
+        "mean_nodes": float(means[0]),
+        "mean_edges": float(means[1]),
+        "replacement_score": float(means[2]),
+        "completeness_score": float(means[3]),
+    }

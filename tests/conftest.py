@@ -1,0 +1,19 @@
+"""Test-wide settings: one torch thread (tiny models gain nothing from more, and a shared
+machine makes thread contention dominate) and deterministic seeds per test."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)

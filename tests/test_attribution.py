@@ -1,0 +1,344 @@
+"""Attribution edges are exact direct effects; whole-trace graphs equal prefix graphs.
+
+Tiny random models of every family the adapter supports (Llama, Mistral, Qwen2, Qwen3,
+Gemma2, Gemma3, GPT-2, GPT-NeoX; sliding windows shorter than the sequence) with random TopK
+transcoders, non-trivial norm weights and biases. The reference is computed without
+any of crv's attribution machinery: a forward pass through the frozen model in which every
+MLP output is a constant (its clean value = transcoder-out + error) and a single source is
+perturbed with forward-mode AD. The frozen model is affine in the sources, so the tangent
+is exactly the finite change per unit perturbation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from crv.attribution.attribute import StepAttribution, attribute_trace
+from crv.attribution.config import AttributionConfig
+from crv.attribution.graph import ERROR, FEATURE, LOGIT, TOKEN
+from crv.models.adapter import ArchAdapter
+from crv.transcoders.module import TopKTranscoder, TranscoderSet
+
+VOCAB, D, N_LAYERS, T = 37, 32, 3, 15
+POSITIONS = [6, 10, 14]
+_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=D,
+    num_hidden_layers=N_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    initializer_range=0.15,
+)
+FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**_SHAPE)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_SHAPE)),
+    "gemma2": lambda: Gemma2ForCausalLM(
+        Gemma2Config(
+            **_SHAPE,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=5,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=30.0,
+        )
+    ),
+    "gpt2": lambda: GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=D,
+            n_layer=N_LAYERS,
+            n_head=4,
+            n_positions=64,
+            initializer_range=0.15,
+        )
+    ),
+    "gemma3": lambda: Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            **_SHAPE,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+    ),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**_SHAPE, sliding_window=5)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**_SHAPE, head_dim=8)),
+    "gpt_neox": lambda: GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=D,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            initializer_range=0.15,
+        )
+    ),
+}
+CFG = AttributionConfig(
+    max_logits=4, logit_cum_prob=1.0, max_feature_nodes=10_000, batch_size=16, update_interval=1
+)
+
+
+@pytest.fixture(autouse=True)
+def _fast_cpu() -> Iterator[None]:
+    """One thread (tiny ops on a shared CPU) and no denormals (tangents of these random
+    models underflow into them, which makes matmuls ~100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(threads)
+
+
+def make_model(family: str, attn_implementation: str | None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval().requires_grad_(False)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():  # non-trivial norm weights and biases
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def make_transcoders(activation: str) -> TranscoderSet:
+    gen = torch.Generator().manual_seed(1)
+    tcs = {}
+    for layer in range(N_LAYERS):
+        tc = TopKTranscoder(D, 48, 4, activation=activation, generator=gen).requires_grad_(False)
+        with torch.no_grad():
+            tc.b_enc.copy_(0.2 * torch.randn(48, generator=gen))
+            tc.W_dec.mul_(2.0)
+        tcs[layer] = tc
+    return TranscoderSet(tcs, k=4, activation=activation)
+
+
+def setup(
+    family: str, attn_implementation: str | None = None
+) -> tuple[ArchAdapter, TranscoderSet, torch.Tensor]:
+    model = make_model(family, attn_implementation)
+    ids = torch.randint(1, VOCAB, (T,), generator=torch.Generator().manual_seed(2))
+    return (
+        ArchAdapter.for_model(model),
+        make_transcoders("topk" if family == "gpt2" else "relu_topk"),
+        ids,
+    )
+
+
+@contextlib.contextmanager
+def hooked(
+    adapter: ArchAdapter, layer0: Callable, mlp: Callable, final: Callable
+) -> Iterator[None]:
+    handles = [adapter.layers[0].register_forward_pre_hook(layer0, with_kwargs=True)]
+    handles += [adapter.mlp(i).register_forward_hook(mlp(i)) for i in range(adapter.n_layers)]
+    handles.append(adapter.final_norm.register_forward_hook(final))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def clean_run(
+    adapter: ArchAdapter, tset: TranscoderSet, ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Layer-0 input [T, D], MLP outputs, TopK codes and errors [L, T, ...] of the clean pass."""
+    rec: dict[str, list] = {"h0": [], "out": [], "in": []}
+
+    def layer0(_, args, kwargs):
+        rec["h0"].append((args[0] if args else kwargs["hidden_states"])[0])
+
+    def mlp(_layer):
+        def hook(_, inputs, out):
+            rec["in"].append(inputs[0][0])
+            rec["out"].append(out[0])
+
+        return hook
+
+    with torch.no_grad(), adapter.frozen(), hooked(adapter, layer0, mlp, lambda *_: None):
+        adapter.model(input_ids=ids[None])
+    codes = [tset[i].encode(rec["in"][i]) for i in range(adapter.n_layers)]
+    errors = [rec["out"][i] - tset[i].decode(*codes[i]) for i in range(adapter.n_layers)]
+    return {
+        "h0": rec["h0"][0],
+        "out": torch.stack(rec["out"]),
+        "acts": torch.stack([c[0] for c in codes]),
+        "idx": torch.stack([c[1] for c in codes]),
+        "errors": torch.stack(errors),
+    }
+
+
+def perturbed_targets(
+    adapter: ArchAdapter, clean: dict[str, torch.Tensor], layer: int, pos: int, vec: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Changes of every MLP input [L, T, D] and of the final norm output [T, D] per unit
+    move of the source vector `vec` at (layer, pos) (layer -1: the layer-0 input), with
+    every MLP output held at its clean constant (forward-mode AD in a scalar eps)."""
+    shift = torch.zeros(1, T, D)
+    shift[0, pos] = vec
+
+    def run(eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen: dict[str, list] = {"in": [], "final": []}
+
+        def layer0(_, args, kwargs):
+            h = (args[0] if args else kwargs["hidden_states"]).detach()
+            h = h + eps * shift if layer == -1 else h
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+        def mlp(at: int):
+            def hook(_, inputs, out):
+                seen["in"].append(inputs[0][0])
+                const = clean["out"][at][None]
+                return const + eps * shift if at == layer else const
+
+            return hook
+
+        def final(_, __, out):
+            seen["final"].append(out[0])
+
+        with adapter.frozen(), hooked(adapter, layer0, mlp, final):
+            adapter.model(input_ids=clean["ids"][None])
+        return torch.stack(seen["in"]), seen["final"][0]
+
+    _, tangents = torch.func.jvp(run, (torch.zeros(()),), (torch.ones(()),))
+    return tangents
+
+
+def source_vector(
+    att: StepAttribution, j: int, clean: dict[str, torch.Tensor], tset: TranscoderSet
+):
+    """(layer of the leaf, position, vector) whose unit perturbation is source node j."""
+    kind, layer, pos = (
+        int(att.nodes["kind"][j]),
+        int(att.nodes["layer"][j]),
+        int(att.nodes["pos"][j]),
+    )
+    if kind == FEATURE:
+        latent = int(att.nodes["feature"][j])
+        slot = int(torch.nonzero(clean["idx"][layer, pos] == latent)[0, 0])
+        act = clean["acts"][layer, pos, slot]
+        assert act == pytest.approx(float(att.nodes["activation"][j]), rel=1e-4, abs=1e-5)
+        return layer, pos, act * tset[layer].W_dec[latent]
+    if kind == ERROR:
+        return layer, pos, clean["errors"][layer, pos]
+    assert kind == TOKEN
+    return -1, pos, clean["h0"][pos]
+
+
+def expected_column(
+    att: StepAttribution, tangent_in: torch.Tensor, tangent_final: torch.Tensor, adapter, tset
+):
+    """Change of every row node's pre-activation / demeaned logit, in row order."""
+    W_U = adapter.unembed_weight.float()
+    dirs = W_U - W_U.mean(0)
+    values = []
+    for node in att.counts.row_nodes.tolist():
+        kind, layer, pos, index = (
+            int(att.nodes[c][node]) for c in ("kind", "layer", "pos", "feature")
+        )
+        if kind == FEATURE:
+            values.append(tset[layer].W_enc[index] @ tangent_in[layer, pos])
+        else:
+            assert kind == LOGIT
+            values.append(dirs[index] @ tangent_final[pos])
+    return torch.stack(values)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_edges_equal_perturbation_effects(family: str) -> None:
+    # eager: the forward-mode reference cannot run through sdpa kernels
+    adapter, tset, ids = setup(family, "eager")
+    atts = attribute_trace(adapter, tset, ids, POSITIONS, CFG)
+    clean = clean_run(adapter, tset, ids) | {"ids": ids}
+    att = atts[-1]  # the last step: sources at every position
+    n = att.counts
+    assert n.n_errors == N_LAYERS * POSITIONS[-1] and n.n_tokens == POSITIONS[-1]
+    assert n.n_features > 20  # every active feature with a path to the logits is expanded
+    rng = np.random.default_rng(0)
+    sources = np.concatenate(
+        [
+            rng.choice(np.flatnonzero(att.nodes["kind"] == kind), 3, replace=False)
+            for kind in (FEATURE, ERROR, TOKEN)
+        ]
+    )
+    biggest = 0.0
+    for j in sources:
+        layer, pos, vec = source_vector(att, int(j), clean, tset)
+        tangent_in, tangent_final = perturbed_targets(adapter, clean, layer, pos, vec)
+        expected = expected_column(att, tangent_in, tangent_final, adapter, tset)
+        got = att.adjacency_RN[:, j]
+        torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-4)
+        biggest = max(biggest, float(expected.abs().max()))
+    assert biggest > 0.05  # the comparison is not between near-zero numbers
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_whole_trace_equals_prefix(family: str) -> None:
+    adapter, tset, ids = setup(family)
+    cfg = AttributionConfig(max_logits=3, max_feature_nodes=40, batch_size=6, update_interval=2)
+    whole = attribute_trace(adapter, tset, ids, POSITIONS, cfg)
+    for att in whole:
+        (alone,) = attribute_trace(adapter, tset, ids[: att.position + 1], [att.position], cfg)
+        for col in ("kind", "layer", "pos", "feature"):
+            np.testing.assert_array_equal(att.nodes[col], alone.nodes[col])
+        np.testing.assert_allclose(att.nodes["activation"], alone.nodes["activation"], atol=1e-5)
+        torch.testing.assert_close(att.adjacency_RN, alone.adjacency_RN, atol=1e-5, rtol=1e-4)
+        g, h = att.pruned(0.8, 0.98), alone.pruned(0.8, 0.98)
+        for col in ("kind", "layer", "pos", "feature", "src", "dst"):
+            np.testing.assert_array_equal(getattr(g, col), getattr(h, col))
+        np.testing.assert_allclose(g.weight, h.weight, atol=1e-5, rtol=1e-4)
+
+
+def test_rows_are_shared_between_steps() -> None:
+    from crv.attribution.attribute import TraceAttributor
+
+    adapter, tset, ids = setup("llama")
+    attributor = TraceAttributor(adapter, tset, ids, POSITIONS, CFG)
+    for p in POSITIONS:
+        attributor.attribute_step(p)
+    # every active feature is expanded at every step: features of earlier positions are reused
+    assert attributor.n_rows_computed < attributor.n_rows_requested
+    computed = attributor.n_rows_computed
+    attributor.attribute_step(POSITIONS[-1])
+    assert attributor.n_rows_computed == computed
+
+
+def test_before_position_is_the_previous_steps_after() -> None:
+    from crv.attribution.attribute import step_positions
+
+    steps = [{"last_token": 6}, {"last_token": 10}, {"last_token": 14}]
+    assert step_positions(steps, 4, "after") == [6, 10, 14]
+    assert step_positions(steps, 4, "before") == [3, 6, 10]
+    adapter, tset, ids = setup("qwen2")
+    cfg = AttributionConfig(max_feature_nodes=30, batch_size=8)
+    after = attribute_trace(adapter, tset, ids, step_positions(steps, 4, "after"), cfg)
+    before = attribute_trace(adapter, tset, ids, step_positions(steps, 4, "before"), cfg)
+    for a, b in zip(after[:-1], before[1:], strict=True):
+        torch.testing.assert_close(a.adjacency_RN, b.adjacency_RN, atol=1e-5, rtol=1e-4)

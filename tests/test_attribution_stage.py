@@ -1,0 +1,192 @@
+"""The `graphs` stage end to end on tiny artifacts, its resume, and the graph store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from crv.attribution.attribute import trace_graphs
+from crv.attribution.config import AttributionConfig
+from crv.attribution.graph import StepGraph
+from crv.attribution.render import write_html
+from crv.attribution.stage import run_stage
+from crv.attribution.store import (
+    iter_step_graphs,
+    load_step_graphs,
+    save_step_graphs,
+    trace_file,
+    trace_ids,
+)
+from crv.models.adapter import ArchAdapter
+from crv.pipeline import StageContext
+from crv.transcoders.io import save_transcoder_set
+from crv.transcoders.module import TopKTranscoder, TranscoderSet
+
+VOCAB, D, N_LAYERS = 30, 32, 2
+CFG = AttributionConfig(max_feature_nodes=24, batch_size=8, splits=["test"])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_artifacts(root: Path) -> dict[str, Path]:
+    from datasets import Dataset
+
+    from crv.models.tiny import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=D,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=64,
+            initializer_range=0.1,
+        )
+    )
+    model.save_pretrained(root / "subject")
+    tokenizer.save_pretrained(root / "subject")
+    gen = torch.Generator().manual_seed(1)
+    tset = TranscoderSet(
+        {i: TopKTranscoder(D, 64, 4, generator=gen) for i in range(N_LAYERS)},
+        k=4,
+        activation="relu_topk",
+    )
+    save_transcoder_set(tset, root / "transcoders")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, split in enumerate(["test", "train", "test", "test"]):
+        n = int(rng.integers(14, 24))
+        ends = sorted(rng.choice(np.arange(6, n), 3, replace=False).tolist())
+        steps = [
+            {"index": j, "text": "", "label": True, "last_token": e} for j, e in enumerate(ends)
+        ]
+        if i == 2:  # a step whose token was cut off: skipped, not fatal
+            steps.append({"index": 3, "text": "", "label": None, "last_token": n + 5})
+        rows.append(
+            {
+                "id": f"t/{i}",
+                "input_ids": [1] + rng.integers(4, len(tokenizer), n - 1).tolist(),
+                "prompt_len": 5,
+                "steps": steps,
+                "split": split,
+            }
+        )
+    Dataset.from_list(rows).save_to_disk(str(root / "traces" / "dataset"))
+    return {
+        "subject": root / "subject",
+        "traces": root / "traces",
+        "transcoders": root / "transcoders",
+    }
+
+
+def context(root: Path, inputs: dict[str, Path], out: str) -> StageContext:
+    (root / out).mkdir()
+    return StageContext(
+        name="graphs",
+        cfg=CFG,
+        inputs=inputs,
+        out=root / out,
+        scratch=root / "scratch",
+        seed=0,
+        device="cpu",
+        log=logging.getLogger("test"),
+    )
+
+
+def assert_same(g: StepGraph, h: StepGraph) -> None:
+    assert (g.trace_id, g.step, g.position) == (h.trace_id, h.step, h.position)
+    for col in (
+        "kind",
+        "layer",
+        "pos",
+        "feature",
+        "activation",
+        "influence",
+        "src",
+        "dst",
+        "weight",
+    ):
+        np.testing.assert_array_equal(getattr(g, col), getattr(h, col))
+    assert g.scores == pytest.approx(h.scores)
+
+
+def test_stage_writes_resumes_and_loads(tmp_path: Path) -> None:
+    inputs = make_artifacts(tmp_path)
+    (tmp_path / "scratch").mkdir()
+    metrics = run_stage(context(tmp_path, inputs, "out1"))
+    assert metrics["n_traces"] == 3 and metrics["n_graphs"] == 9 and metrics["n_skipped_steps"] == 1
+    assert metrics["n_resumed_traces"] == 0
+    assert metrics["seconds_per_graph"] > 0 and metrics["mean_nodes"] > 0
+    assert 0 <= metrics["replacement_score"] <= 1 and 0 <= metrics["completeness_score"] <= 1
+    out = tmp_path / "out1"
+    assert trace_ids(out) == ["t/0", "t/2", "t/3"]
+
+    # the stored graphs are the graphs of the library call
+    from datasets import load_from_disk
+
+    from crv.models.loading import load_subject
+    from crv.transcoders.io import load_transcoder_set
+
+    model, _ = load_subject(inputs["subject"])
+    trace = load_from_disk(str(inputs["traces"] / "dataset"))[0]
+    direct = trace_graphs(
+        ArchAdapter.for_model(model.requires_grad_(False)),
+        load_transcoder_set(inputs["transcoders"]),
+        trace["input_ids"],
+        [s["last_token"] for s in trace["steps"]],
+        CFG,
+        trace["id"],
+    )
+    for g, h in zip(load_step_graphs(out, "t/0"), direct, strict=True):
+        assert_same(g, h)
+        assert g.n_edges > 0 and g.to_networkx().number_of_nodes() == g.n_nodes
+    assert len(list(iter_step_graphs(out))) == 9
+
+    # a rerun on the same scratch recomputes nothing
+    resumed = run_stage(context(tmp_path, inputs, "out2"))
+    assert resumed["n_resumed_traces"] == 3
+    assert {k: v for k, v in resumed.items() if k != "n_resumed_traces"} == pytest.approx(
+        {k: v for k, v in metrics.items() if k != "n_resumed_traces"}
+    )
+
+
+def test_store_round_trip_and_render(tmp_path: Path) -> None:
+    g = StepGraph(
+        trace_id="a b/c",
+        step=2,
+        position=7,
+        kind=np.array([2, 3], dtype=np.int8),
+        layer=np.array([-1, 2], dtype=np.int16),
+        pos=np.array([7, 7], dtype=np.int32),
+        feature=np.array([4, 9], dtype=np.int32),
+        activation=np.array([0.0, 0.8], dtype=np.float32),
+        influence=np.array([0.5, 0.8], dtype=np.float32),
+        src=np.array([0], dtype=np.int32),
+        dst=np.array([1], dtype=np.int32),
+        weight=np.array([-1.5], dtype=np.float32),
+        scores={"replacement_score": 0.25},
+    )
+    page = write_html(g, tmp_path / "g.html", tokens=[f"<t{i}>" for i in range(8)]).read_text()
+    assert page.count("<circle") == 2 and page.count("<line") == 1 and "&lt;t7&gt;" in page
+    save_step_graphs(trace_file(tmp_path, "a b/c"), "a b/c", [g])
+    save_step_graphs(trace_file(tmp_path, "empty"), "empty", [])
+    (loaded,) = load_step_graphs(tmp_path, "a b/c")
+    assert_same(loaded, g)
+    assert load_step_graphs(tmp_path, "empty") == []
+    with pytest.raises(FileNotFoundError):
+        load_step_graphs(tmp_path, "missing")
