@@ -127,7 +127,7 @@ def _frozen_attention(
     scores_BHQS = scores_BHQS + _additive_mask(attention_mask, q_len, k_len, scores_BHQS)
     probs_BHQS = torch.softmax(scores_BHQS, dim=-1, dtype=torch.float32).to(query_BHQd.dtype)
     probs_BHQS = nn.functional.dropout(probs_BHQS.detach(), p=dropout, training=module.training)
-    out_BQHd = torch.matmul(probs_BHQS, value_BHSd).transpose(1, 2).contiguous()
+    out_BQHd = torch.einsum("bhqs,bhsd->bqhd", probs_BHQS, value_BHSd).contiguous()
     if original is None:
         return out_BQHd, probs_BHQS
     return exact_BQHd + (out_BQHd - out_BQHd.detach()), weights
