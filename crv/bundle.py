@@ -237,7 +237,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         subject_source=config_of("subject"),
     )
     ctx.log.info(
-        "bundle written to %s (subject embedded: %s)", ctx.out, manifest["subject"]["embedded"]
+        "bundle exported (subject embedded: %s)", manifest["subject"]["embedded"]
     )
     return {
         "subject_embedded": manifest["subject"]["embedded"],

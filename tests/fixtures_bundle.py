@@ -16,14 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from factories import random_transcoder_set, tiny_llama
 
 from crv.attribution.config import AttributionConfig
 from crv.bundle import BundleConfig, export_bundle
 from crv.models.tiny import build_tokenizer
 from crv.transcoders.io import save_transcoder_set
-from crv.transcoders.module import TopKTranscoder, TranscoderSet
 from crv.verifier.classifier import XGBVerifier
 from crv.verifier.config import FeaturesConfig, VerifierConfig
 from crv.verifier.features import feature_names
@@ -51,21 +49,14 @@ def write_subject(out: Path, seed: int = 0, **shape: int | float) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**config, **shape})).float()
+    model = tiny_llama(seed, **{**config, **shape}).float()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 
 
 def write_transcoders(out: Path, seed: int = 0) -> Path:
-    gen = torch.Generator().manual_seed(seed)
-    tset = TranscoderSet(
-        {layer: TopKTranscoder(D_MODEL, 64, 4, generator=gen) for layer in range(N_LAYERS)},
-        k=4,
-        activation="relu_topk",
-    )
-    save_transcoder_set(tset, out)
+    save_transcoder_set(random_transcoder_set(D_MODEL, 64, 4, range(N_LAYERS), seed=seed), out)
     return out
 
 

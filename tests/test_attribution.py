@@ -17,24 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from factories import random_transcoder_set, tiny_model
 
 from crv.attribution.attribute import StepAttribution, attribute_trace
 from crv.attribution.config import AttributionConfig
@@ -44,61 +27,7 @@ from crv.transcoders.module import TopKTranscoder, TranscoderSet
 
 VOCAB, D, N_LAYERS, T = 37, 32, 3, 15
 POSITIONS = [6, 10, 14]
-_SHAPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=D,
-    num_hidden_layers=N_LAYERS,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    initializer_range=0.15,
-)
-FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**_SHAPE)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_SHAPE)),
-    "gemma2": lambda: Gemma2ForCausalLM(
-        Gemma2Config(
-            **_SHAPE,
-            head_dim=8,
-            query_pre_attn_scalar=8,
-            sliding_window=5,
-            attn_logit_softcapping=5.0,
-            final_logit_softcapping=30.0,
-        )
-    ),
-    "gpt2": lambda: GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=D,
-            n_layer=N_LAYERS,
-            n_head=4,
-            n_positions=64,
-            initializer_range=0.15,
-        )
-    ),
-    "gemma3": lambda: Gemma3ForCausalLM(
-        Gemma3TextConfig(
-            **_SHAPE,
-            head_dim=8,
-            query_pre_attn_scalar=8,
-            sliding_window=5,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        )
-    ),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**_SHAPE, sliding_window=5)),
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**_SHAPE, head_dim=8)),
-    "gpt_neox": lambda: GPTNeoXForCausalLM(
-        GPTNeoXConfig(
-            vocab_size=VOCAB,
-            hidden_size=D,
-            num_hidden_layers=N_LAYERS,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            initializer_range=0.15,
-        )
-    ),
-}
+FAMILIES = ["llama", "qwen2", "gemma2", "gpt2", "gemma3", "mistral", "qwen3", "gpt_neox"]
 CFG = AttributionConfig(
     max_logits=4, logit_cum_prob=1.0, max_feature_nodes=10_000, batch_size=16, update_interval=1
 )
@@ -117,8 +46,16 @@ def _fast_cpu() -> Iterator[None]:
 
 
 def make_model(family: str, attn_implementation: str | None) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = FAMILIES[family]().eval().requires_grad_(False)
+    model = tiny_model(
+        family,
+        vocab_size=VOCAB,
+        hidden_size=D,
+        n_layers=N_LAYERS,
+        sliding_window=5,
+        max_positions=64,
+        initializer_range=0.15,
+        final_logit_softcapping=30.0,
+    ).requires_grad_(False)
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
     with torch.no_grad():  # non-trivial norm weights and biases
@@ -129,15 +66,14 @@ def make_model(family: str, attn_implementation: str | None) -> torch.nn.Module:
 
 
 def make_transcoders(activation: str) -> TranscoderSet:
-    gen = torch.Generator().manual_seed(1)
-    tcs = {}
-    for layer in range(N_LAYERS):
-        tc = TopKTranscoder(D, 48, 4, activation=activation, generator=gen).requires_grad_(False)
-        with torch.no_grad():
-            tc.b_enc.copy_(0.2 * torch.randn(48, generator=gen))
-            tc.W_dec.mul_(2.0)
-        tcs[layer] = tc
-    return TranscoderSet(tcs, k=4, activation=activation)
+    def init(tc: TopKTranscoder, gen: torch.Generator) -> None:
+        tc.requires_grad_(False)
+        tc.b_enc.copy_(0.2 * torch.randn(48, generator=gen))
+        tc.W_dec.mul_(2.0)
+
+    return random_transcoder_set(
+        D, 48, 4, range(N_LAYERS), activation=activation, seed=1, init=init
+    )
 
 
 def setup(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from factories import random_transcoder_set, tiny_llama
 
 from crv.attribution.attribute import trace_graphs
 from crv.attribution.config import AttributionConfig
@@ -26,7 +26,6 @@ from crv.attribution.store import (
 from crv.models.adapter import ArchAdapter
 from crv.pipeline import StageContext
 from crv.transcoders.io import save_transcoder_set
-from crv.transcoders.module import TopKTranscoder, TranscoderSet
 
 VOCAB, D, N_LAYERS = 30, 32, 2
 CFG = AttributionConfig(max_feature_nodes=24, batch_size=8, splits=["test"])
@@ -45,28 +44,19 @@ def make_artifacts(root: Path) -> dict[str, Path]:
 
     from crv.models.tiny import build_tokenizer
 
-    torch.manual_seed(0)
     tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=D,
-            num_hidden_layers=N_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            intermediate_size=64,
-            initializer_range=0.1,
-        )
+    model = tiny_llama(
+        vocab_size=len(tokenizer),
+        hidden_size=D,
+        num_hidden_layers=N_LAYERS,
+        num_key_value_heads=4,
+        initializer_range=0.1,
     )
     model.save_pretrained(root / "subject")
     tokenizer.save_pretrained(root / "subject")
-    gen = torch.Generator().manual_seed(1)
-    tset = TranscoderSet(
-        {i: TopKTranscoder(D, 64, 4, generator=gen) for i in range(N_LAYERS)},
-        k=4,
-        activation="relu_topk",
+    save_transcoder_set(
+        random_transcoder_set(D, 64, 4, range(N_LAYERS), seed=1), root / "transcoders"
     )
-    save_transcoder_set(tset, root / "transcoders")
     rng = np.random.default_rng(0)
     rows = []
     for i, split in enumerate(["test", "train", "test", "test"]):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from factories import tiny_llama
 
 from crv.verifier.baselines import (
     SCORE_COLUMNS,
@@ -24,19 +24,11 @@ from crv.verifier.config import BaselinesConfig, VerifierConfig
 from crv.verifier.features import KEY_COLUMNS
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
+@pytest.fixture(scope="module", name="tiny_llama")
+def tiny_llama_fixture():
+    return tiny_llama(
+        vocab_size=40, num_hidden_layers=4, num_key_value_heads=4, max_position_embeddings=128
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 IDS = [1, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from factories import random_transcoder_set
 
 from crv.attribution.graph import FEATURE, LOGIT, TOKEN, StepGraph
 from crv.generation import generate_greedy
@@ -35,7 +36,6 @@ from crv.interventions.propose import (
 from crv.models.adapter import ArchAdapter
 from crv.models.tiny import TinyConfig, build_model, build_tokenizer
 from crv.tasks import Problem
-from crv.transcoders.module import TopKTranscoder, TranscoderSet
 from crv.transcoders.splice import splice
 
 N_LAYERS, D_MODEL = 3, 32
@@ -50,12 +50,7 @@ def subject():
     tokenizer = build_tokenizer()
     cfg = TinyConfig(layers=N_LAYERS, hidden=D_MODEL, heads=2, intermediate=64, seed=0)
     model = build_model(cfg, tokenizer).eval()
-    gen = torch.Generator().manual_seed(0)
-    tset = TranscoderSet(
-        {layer: TopKTranscoder(D_MODEL, 128, 8, generator=gen) for layer in range(N_LAYERS)},
-        k=8,
-        activation="relu_topk",
-    )
+    tset = random_transcoder_set(D_MODEL, 128, 8, range(N_LAYERS))
     yield ArchAdapter.for_model(model), tokenizer, tset
     torch.set_num_threads(threads)
 
@@ -347,7 +342,8 @@ def test_summarize_rates_and_markdown():
 
 def test_config_defaults():
     cfg = InterventionConfig()
-    assert cfg.max_steps == 80 and cfg.rank_by in ("influence", "verifier", "layer")
+    assert cfg.max_steps >= 50  # the issue asks for >= 50 attempted steps on the default run
+    assert cfg.rank_by in ("influence", "verifier", "layer")
     with pytest.raises(ValueError, match="rank_by"):
         InterventionConfig(rank_by="gradient")
     with pytest.raises(ValueError, match="scope"):

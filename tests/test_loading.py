@@ -15,44 +15,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from factories import tiny_llama, tiny_tokenizer, word_vocabulary
+from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 from crv.models.loading import ModelConfig, export_subject, load_subject, resolve_source
 
 VOCAB, D, N_LAYERS, N_HEADS, N_KV, D_MLP = 64, 32, 2, 4, 2, 64
-WORDS = ["<unk>", "<bos>", "<eos>"] + [str(i) for i in range(VOCAB - 3)]
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
-    )
+WORDS = word_vocabulary(VOCAB)
 
 
 @pytest.fixture()
 def hf_dir(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    path = tmp_path / "hf"
+    tiny_llama(
         vocab_size=VOCAB,
         hidden_size=D,
         num_hidden_layers=N_LAYERS,
         num_attention_heads=N_HEADS,
         num_key_value_heads=N_KV,
         intermediate_size=D_MLP,
-    )
-    path = tmp_path / "hf"
-    LlamaForCausalLM(config).save_pretrained(path)
-    _tokenizer().save_pretrained(path)
+    ).save_pretrained(path)
+    tiny_tokenizer(VOCAB).save_pretrained(path)
     return path
 
 
@@ -166,7 +149,7 @@ def test_export_rejects_bad_dtype_and_unknown_family(hf_dir: Path, tmp_path: Pat
         vocab_size=VOCAB, hidden_size=D, ffn_dim=D_MLP, num_hidden_layers=1, num_attention_heads=4
     )
     OPTForCausalLM(opt).save_pretrained(opt_dir)
-    _tokenizer().save_pretrained(opt_dir)
+    tiny_tokenizer(VOCAB).save_pretrained(opt_dir)
     with pytest.raises(ValueError, match="no architecture adapter for model_type 'opt'"):
         export_subject(ModelConfig(name=str(opt_dir)), tmp_path / "o", tmp_path)
     assert not (tmp_path / "o").exists()

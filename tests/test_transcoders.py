@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from factories import random_transcoder_set, tiny_llama
 from safetensors.torch import load_file, save_file
 
 from crv.transcoders.activations import (
@@ -25,17 +26,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def tiny_model() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-    )
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    return tiny_llama().requires_grad_(False)
 
 
 def _dense_loss(
@@ -134,12 +125,12 @@ def _random_set(
     d_model: int = 8, n_latents: int = 24, layers: tuple[int, ...] = (0, 1)
 ) -> TranscoderSet:
     gen = torch.Generator().manual_seed(2)
-    tcs = {layer: TopKTranscoder(d_model, n_latents, 3, "relu_topk", gen) for layer in layers}
-    for tc in tcs.values():
-        with torch.no_grad():
-            tc.b_enc.normal_(generator=gen)
-            tc.b_dec.normal_(generator=gen)
-    return TranscoderSet(tcs, k=3, activation="relu_topk")
+    tset = random_transcoder_set(d_model, n_latents, 3, layers, generator=gen)
+    with torch.no_grad():
+        for layer in layers:
+            tset[layer].b_enc.normal_(generator=gen)
+            tset[layer].b_dec.normal_(generator=gen)
+    return tset
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:

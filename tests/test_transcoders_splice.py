@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import random_transcoder_set, tiny_llama
 
 from crv.transcoders.config import TranscoderConfig
 from crv.transcoders.evaluate import evaluate_transcoders
@@ -17,17 +18,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def tiny_model() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-    )
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    return tiny_llama().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +30,11 @@ def adapter(tiny_model: torch.nn.Module):  # noqa: ANN201
 
 @pytest.fixture(scope="module")
 def tset() -> TranscoderSet:
-    gen = torch.Generator().manual_seed(0)
-    tcs = {layer: TopKTranscoder(32, 64, 4, "relu_topk", gen) for layer in (0, 1)}
-    for tc in tcs.values():
-        with torch.no_grad():
-            tc.b_enc.fill_(0.05)
-            tc.W_dec.mul_(0.05)
-    return TranscoderSet(tcs, k=4, activation="relu_topk")
+    def init(tc: TopKTranscoder, _: torch.Generator) -> None:
+        tc.b_enc.fill_(0.05)
+        tc.W_dec.mul_(0.05)
+
+    return random_transcoder_set(32, 64, 4, (0, 1), init=init)
 
 
 IDS = torch.tensor([[1, 7, 3, 9, 12, 5, 44, 2, 8, 30]])
