@@ -236,9 +236,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         seed=ctx.seed,
         subject_source=config_of("subject"),
     )
-    ctx.log.info(
-        "bundle exported (subject embedded: %s)", manifest["subject"]["embedded"]
-    )
+    ctx.log.info("bundle exported (subject embedded: %s)", manifest["subject"]["embedded"])
     return {
         "subject_embedded": manifest["subject"]["embedded"],
         "size_mb": round(_dir_mb(Path(ctx.out)), 2),
