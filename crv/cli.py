@@ -55,14 +55,15 @@ def run(cfg: DictConfig) -> dict:
 
 def main() -> None:
     """Console script `crv`."""
-    from crv.config import options_help, register_configs
+    from crv.config import CRVConfig, register_configs
+    from crv.options import options_help
 
     register_configs()
     if "--help" in sys.argv or "-h" in sys.argv:
         print("crv: Circuit-based Reasoning Verification pipeline.\n")
         print("Usage: crv [experiment=smoke] [section.field=value ...] [-m for sweeps]\n")
         print("Options (section.field=default  help):")
-        print("\n".join(options_help()))
+        print("\n".join(options_help(CRVConfig)))
         print(
             "\nHydra's own flags (--cfg job, --multirun, ...) work as usual; see `crv --hydra-help`."
         )

@@ -4,17 +4,13 @@ Each stage owns its config dataclass next to its code (sparsify style); this mod
 puts them together under the section names the pipeline uses and registers the result
 with Hydra's ConfigStore as the schema `crv_schema`, which `conf/config.yaml` extends.
 
-Field docstrings (a string literal right under a field) are the help text: `options_help`
-reads them from the source with `ast` and `crv --help` prints them.
+Field docstrings (a string literal right under a field) are the help text; `crv --help`
+prints them through `crv.options.options_help`.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from crv.attribution.config import AttributionConfig
 from crv.bundle import BundleConfig
@@ -67,45 +63,3 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="crv_schema", node=CRVConfig)
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass, read from its source."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    docs: dict[str, str] = {}
-    for prev, node in zip(body, body[1:], strict=False):
-        if (
-            isinstance(prev, ast.AnnAssign)
-            and isinstance(prev.target, ast.Name)
-            and isinstance(node, ast.Expr)
-            and isinstance(node.value, ast.Constant)
-            and isinstance(node.value.value, str)
-        ):
-            docs[prev.target.id] = " ".join(node.value.value.split())
-    return docs
-
-
-def _default(f: Any) -> Any:
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return "???"
-
-
-def options_help(cls: type = CRVConfig, prefix: str = "") -> list[str]:
-    """One line per option: `section.field=default  help`, nested dataclasses flattened."""
-    lines: list[str] = []
-    docs = field_docs(cls)
-    for f in fields(cls):
-        name = f"{prefix}{f.name}"
-        default = _default(f)
-        if is_dataclass(default):
-            lines.extend(options_help(type(default), prefix=f"{name}."))
-            continue
-        lines.append(f"  {name}={default}".ljust(44) + f"  {docs.get(f.name, '')}".rstrip())
-    return lines

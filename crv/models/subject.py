@@ -33,9 +33,9 @@ def run_stage(ctx) -> dict[str, Any]:
     cfg = ctx.cfg
     if cfg.name == TINY_NAME:
         if cfg.retrain:
-            from crv.models.tiny import TinyConfig, train_tiny
+            from crv.models.tiny import train_recipe
 
-            train_tiny(TinyConfig(seed=ctx.seed), ctx.out)
+            train_recipe(ctx.out, seed=ctx.seed)
         else:
             shutil.copytree(shipped_tiny_dir(), ctx.out, dirs_exist_ok=True)
     else:

@@ -1,43 +1,41 @@
-"""crv-tiny: the embedded default subject model, trained here from scratch in about 45 minutes.
+"""crv-tiny: the embedded default subject model, trained here from scratch in about 50 minutes.
 
 Why a model of our own: attribution costs roughly one backward pass per graph row, so a
 benchmark of thousands of step graphs on a CPU needs a subject of about a million parameters
 (see REFERENCE.md). Pretrained models that small do not exist offline, so crv ships one: a
 4-layer Llama trained only on *correct* canonical traces of the two synthetic tasks. It learns
-the format almost perfectly but not the arithmetic, so its greedy traces contain incorrect steps
-at a rate that grows with the problem size - exactly what the verifier needs to learn from.
+the format well but neither the arithmetic nor the copying of long expressions perfectly, so its
+greedy traces contain incorrect steps at a rate that grows with the problem size - exactly what
+the verifier needs to learn from (`crv_tiny_eval.json` beside the weights has the measured rates).
 
 Choices that make it learn fast enough on two CPU cores:
-- a ~35-token vocabulary of the pieces the tasks use (digits are single tokens), so a trace is
+- a 33-token vocabulary of the pieces the tasks use (digits are single tokens), so a trace is
   short and every token carries signal; `<pad>` is id 0 and `<bos>` is not (circuit-tracer
   silently skips a bos of id 0);
 - loss only on completion tokens (the prompt is random and unpredictable);
 - every batch holds one task and one complexity (no padding waste), sized to a token budget;
 - a curriculum from small problems, and a high peak learning rate with warmup and cosine decay;
-- the boolean task gets a small share of the batches: it is learned much faster than
+- the boolean task gets 30% of the batches: it is learned much faster than
   arithmetic, and a subject that never errs on a task gives the verifier nothing to learn.
 
-The shipped checkpoint was trained in two stages on a shared 2-core machine (the first stage
-alone, 8M tokens, still miscopied most expressions); reproduce it with
-
-    python -m crv.models.tiny --out /tmp/crv-tiny-stage1
-    python -m crv.models.tiny --init /tmp/crv-tiny-stage1 --seed 1 --tokens 8000000 \
-        --lr 2e-3 --warmup 0.05 --curriculum 0 --threads 2 --out data/crv-tiny
-
-and evaluate it with `python -m crv.models.tiny --eval data/crv-tiny`.
+The shipped checkpoint was trained in three stages (`RECIPE`: 8M tokens from scratch with a
+curriculum, then 8M and 8M more at lower learning rates on fresh problems; the first stage
+alone still miscopied most expressions). `train_recipe` reproduces it (the `subject` stage
+with `model.retrain=true`, or `python -m crv.models.tiny --recipe --out DIR`); evaluate a
+checkpoint with `python -m crv.models.tiny --eval data/crv-tiny`. Bit-exact reproduction
+needs the same torch thread counts (`threads`).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import math
 import random
 import re
 import shutil
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -55,6 +53,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+
+from crv.options import field_docs
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 """Ids 0..3, in this order: pad first so that bos is never id 0."""
@@ -132,22 +132,6 @@ class TinyConfig:
     """Save the model every this many tokens, so a stopped run still leaves a model."""
     init: str = ""
     """Model directory whose weights start the training (empty: random init from `seed`)."""
-
-
-def _field_help(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass, read from its source, as argparse help."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    helps = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-        ):
-            helps[node.target.id] = str(nxt.value.value)
-    return helps
 
 
 def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -339,6 +323,29 @@ def train_tiny(cfg: TinyConfig, out_dir: str | Path, progress: bool = True) -> d
     return stats
 
 
+RECIPE: tuple[dict[str, Any], ...] = (
+    {},
+    {"seed": 1, "tokens": 8_000_000, "lr": 2e-3, "warmup": 0.05, "curriculum": 0.0, "threads": 2},
+    {"seed": 2, "tokens": 8_000_000, "lr": 1.5e-3, "warmup": 0.05, "curriculum": 0.0, "threads": 2},
+)
+"""Stages of the shipped checkpoint: TinyConfig overrides, each continuing the previous stage."""
+
+
+def train_recipe(out_dir: str | Path, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """Train crv-tiny through every stage of `RECIPE` into `out_dir` (stage seeds += `seed`)."""
+    stats: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="crv-tiny-") as tmp:
+        previous = ""
+        for i, overrides in enumerate(RECIPE):
+            last = i == len(RECIPE) - 1
+            target = Path(out_dir) if last else Path(tmp) / f"stage{i + 1}"
+            cfg = dataclasses.replace(TinyConfig(), **overrides, init=previous)
+            cfg.seed += seed
+            stats.append(train_tiny(cfg, target, progress=progress))
+            previous = str(target)
+    return stats
+
+
 def completion_cap(tokenizer: PreTrainedTokenizerFast, problem: Any) -> int:
     """New-token cap for a problem: 1.5x its canonical completion plus slack.
 
@@ -438,13 +445,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="train and write the model directory here")
     parser.add_argument("--eval", type=Path, help="evaluate this model directory instead")
     parser.add_argument(
+        "--recipe", action="store_true", help="train every stage of RECIPE (the shipped model)"
+    )
+    parser.add_argument(
         "--n-per-complexity", type=int, default=100, help="eval: problems per task and complexity"
     )
     parser.add_argument(
         "--eval-seed", type=int, default=20_260_000, help="eval: problem seed (held out)"
     )
     parser.add_argument("--eval-json", type=Path, help="eval: also write the table here")
-    helps = _field_help(TinyConfig)
+    helps = field_docs(TinyConfig)
     for f in dataclasses.fields(TinyConfig):
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",
@@ -462,6 +472,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.out is None:
         parser.error("give --out (train) or --eval (evaluate)")
+    if args.recipe:
+        print(json.dumps(train_recipe(args.out, seed=args.seed), indent=2))
+        return
     cfg = TinyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TinyConfig)})
     print(json.dumps(train_tiny(cfg, args.out), indent=2))
 
