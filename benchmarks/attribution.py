@@ -13,6 +13,12 @@ model's activations (`--train-steps`, 0 = data-initialised random ones). Traces:
 solutions of synthetic arithmetic problems (teacher-forced, no generation).
 
     python benchmarks/attribution.py [--traces 6 --complexities 5 7 --threads 1]
+
+Against circuit-tracer: `benchmarks/attribution_circuit_tracer.py` builds one graph of a
+random 4-layer hidden-128 Llama with random TopK transcoders with crv and with circuit-tracer 0.5.0 (in its own
+venv, `--ct-python`) and prints seconds per graph, `ct_ratio` (crv over circuit-tracer
+throughput; 7.5-8.6 here, about 0.16 vs 1.25 s/graph at 128 feature nodes, 100 tokens, 1 thread)
+and `edge_agreement_max_rel` (2.9e-06 on the same 128 features and 10 logits).
 """
 
 from __future__ import annotations
