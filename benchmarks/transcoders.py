@@ -8,7 +8,7 @@ target has the structure of a real MLP output. The reference computes everything
 a straightforward implementation would. Prints tokens/s and final FVU of both and ends
 with `ratio: X` (crv tokens/s over reference tokens/s).
 
-    python benchmarks/transcoders.py [--d-model 128 --expansion 32 --k 32 --steps 20 --lr 3e-3]
+    python benchmarks/transcoders.py [--d-model 128 --expansion 16 --k 32 --steps 20 --lr 3e-3]
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ class DenseReference:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--expansion", type=int, default=32)
-    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--expansion", type=int, default=TranscoderConfig.expansion)
+    ap.add_argument("--k", type=int, default=TranscoderConfig.k)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-3, help="fixed, so a short run gets somewhere")
