@@ -72,7 +72,7 @@ def generate_greedy(
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-                outs = _generate_batch(
+                outs = generate_from_ids(
                     model,
                     [encoded[i] for i in batch],
                     [caps[i] for i in batch],
@@ -93,7 +93,7 @@ def generate_greedy(
     return [r for r in results if r is not None]
 
 
-def _generate_batch(
+def generate_from_ids(
     model: PreTrainedModel,
     prompts: list[list[int]],
     caps: list[int],
@@ -101,7 +101,12 @@ def _generate_batch(
     pad_id: int,
     device: torch.device,
 ) -> list[tuple[list[int], bool]]:
-    """Greedy loop with a KV cache over one left-padded batch."""
+    """Greedy-decode token-id prompts as one left-padded batch with a KV cache.
+
+    Returns, per prompt, the generated ids (up to its cap, without eos) and whether eos
+    ended it. Used directly where a prompt is a token prefix that must not be re-tokenised
+    (regenerating a trace from the middle of a step).
+    """
     n = len(prompts)
     width = max(len(p) for p in prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long)

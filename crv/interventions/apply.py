@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from crv.generation import _generate_batch
+from crv.generation import generate_from_ids
 from crv.interventions.propose import FeatureKey, Proposal
 from crv.traces import label_steps, last_token_index, token_char_ends
 from crv.transcoders.module import TranscoderSet
@@ -138,7 +138,7 @@ def regenerate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = adapter.unembed_weight.device
     with torch.inference_mode(), splice(adapter, tset, add_error=True, interventions=interventions):
-        [(new_ids, _)] = _generate_batch(
+        [(new_ids, _)] = generate_from_ids(
             adapter.model, [prefix], [max_new_tokens], eos, pad, device
         )
     original = list(row["input_ids"][span.first_token : span.last_token + 1])
