@@ -41,8 +41,6 @@ TINY = Path(__file__).resolve().parent.parent / "data" / "crv-tiny"
 
 
 def load_model(path: Path) -> tuple[Any, Any, str]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from crv.models.tiny import build_tokenizer
 
     if (path / "model.safetensors").is_file():
@@ -51,7 +49,14 @@ def load_model(path: Path) -> tuple[Any, Any, str]:
         model, tokenizer = load_subject(path)
         return model.requires_grad_(False), tokenizer, str(path)
     tokenizer = build_tokenizer()
-    torch.manual_seed(0)
+    return random_llama(tokenizer, seed=0), tokenizer, "random 4-layer hidden-128 Llama"
+
+
+def random_llama(tokenizer: Any, seed: int) -> Any:
+    """A seeded random 4-layer, hidden-128 Llama over `tokenizer` (the benchmarks' stand-in)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -60,12 +65,11 @@ def load_model(path: Path) -> tuple[Any, Any, str]:
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    return (
-        LlamaForCausalLM(config).eval().requires_grad_(False),
-        tokenizer,
-        "random 4-layer hidden-128 Llama",
-    )
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
 def canonical_traces(

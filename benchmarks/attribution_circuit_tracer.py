@@ -116,27 +116,14 @@ def child(spec_path: str) -> None:
 def build_inputs(root: Path, args: argparse.Namespace) -> tuple[object, object, list[int]]:
     """Random Llama (+ tokenizer) and TopK transcoder set saved under `root`; the prompt ids."""
     import yaml
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from attribution import random_llama  # benchmarks/attribution.py (same folder)
 
     from crv.models.tiny import build_tokenizer
     from crv.transcoders.io import absolute_config_for, save_transcoder_set
     from crv.transcoders.module import TopKTranscoder, TranscoderSet
 
     tokenizer = build_tokenizer()
-    torch.manual_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    model = random_llama(tokenizer, args.seed)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     # transformers 5 names the class TokenizersBackend; circuit-tracer's 4.57 knows it as
@@ -147,7 +134,7 @@ def build_inputs(root: Path, args: argparse.Namespace) -> tuple[object, object, 
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     transcoders = {}
-    for layer in range(config.num_hidden_layers):
+    for layer in range(model.config.num_hidden_layers):
         tc = TopKTranscoder(128, args.latents, args.k, "topk", generator=gen)
         with torch.no_grad():
             tc.b_enc.copy_(0.01 * torch.randn(args.latents, generator=gen))
