@@ -39,6 +39,12 @@ class GenerationResult:
     """False when the token cap ended the generation."""
 
 
+def token_cap(tokenizer: PreTrainedTokenizerBase, reference: str, factor: float = 1.5) -> int:
+    """New-token cap for a prompt whose expected completion is `reference`: factor x its
+    tokens plus 16 of slack, so a runaway generation (no answer line) stops early."""
+    return 16 + int(factor * len(tokenizer(reference, add_special_tokens=False)["input_ids"]))
+
+
 def generate_greedy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

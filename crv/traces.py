@@ -221,7 +221,7 @@ def run_stage(ctx) -> dict[str, Any]:
     """Generate, segment and label traces; save the dataset and return its stats table."""
     from datasets import Dataset
 
-    from crv.generation import generate_greedy
+    from crv.generation import generate_greedy, token_cap
     from crv.io import atomic_write_json
     from crv.models.loading import load_subject
 
@@ -231,12 +231,7 @@ def run_stage(ctx) -> dict[str, Any]:
     if cfg.gsm8k_path:
         rows += _gsm8k_rows(cfg, ctx.seed)
     caps = {
-        r["prompt"]: int(
-            cfg.max_new_tokens_factor
-            * len(tokenizer(r["reference"], add_special_tokens=False).input_ids)
-        )
-        + 16
-        for r in rows
+        r["prompt"]: token_cap(tokenizer, r["reference"], cfg.max_new_tokens_factor) for r in rows
     }
     ctx.log.info("generating %d traces", len(rows))
     results = generate_greedy(

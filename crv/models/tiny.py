@@ -54,6 +54,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from crv.generation import generate_greedy, token_cap
 from crv.options import field_docs
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -351,7 +352,7 @@ def completion_cap(tokenizer: PreTrainedTokenizerFast, problem: Any) -> int:
 
     Runaway generations (no `Answer:` line) would otherwise dominate generation time.
     """
-    return 16 + 3 * len(tokenizer(problem.solution(), add_special_tokens=False)["input_ids"]) // 2
+    return token_cap(tokenizer, problem.solution())
 
 
 def evaluate_tiny(
@@ -371,7 +372,6 @@ def evaluate_tiny(
     incorrect or unparseable one; a trace is wrong when it has such a step. `reasons` counts
     the checker's verdicts on those first bad steps, per task.
     """
-    from crv.generation import generate_greedy
     from crv.tasks import check_completion, generate_problems
 
     torch.set_num_threads(threads)

@@ -7,9 +7,6 @@ model (4 layers, a few thousand step graphs of a few hundred nodes) on a 2-core 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
-
-ThresholdRule = Literal["max_f1", "recall95"]
 
 
 @dataclass
