@@ -249,11 +249,21 @@ class StepVerifier:
 
     def graphs(self, trace: Trace, enc: Encoded) -> list[Any]:
         """The pruned step graphs of all steps of a trace, from one shared forward pass."""
-        from crv.attribution.attribute import step_positions, trace_graphs
+        from crv.attribution.attribute import (
+            needs_token_probs,
+            next_token_probs,
+            step_positions,
+            trace_graphs,
+        )
 
         b, cfg = self.bundle, self.attribution
         steps = [{"last_token": t} for t in enc.last_tokens]
-        positions = step_positions(steps, enc.prompt_len, cfg.position)
+        probs = (
+            next_token_probs(b.adapter.model, enc.input_ids)
+            if needs_token_probs(cfg.position)
+            else None
+        )
+        positions = step_positions(steps, enc.prompt_len, cfg.position, probs)
         if min(positions) < 1:  # position 0 (bos) has no sources to explain it from
             raise TraceError(
                 f"line {trace.line}: the prompt is empty; step 0 has no token before it"

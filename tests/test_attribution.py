@@ -272,9 +272,27 @@ def test_before_position_is_the_previous_steps_after() -> None:
     steps = [{"last_token": 6}, {"last_token": 10}, {"last_token": 14}]
     assert step_positions(steps, 4, "after") == [6, 10, 14]
     assert step_positions(steps, 4, "before") == [3, 6, 10]
+    probs = np.ones(20)
+    probs[[4, 5, 9, 12, 13]] = [0.5, 0.2, 0.3, 0.1, 0.1]  # p = position 14 (after) is no choice
+    probs[14] = 0.01
+    assert step_positions(steps, 4, "least_confident", probs) == [5, 9, 12]
+    with pytest.raises(ValueError, match="token probabilities"):
+        step_positions(steps, 4, "least_confident")
     adapter, tset, ids = setup("qwen2")
     cfg = AttributionConfig(max_feature_nodes=30, batch_size=8)
     after = attribute_trace(adapter, tset, ids, step_positions(steps, 4, "after"), cfg)
     before = attribute_trace(adapter, tset, ids, step_positions(steps, 4, "before"), cfg)
     for a, b in zip(after[:-1], before[1:], strict=True):
         torch.testing.assert_close(a.adjacency_RN, b.adjacency_RN, atol=1e-5, rtol=1e-4)
+
+
+def test_next_token_probs_are_the_generated_tokens_probabilities() -> None:
+    from crv.attribution.attribute import next_token_probs
+
+    adapter, _, ids = setup("llama")
+    probs = next_token_probs(adapter.model, ids)
+    with torch.no_grad():
+        p_TV = torch.softmax(adapter.model(input_ids=torch.as_tensor([list(ids)])).logits[0], -1)
+    assert probs.shape == (len(ids) - 1,)
+    for p in (0, 3, len(ids) - 2):
+        assert probs[p] == pytest.approx(float(p_TV[p, int(ids[p + 1])]), rel=1e-5)

@@ -15,6 +15,7 @@ from crv.interventions.apply import (
     Outcome,
     StepSpan,
     active_features,
+    margin_drops,
     regenerate,
     step_span,
     to_intervention,
@@ -246,6 +247,59 @@ def test_random_control_matches_layers_and_count():
         assert (c.layer, c.feature) not in proposed and (c.layer, c.feature) in active
         assert (c.action, c.value, c.scope, c.source) == (p.action, p.value, p.scope, "random")
         assert c.positions == active[(c.layer, c.feature)]
+
+
+def test_margin_ranking_measures_each_intervention(subject):
+    adapter, tokenizer, tset = subject
+    ids = tokenizer(PROMPT + "Step 1: 5+9=14, so 7*(14+7)\n")["input_ids"]
+    position, window = 20, (12, 20)
+    active = active_features(adapter, tset, ids, window)
+    proposals = [
+        Proposal(*key, "suppress", 0.0, "step", window[0], where, 0.0, "graph")
+        for key, where in list(active.items())[:6]
+    ]
+    drops = margin_drops(adapter, tset, ids, position, proposals)
+    # by hand: the top-two margin at `position` with and without the first edit
+    x = torch.tensor([ids[: position + 1]])
+    with torch.no_grad(), splice(adapter, tset, add_error=True):
+        clean = adapter.model(input_ids=x).logits[0, -1]
+    with (
+        torch.no_grad(),
+        splice(
+            adapter,
+            tset,
+            add_error=True,
+            interventions=[to_intervention(proposals[0], position + 1)],
+        ),
+    ):
+        edited = adapter.model(input_ids=x).logits[0, -1]
+    a, b = torch.topk(clean, 2).indices
+    assert drops[0] == pytest.approx(
+        float((clean[a] - clean[b]) - (edited[a] - edited[b])), abs=1e-5
+    )
+    assert any(abs(d) > 1e-6 for d in drops)
+
+    # propose() keeps the candidates with the largest measured drops, best first
+    graph = _graph(4)
+    graph_window = (9, 12)
+    fake = {key: float(key[0] * 10 + key[1]) for key in _active(graph, graph_window)}
+    ranked = propose(
+        graph,
+        graph_window,
+        _active(graph, graph_window),
+        3,
+        "margin",
+        "suppress",
+        2.0,
+        "step",
+        candidate_pool=50,
+        margin_drops=lambda ps: [fake[(p.layer, p.feature)] for p in ps],
+    )
+    in_window = np.flatnonzero((graph.kind == FEATURE) & (graph.pos >= 9))
+    keys = {(int(graph.layer[i]), int(graph.feature[i])) for i in in_window}
+    assert [p.score for p in ranked] == sorted((fake[k] for k in keys), reverse=True)[:3]
+    with pytest.raises(ValueError, match="margin_drops"):
+        propose(graph, graph_window, {}, 3, "margin", "suppress", 2.0, "onward")
 
 
 def test_verifier_ranking_and_drop_nodes():

@@ -179,13 +179,54 @@ def top_logits(
     return tokens[:n], probs[:n]
 
 
-def step_positions(steps: Sequence[dict[str, Any]], prompt_len: int, position: str) -> list[int]:
-    """The token position each step's graph explains: `after` = the step's last token,
-    `before` = the previous step's last token (the prompt's last token for step 0)."""
+def step_positions(
+    steps: Sequence[dict[str, Any]],
+    prompt_len: int,
+    position: str,
+    token_probs: Sequence[float] | None = None,
+) -> list[int]:
+    """The token position each step's graph explains.
+
+    A step owns the predictions made at positions `prev` .. `last - 1`, where `prev` is the
+    previous step's last token (the prompt's last token for step 0) and `last` its own last
+    token. `after` = `last` (the prediction that follows the step), `before` = `prev` (the
+    prediction of the step's first token), `least_confident` = the position among the step's
+    own predictions where the generated token had the lowest probability (the earliest on
+    ties): the model's least certain decision in the step, often the token where an error
+    is made. It needs `token_probs[p]` = P(token p + 1 | tokens <= p), see `next_token_probs`.
+    """
+    last = [int(s["last_token"]) for s in steps]
+    previous = [prompt_len - 1, *last[:-1]]
     if position == "after":
-        return [int(s["last_token"]) for s in steps]
-    previous = [prompt_len - 1] + [int(s["last_token"]) for s in steps[:-1]]
-    return previous
+        return last
+    if position == "before":
+        return previous
+    if position != "least_confident":
+        raise ValueError(f"unknown position {position!r}")
+    if token_probs is None:
+        raise ValueError("position='least_confident' needs the trace's token probabilities")
+    probs = np.asarray(token_probs, dtype=np.float64)
+    out = []
+    for lo, hi in zip(previous, last, strict=True):
+        if lo >= hi or hi > len(probs):
+            out.append(hi)  # an empty or out-of-range step: fall back to its last token
+            continue
+        out.append(lo + int(np.argmin(probs[lo:hi])))
+    return out
+
+
+@torch.inference_mode()
+def next_token_probs(model: torch.nn.Module, input_ids: Sequence[int]) -> np.ndarray:
+    """[T - 1] float64: element p = the model's probability of token p + 1 given tokens <= p."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor([list(input_ids)], device=device)
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+    return logp.gather(1, ids[0, 1:, None])[:, 0].exp().cpu().numpy()
+
+
+def needs_token_probs(position: str) -> bool:
+    """Whether `step_positions` needs `next_token_probs` for this position rule."""
+    return position == "least_confident"
 
 
 class TraceAttributor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-POSITIONS = ("after", "before")
+POSITIONS = ("after", "before", "least_confident")
 
 
 @dataclass
@@ -44,7 +44,9 @@ class AttributionConfig:
 
     position: str = "after"
     """Token whose next-token logits a step's graph explains: `after` = the step's last token,
-    `before` = the previous step's last token (the prompt's last token for the first step)."""
+    `before` = the previous step's last token (the prompt's last token for the first step),
+    `least_confident` = the one of the step's own predictions (positions `before` .. `after`
+    - 1) whose generated token had the lowest probability: the step's least certain decision."""
 
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     """Trace splits to attribute."""

@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from crv.attribution.attribute import step_positions, trace_graphs
+from crv.attribution.attribute import (
+    needs_token_probs,
+    next_token_probs,
+    step_positions,
+    trace_graphs,
+)
 from crv.attribution.config import AttributionConfig
 from crv.attribution.store import (
     GRAPH_DIR,
@@ -62,7 +67,12 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         else:
             start = time.perf_counter()
             n_tokens = len(trace["input_ids"])
-            positions = step_positions(trace["steps"], trace["prompt_len"], cfg.position)
+            probs = (
+                next_token_probs(model, trace["input_ids"])
+                if needs_token_probs(cfg.position)
+                else None
+            )
+            positions = step_positions(trace["steps"], trace["prompt_len"], cfg.position, probs)
             kept = [
                 (s["index"], p)
                 for s, p in zip(trace["steps"], positions, strict=True)

@@ -80,6 +80,34 @@ def to_intervention(proposal: Proposal, end: int) -> FeatureIntervention:
     )
 
 
+@torch.inference_mode()
+def margin_drops(
+    adapter: Any,
+    tset: TranscoderSet,
+    input_ids: Sequence[int],
+    position: int,
+    proposals: Sequence[Proposal],
+) -> list[float]:
+    """How much each proposal, applied alone, lowers the margin between the top two
+    next-token logits at `position` (the two of the unedited spliced model), in one forward
+    pass of the spliced model over the ids up to `position` per proposal."""
+    device = adapter.unembed_weight.device
+    ids = torch.tensor([list(input_ids[: position + 1])], device=device)
+
+    def logits_V(interventions: tuple[FeatureIntervention, ...]) -> torch.Tensor:
+        with splice(adapter, tset, add_error=True, interventions=interventions):
+            return adapter.model(input_ids=ids, use_cache=False).logits[0, -1].double()
+
+    base = logits_V(())
+    first, second = torch.topk(base, 2).indices.tolist()
+    margin = float(base[first] - base[second])
+    drops = []
+    for p in proposals:
+        z_V = logits_V((to_intervention(p, position + 1),))
+        drops.append(margin - float(z_V[first] - z_V[second]))
+    return drops
+
+
 @dataclass
 class Outcome:
     """One regeneration from a step and its relabelling."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-RankBy = Literal["influence", "verifier", "layer"]
+RankBy = Literal["influence", "verifier", "layer", "margin"]
 Action = Literal["suppress", "amplify"]
 Scope = Literal["step", "onward"]
 
@@ -32,12 +32,14 @@ class InterventionConfig:
     rank_by: str = "influence"
     """How candidate features are ranked: `influence` (summed graph influence on the
     predicted tokens of the feature's nodes in the step), `verifier` (how much deleting the
-    feature's nodes from the step graph lowers the verifier's score), or `layer` (latest
-    layer first, ties by influence)."""
+    feature's nodes from the step graph lowers the verifier's score), `layer` (latest
+    layer first, ties by influence), or `margin` (how much the intervention, measured in a
+    forward pass of the spliced model, lowers the margin between the top two logits of the
+    prediction the step's graph explains)."""
 
     candidate_pool: int = 24
-    """With rank_by=verifier, only the top features by influence are re-scored (each costs
-    one recomputation of the graph features)."""
+    """With rank_by=verifier or margin, only the top features by influence are re-scored
+    (each costs one recomputation of the graph features, or one forward pass)."""
 
     action: str = "suppress"
     """`suppress`: clamp the feature's activation to 0; `amplify`: multiply it by
@@ -74,7 +76,7 @@ class InterventionConfig:
     def __post_init__(self) -> None:
         choices = {
             "verifier": ("task", "pooled"),
-            "rank_by": ("influence", "verifier", "layer"),
+            "rank_by": ("influence", "verifier", "layer", "margin"),
             "action": ("suppress", "amplify"),
             "scope": ("step", "onward"),
         }

@@ -24,6 +24,13 @@ dropped (it could only change what comes after the step). Candidates are ranked 
   like an error graph", not "which feature made the model err".
 * `layer`: the latest layer first (ties by influence), after the paper's hand-picked case
   where a late-layer feature carried the wrong operation.
+* `margin`: the measured effect of the intervention itself on the explained prediction:
+  how much it lowers the margin between the top two next-token logits at the graph's
+  position, in a forward pass of the spliced model (`apply.margin_drops`); only the
+  `candidate_pool` most influential candidates are measured. It uses no label: the runner-up
+  is the model's own second choice. With graphs at the step's least confident prediction
+  (`attribution.position=least_confident`) this asks "which graph features make the model
+  pick this token over its alternative", the decision where a wrong step usually goes wrong.
 
 The random control draws, for each proposal, one feature uniformly among the features
 active somewhere in the window at the same layer, excluding the proposed ones, with the same
@@ -189,21 +196,35 @@ def propose(
     scope: Scope,
     score_graph: Callable[[StepGraph], float] | None = None,
     candidate_pool: int = 24,
+    margin_drops: Callable[[list[Proposal]], list[float]] | None = None,
 ) -> list[Proposal]:
     """The top `n` interventions for one step (fewer when there are fewer candidates).
 
-    Deterministic: the ranking has no randomness and ties break on (layer, feature).
+    `margin_drops` (proposals -> how much each lowers the explained prediction's top-two
+    logit margin) is needed for `rank_by="margin"`. Deterministic: the ranking has no
+    randomness and ties break on (layer, feature).
     """
     positions = window_positions(graph, window, active)
     allowed = {key for key, where in positions.items() if where or scope == "onward"}
-    ranked = rank_candidates(
-        graph, window[0], rank_by, action, score_graph, candidate_pool, allowed
-    )
     value = 0.0 if action == "suppress" else float(amplify_scale)
-    return [
-        Proposal(*key, action, value, scope, window[0], positions[key], score, "graph")
-        for key, score in ranked[:n]
-    ]
+
+    def make(key: FeatureKey, score: float) -> Proposal:
+        return Proposal(*key, action, value, scope, window[0], positions[key], score, "graph")
+
+    if rank_by == "margin":
+        if margin_drops is None:
+            raise ValueError("rank_by='margin' needs a margin_drops function")
+        pool = rank_candidates(graph, window[0], "influence", allowed=allowed)[:candidate_pool]
+        drops = margin_drops([make(key, 0.0) for key, _ in pool])
+        ranked = sorted(
+            ((key, drop) for (key, _), drop in zip(pool, drops, strict=True)),
+            key=lambda kd: (-kd[1], kd[0]),
+        )
+    else:
+        ranked = rank_candidates(
+            graph, window[0], rank_by, action, score_graph, candidate_pool, allowed
+        )
+    return [make(key, score) for key, score in ranked[:n]]
 
 
 def step_rng(seed: int, step_id: str) -> np.random.Generator:

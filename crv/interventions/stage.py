@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from crv.attribution.graph import StepGraph
-from crv.interventions.apply import active_features, regenerate, step_span
+from crv.interventions.apply import active_features, margin_drops, regenerate, step_span
 from crv.interventions.config import InterventionConfig
 from crv.interventions.measure import StepAttempt, summarize
 from crv.interventions.propose import propose, random_control, step_rng
@@ -109,6 +109,7 @@ def attempt_step(
         cfg.scope,
         score_graph,
         cfg.candidate_pool,
+        lambda ps: margin_drops(adapter, tset, row["input_ids"], graph.position, ps),
     )
     controls = (
         random_control(proposals, active, step_rng(seed, flagged.step_id)) if incorrect else []
