@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from crv.io import atomic_write, atomic_write_json
 from crv.pipeline import StageContext
@@ -72,6 +73,10 @@ def test_verifier_fit_records_trace_split():
     )
     assert v.info["n_train_traces"] + v.info["n_val_traces"] == df["trace_id"].nunique()
     assert 0 < v.threshold < 1
+    # the validation AUROC is that of the validation rows' scores
+    val = split_train_val(df["trace_id"].to_numpy(), df["label"].to_numpy(), FAST.val_frac, 0)
+    p_val = v.predict_proba(df[names].to_numpy()[val])
+    assert v.info["val_auroc"] == pytest.approx(roc_auc_score(df["label"].to_numpy()[val], p_val))
 
 
 def test_json_round_trip_gives_identical_probabilities(tmp_path):

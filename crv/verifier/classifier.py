@@ -54,6 +54,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 import xgboost as xgb
+from sklearn.metrics import roc_auc_score
 
 from crv.io import atomic_write, atomic_write_json, read_json
 from crv.verifier.config import VerifierConfig
@@ -129,6 +130,7 @@ class XGBVerifier:
     def fit(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> XGBVerifier:
         cfg = self.cfg
         val = split_train_val(groups, y, cfg.val_frac, self.seed)
+        val_auroc = None
         tr = ~val
         n_pos = int(y[tr].sum())
         spw = (len(y[tr]) - n_pos) / max(n_pos, 1)
@@ -157,9 +159,10 @@ class XGBVerifier:
             )
             booster = booster[: booster.best_iteration + 1]
             self.booster = booster
-            self.threshold = choose_threshold(
-                y[val], self.predict_proba(x[val]), cfg.threshold_rule
-            )
+            p_val = self.predict_proba(x[val])
+            self.threshold = choose_threshold(y[val], p_val, cfg.threshold_rule)
+            if 0 < y[val].sum() < len(p_val):
+                val_auroc = float(roc_auc_score(y[val], p_val))
         else:
             self.booster = xgb.train(params, dtrain, cfg.n_estimators, verbose_eval=False)
         self.info = {
@@ -169,6 +172,7 @@ class XGBVerifier:
             "n_val_traces": int(len(np.unique(groups[val]))),
             "scale_pos_weight": spw,
             "n_trees": self.booster.num_boosted_rounds(),
+            "val_auroc": val_auroc,
         }
         return self
 
@@ -437,6 +441,8 @@ def run_stage(ctx) -> dict:
         detection[t] = {
             **_counts(test),
             "n_train_steps": len(train_of[t]),
+            # for choosing settings without looking at the test steps
+            "crv_validation_auroc": getattr(fitted["crv"], "info", {}).get("val_auroc"),
             "methods": metrics["all"],
         }
         per_complexity[t] = {
