@@ -34,6 +34,10 @@ class TracesConfig:
     """Distinct problems per task and complexity (train + test)."""
     test_frac: float = 0.2
     """Share of problems in the test split (split by problem, never by step)."""
+    n_test_per_complexity: dict[str, int] = field(default_factory=dict)
+    """Test problems per complexity for the tasks named here, instead of test_frac's share
+    (their training problems stay as many): a task whose errors are rare needs more test
+    problems for narrow intervals, not a bigger training set."""
     gsm8k_path: str | None = None
     """Optional GSM8K-format file (JSONL/Parquet, question + answer with ####) to add as task gsm8k."""
     gsm8k_limit: int | None = None
@@ -94,7 +98,14 @@ def _synthetic_rows(cfg: TracesConfig, seed: int) -> list[dict[str, Any]]:
 
     rows = []
     for task in cfg.tasks:
-        train, test = make_splits(task, cfg.complexities, cfg.n_per_complexity, cfg.test_frac, seed)
+        train, test = make_splits(
+            task,
+            cfg.complexities,
+            cfg.n_per_complexity,
+            cfg.test_frac,
+            seed,
+            cfg.n_test_per_complexity.get(task),
+        )
         used = {p.expression for p in train + test}
         prefix = few_shot_prefix(task, cfg.few_shot, seed, used) if cfg.few_shot else ""
         for split, problems in (("train", train), ("test", test)):

@@ -84,6 +84,12 @@ def test_splits_do_not_leak_and_are_deterministic(task: str) -> None:
         assert n_test == 15 and sum(p.complexity == n for p in train) == 45
     # Boolean n=1 has only 10 distinct problems: fewer, but still distinct and disjoint.
     assert sum(p.complexity == 1 for p in train + test) == (10 if task == "boolean" else 60)
+    # a fixed test size per complexity keeps the training split's size
+    train2, test2 = make_splits(task, (3, 5), 60, test_frac=0.25, seed=0, n_test=40)
+    assert {p.expression for p in train2}.isdisjoint(p.expression for p in test2)
+    for n in (3, 5):
+        assert sum(p.complexity == n for p in test2) == 40
+        assert sum(p.complexity == n for p in train2) == 45
 
 
 def test_invalid_arguments() -> None:
@@ -93,3 +99,5 @@ def test_invalid_arguments() -> None:
         generate_problems("arithmetic", 0, 1, 0)
     with pytest.raises(ValueError, match="test_frac"):
         make_splits("boolean", (3,), 10, test_frac=1.5, seed=0)
+    with pytest.raises(ValueError, match="test problems"):
+        make_splits("boolean", (3,), 10, test_frac=0.2, seed=0, n_test=-1)

@@ -144,20 +144,27 @@ def make_splits(
     n_per_complexity: int,
     test_frac: float,
     seed: int,
+    n_test: int | None = None,
 ) -> tuple[list[Problem], list[Problem]]:
     """Train and test problems; every expression is distinct, so none is in both splits.
 
     Each complexity contributes up to `n_per_complexity` distinct problems (fewer only when
     the task has fewer, see `generate_problems`), `round(test_frac * k)` of them to test.
+    With `n_test`, the test split gets `n_test` problems per complexity instead and the
+    training split keeps its `n_per_complexity - round(test_frac * n_per_complexity)`.
     """
     if not 0.0 <= test_frac <= 1.0:
         raise ValueError(f"test_frac must be in [0, 1], got {test_frac}")
+    if n_test is not None and n_test < 0:
+        raise ValueError(f"the number of test problems must be >= 0, got {n_test}")
     train: list[Problem] = []
     test: list[Problem] = []
+    n_train = n_per_complexity - round(test_frac * n_per_complexity)
     for complexity in complexities:
-        problems = generate_problems(task, complexity, n_per_complexity, seed, unique=True)
+        n_total = n_per_complexity if n_test is None else n_train + n_test
+        problems = generate_problems(task, complexity, n_total, seed, unique=True)
         random.Random(f"split-{task}-{complexity}-{seed}").shuffle(problems)
-        n_test = round(test_frac * len(problems))
-        test.extend(sorted(problems[:n_test], key=lambda p: p.id))
-        train.extend(sorted(problems[n_test:], key=lambda p: p.id))
+        k = round(test_frac * len(problems)) if n_test is None else n_test
+        test.extend(sorted(problems[:k], key=lambda p: p.id))
+        train.extend(sorted(problems[k:], key=lambda p: p.id))
     return train, test
