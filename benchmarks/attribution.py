@@ -3,9 +3,12 @@
 Both sides build the same graphs (same config, same model and transcoders) for canonical
 traces of >= 5 steps: `shared` attributes every step of a trace from one forward pass and
 reuses feature rows between its steps (`crv.attribution.attribute.trace_graphs`); `per-step`
-attributes each step from its own prefix with nothing shared. Prints graphs per second of
-both, the rows each computed, whether the graphs agree, and ends with `ratio: X` (shared over
-per-step throughput).
+attributes each step from its own prefix with nothing shared. Each path runs `--repeats`
+times, interleaved, and its fastest run counts. Prints graphs per second of both, the rows
+each computed, whether the graphs agree, the seconds of each part of both paths (from the
+attributors' stopwatches), the share of rows reused and Amdahl-style bounds on the ratio
+(everything but the rows the shared path does not reuse free; rows free in both paths), and
+ends with `ratio: X` (shared over per-step throughput).
 
 Subject: data/crv-tiny when present, else a random 4-layer hidden-128 Llama. Transcoders: a
 given transcoder-set directory, else 16x/k=32 TopK transcoders briefly trained here on the
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +169,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=AttributionConfig.batch_size)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="interleaved timed runs per path (fastest kept)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -188,41 +196,119 @@ def main() -> None:
         f"max_feature_nodes {cfg.max_feature_nodes}, batch_size {cfg.batch_size}, threads {args.threads}"
     )
 
+    shared = shared_path(adapter, tset, traces, cfg)
+    per_step = per_step_path(adapter, tset, traces, cfg)
+    for _ in range(args.repeats - 1):  # interleaved, so both see the same machine load
+        shared = min(shared, shared_path(adapter, tset, traces, cfg), key=lambda r: r.seconds)
+        per_step = min(per_step, per_step_path(adapter, tset, traces, cfg), key=lambda r: r.seconds)
+
+    agree = sum(same_graph(g, h) for g, h in zip(shared.graphs, per_step.graphs, strict=True))
+    print(f"{'':10} {'s/graph':>8} {'graphs/s':>9} {'rows':>7}")
+    for name, run in (("shared", shared), ("per-step", per_step)):
+        print(
+            f"{name:10} {run.seconds / n_graphs:8.3f} {n_graphs / run.seconds:9.2f} {run.rows:7d}"
+        )
+    print(
+        f"identical graphs: {agree}/{n_graphs}; mean nodes "
+        f"{np.mean([g.n_nodes for g in shared.graphs]):.0f}, "
+        f"edges {np.mean([g.n_edges for g in shared.graphs]):.0f}"
+    )
+    print_breakdown(shared, per_step)
+    print(f"ratio: {per_step.seconds / shared.seconds:.2f}")
+
+
+@dataclass
+class PathRun:
+    """One timed pass of a path over all traces: graphs, rows computed, seconds by part."""
+
+    graphs: list[StepGraph]
+    rows: int
+    seconds: float
+    parts: dict[str, float]
+
+
+def shared_path(
+    adapter: ArchAdapter, tset: TranscoderSet, traces: list[dict[str, Any]], cfg: AttributionConfig
+) -> PathRun:
+    """Every step of a trace from one forward pass, rows shared between its steps."""
     start = time.perf_counter()
-    shared: list[StepGraph] = []
-    rows_shared = 0
+    graphs: list[StepGraph] = []
+    parts: defaultdict[str, float] = defaultdict(float)
+    rows = 0
     for t in traces:
         attributor = TraceAttributor(adapter, tset, t["input_ids"], t["positions"], cfg)
         atts = attributor.attribute_steps(t["positions"], trace_id=t["id"])
-        shared += [att.pruned(cfg.node_threshold, cfg.edge_threshold) for att in atts]
-        rows_shared += attributor.n_rows_computed
-    t_shared = time.perf_counter() - start
+        with attributor.stopwatch("prune"):
+            graphs += [att.pruned(cfg.node_threshold, cfg.edge_threshold) for att in atts]
+        rows += attributor.n_rows_computed
+        for part, seconds in attributor.stopwatch.seconds.items():
+            parts[part] += seconds
+    return PathRun(graphs, rows, time.perf_counter() - start, dict(parts))
 
+
+def per_step_path(
+    adapter: ArchAdapter, tset: TranscoderSet, traces: list[dict[str, Any]], cfg: AttributionConfig
+) -> PathRun:
+    """Every step from its own prefix, nothing shared."""
     start = time.perf_counter()
-    per_step: list[StepGraph] = []
-    rows_per_step = 0
+    graphs: list[StepGraph] = []
+    parts: defaultdict[str, float] = defaultdict(float)
+    rows = 0
     for t in traces:
         for s, p in enumerate(t["positions"]):
             attributor = TraceAttributor(adapter, tset, t["input_ids"][: p + 1], [p], cfg)
-            per_step.append(
-                attributor.attribute_step(p, s, t["id"]).pruned(
-                    cfg.node_threshold, cfg.edge_threshold
-                )
-            )
-            rows_per_step += attributor.n_rows_computed
-    t_per_step = time.perf_counter() - start
+            att = attributor.attribute_step(p, s, t["id"])
+            with attributor.stopwatch("prune"):
+                graphs.append(att.pruned(cfg.node_threshold, cfg.edge_threshold))
+            rows += attributor.n_rows_computed
+            for part, seconds in attributor.stopwatch.seconds.items():
+                parts[part] += seconds
+    return PathRun(graphs, rows, time.perf_counter() - start, dict(parts))
 
-    agree = sum(same_graph(g, h) for g, h in zip(shared, per_step, strict=True))
-    print(f"{'':10} {'s/graph':>8} {'graphs/s':>9} {'rows':>7}")
-    print(f"{'shared':10} {t_shared / n_graphs:8.3f} {n_graphs / t_shared:9.2f} {rows_shared:7d}")
+
+# Parts the stopwatches time, each second in exactly one; backward and assemble are inside
+# the rows (the rest of the rows' time is the cache and batching).
+PARTS = ("forward", "encode", "logit rows", "feature rows", "influence", "bookkeeping", "prune")
+
+
+def print_breakdown(shared: PathRun, per_step: PathRun) -> None:
+    """Seconds by part for both paths, the share of rows reused and Amdahl-style bounds."""
+    print(f"{'seconds':14} {'shared':>8} {'per-step':>8}")
+    for part in (*PARTS, "other"):
+        values = []
+        for run in (shared, per_step):
+            timed = sum(run.parts.get(p, 0.0) for p in PARTS)
+            values.append(run.parts.get(part, 0.0) if part != "other" else run.seconds - timed)
+        print(f"{part:14} {values[0]:8.3f} {values[1]:8.3f}")
+        if part == "feature rows":
+            for sub in ("backward", "assemble"):  # of the logit and feature rows
+                print(
+                    f"{'  ' + sub:14} {shared.parts.get(sub, 0.0):8.3f} "
+                    f"{per_step.parts.get(sub, 0.0):8.3f}"
+                )
+    print(f"{'total':14} {shared.seconds:8.3f} {per_step.seconds:8.3f}")
+
+    def rows_seconds(run: PathRun) -> float:
+        return run.parts.get("logit rows", 0.0) + run.parts.get("feature rows", 0.0)
+
+    reused = 1 - shared.rows / per_step.rows
     print(
-        f"{'per-step':10} {t_per_step / n_graphs:8.3f} {n_graphs / t_per_step:9.2f} {rows_per_step:7d}"
+        f"rows reused: {reused:.1%} ({per_step.rows - shared.rows} of {per_step.rows} rows the "
+        f"step graphs need); rows are {rows_seconds(per_step) / per_step.seconds:.0%} of "
+        f"per-step and {rows_seconds(shared) / shared.seconds:.0%} of shared time"
+    )
+    # Amdahl: the shared path must still compute every row it does not reuse; at the
+    # per-step cost per row that is rows(per-step) x (1 - reused), everything else free.
+    bound = per_step.seconds / (rows_seconds(per_step) * (1 - reused))
+    own = per_step.seconds / rows_seconds(shared)
+    free_rows = (per_step.seconds - rows_seconds(per_step)) / (
+        shared.seconds - rows_seconds(shared)
     )
     print(
-        f"identical graphs: {agree}/{n_graphs}; mean nodes {np.mean([g.n_nodes for g in shared]):.0f}, "
-        f"edges {np.mean([g.n_edges for g in shared]):.0f}"
+        f"ratio bound if all but the non-reused rows were free: {bound:.2f} at the per-step "
+        f"cost per row, {own:.2f} at the shared path's measured row seconds; "
+        f"ratio if rows were free in both paths: {free_rows:.2f}"
     )
-    print(f"ratio: {t_per_step / t_shared:.2f}")
 
 
 if __name__ == "__main__":

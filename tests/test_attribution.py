@@ -252,6 +252,30 @@ def test_whole_trace_equals_prefix(family: str) -> None:
         np.testing.assert_allclose(g.weight, h.weight, atol=1e-5, rtol=1e-4)
 
 
+def test_short_segments_change_no_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cutting the forward into segments of 2-3 tokens gives the same graphs."""
+    import crv.attribution.replacement as replacement
+
+    adapter, tset, ids = setup("llama")
+    cfg = AttributionConfig(max_logits=3, max_feature_nodes=40, batch_size=6, update_interval=2)
+    whole = attribute_trace(adapter, tset, ids, POSITIONS, cfg)
+    monkeypatch.setattr(replacement, "SEGMENT_TOKENS", 3)
+    short = attribute_trace(adapter, tset, ids, POSITIONS, cfg)
+    assert len(replacement.segment_ends([p + 1 for p in POSITIONS], 3)) > len(POSITIONS)
+    for a, b in zip(whole, short, strict=True):
+        np.testing.assert_array_equal(a.nodes["feature"], b.nodes["feature"])
+        torch.testing.assert_close(a.adjacency_RN, b.adjacency_RN, atol=1e-5, rtol=1e-4)
+
+
+def test_segment_ends_cut_long_stretches() -> None:
+    from crv.attribution.replacement import segment_ends
+
+    assert segment_ends([5, 12], 64) == [5, 12]
+    ends = segment_ends([10, 11, 40], 8)
+    assert ends[-1] == 40 and {10, 11} <= set(ends)
+    assert all(0 < b - a <= 8 for a, b in zip([0, *ends[:-1]], ends, strict=True))
+
+
 def test_rows_are_shared_between_steps() -> None:
     from crv.attribution.attribute import TraceAttributor
 
