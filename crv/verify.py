@@ -95,7 +95,8 @@ class VerifyConfig:
     """Interventions proposed per flagged step."""
 
     rank_by: str = "influence"
-    """How interventions are ranked: influence, verifier or layer (see crv.interventions)."""
+    """How interventions are ranked: influence, verifier, layer or margin (see
+    crv.interventions.propose)."""
 
     action: str = "suppress"
     """suppress (activation to 0) or amplify (activation times `amplify_scale`)."""
@@ -319,7 +320,7 @@ class StepVerifier:
 
     def interventions(self, trace: Trace, enc: Encoded, i: int, graph: Any) -> dict[str, Any]:
         """Proposed interventions of a flagged step and, with `intervene`, the regeneration."""
-        from crv.interventions.apply import StepSpan, active_features, regenerate
+        from crv.interventions.apply import StepSpan, active_features, margin_drops, regenerate
         from crv.interventions.propose import propose
         from crv.tasks.segment import segment_steps
 
@@ -337,6 +338,9 @@ class StepVerifier:
             cfg.amplify_scale,
             cfg.scope,
             score_graph=self.score_graph,
+            margin_drops=lambda ps: margin_drops(
+                b.adapter, b.transcoders, enc.input_ids, graph.position, ps
+            ),
         )
         out: dict[str, Any] = {
             "interventions": [
@@ -446,7 +450,7 @@ def _check_config(cfg: VerifyConfig) -> None:
     if cfg.format not in FORMATS:
         raise _Failure(f"format must be one of {', '.join(FORMATS)}, not {cfg.format!r}")
     choices = {
-        "rank_by": ("influence", "verifier", "layer"),
+        "rank_by": ("influence", "verifier", "layer", "margin"),
         "action": ("suppress", "amplify"),
         "scope": ("step", "onward"),
     }

@@ -17,6 +17,7 @@ from crv.interventions.apply import (
     active_features,
     margin_drops,
     regenerate,
+    regenerate_batch,
     step_span,
     to_intervention,
 )
@@ -169,6 +170,27 @@ def test_intervened_regeneration_differs_and_is_relabelled(subject):
         assert isinstance(out.step_correct, bool) and isinstance(out.final_correct, bool)
         changed += out.changed
     assert changed > 0
+
+
+def test_batched_regenerations_equal_one_at_a_time(subject):
+    adapter, tokenizer, tset = subject
+    [res] = generate_greedy(adapter.model, tokenizer, [PROMPT], 30)
+    row = _row(res.prompt_ids, res.completion_ids, res.completion)
+    span = StepSpan(len(res.prompt_ids) + 3, len(res.prompt_ids) + 8)
+    window = span.window(span.last_token)
+    active = active_features(adapter, tset, row["input_ids"], window)
+    todo = [None] + [
+        Proposal(layer, feature, "amplify", 8.0, "onward", window[0], (), 0.0, "graph")
+        for layer, feature in list(active)[:4]
+    ]
+    ranks = [-1, 0, 1, 2, 3]
+    batched = regenerate_batch(adapter, tset, tokenizer, row, 0, span, 27, todo, ranks)
+    alone = [
+        regenerate(adapter, tset, tokenizer, row, 0, span, 27, p, r)
+        for p, r in zip(todo, ranks, strict=True)
+    ]
+    assert [o.to_dict() for o in batched] == [o.to_dict() for o in alone]
+    assert len({o.regenerated for o in batched}) > 1  # the rows did get different edits
 
 
 def _graph(seed: int = 0) -> StepGraph:

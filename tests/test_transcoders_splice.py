@@ -98,6 +98,24 @@ def test_intervention_changes_exactly_that_feature(tiny_model, adapter, tset, ac
     )
 
 
+def test_interventions_restricted_to_rows_leave_other_rows_clean(tiny_model, adapter, tset) -> None:  # noqa: ANN001
+    a = FeatureIntervention(layer=1, feature=3, positions=[2, 8], action="clamp", value=4.0)
+    b = FeatureIntervention(layer=0, feature=5, positions=None, action="clamp", value=3.0)
+    with splice(adapter, tset, add_error=True, interventions=[a]):
+        only_a = tiny_model(input_ids=IDS).logits[0]
+    with splice(adapter, tset, add_error=True, interventions=[b]):
+        only_b = tiny_model(input_ids=IDS).logits[0]
+    rows = [
+        FeatureIntervention(**{**a.__dict__, "rows": (1,)}),
+        FeatureIntervention(**{**b.__dict__, "rows": (2,)}),
+    ]
+    with splice(adapter, tset, add_error=True, interventions=rows):
+        batch = tiny_model(input_ids=IDS.repeat(3, 1)).logits
+    torch.testing.assert_close(batch[0], tiny_model(input_ids=IDS).logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[1], only_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[2], only_b, atol=1e-5, rtol=0)
+
+
 def test_interventions_use_absolute_positions_with_kv_cache(tiny_model, adapter, tset) -> None:  # noqa: ANN001
     iv = FeatureIntervention(layer=1, feature=3, positions=[2, 8], action="clamp", value=4.0)
     with splice(adapter, tset, add_error=True, interventions=[iv]):

@@ -117,10 +117,13 @@ def test_end_to_end_steps_and_completion_score_alike_and_order_is_kept(
         assert set(step["top_features"][0]) == {"layer", "feature", "influence"}
 
 
-def test_end_to_end_intervene_proposes_and_regenerates(tmp_path: Path, tiny_bundle: Path) -> None:
+@pytest.mark.parametrize("rank_by", ["influence", "margin"])
+def test_end_to_end_intervene_proposes_and_regenerates(
+    tmp_path: Path, tiny_bundle: Path, rank_by: str
+) -> None:
     code, [record] = run(
         tmp_path, tiny_bundle, jsonl({"prompt": PROMPT, "steps": STEPS[:1]}),
-        intervene=True, threshold=0.0, n_interventions=2,
+        intervene=True, threshold=0.0, n_interventions=2, rank_by=rank_by,
     )  # fmt: skip
     assert code == 0
     [step] = record["steps"]

@@ -11,6 +11,7 @@ greedily from there with a KV cache; the splice reads absolute positions from th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,23 +90,21 @@ def margin_drops(
     proposals: Sequence[Proposal],
 ) -> list[float]:
     """How much each proposal, applied alone, lowers the margin between the top two
-    next-token logits at `position` (the two of the unedited spliced model), in one forward
-    pass of the spliced model over the ids up to `position` per proposal."""
+    next-token logits at `position` (the two of the unedited spliced model).
+
+    One forward pass of the spliced model over the ids up to `position`, batched: row 0
+    unedited, row b + 1 with proposal b only."""
     device = adapter.unembed_weight.device
-    ids = torch.tensor([list(input_ids[: position + 1])], device=device)
-
-    def logits_V(interventions: tuple[FeatureIntervention, ...]) -> torch.Tensor:
-        with splice(adapter, tset, add_error=True, interventions=interventions):
-            return adapter.model(input_ids=ids, use_cache=False).logits[0, -1].double()
-
-    base = logits_V(())
-    first, second = torch.topk(base, 2).indices.tolist()
-    margin = float(base[first] - base[second])
-    drops = []
-    for p in proposals:
-        z_V = logits_V((to_intervention(p, position + 1),))
-        drops.append(margin - float(z_V[first] - z_V[second]))
-    return drops
+    ids = torch.tensor([list(input_ids[: position + 1])] * (len(proposals) + 1), device=device)
+    interventions = [
+        dataclasses.replace(to_intervention(p, position + 1), rows=(b + 1,))
+        for b, p in enumerate(proposals)
+    ]
+    with splice(adapter, tset, add_error=True, interventions=interventions):
+        logits_BV = adapter.model(input_ids=ids, use_cache=False).logits[:, -1].double()
+    first, second = torch.topk(logits_BV[0], 2).indices.tolist()
+    margin_B = logits_BV[:, first] - logits_BV[:, second]
+    return (margin_B[0] - margin_B[1:]).tolist()
 
 
 @dataclass
@@ -153,35 +152,70 @@ def regenerate(
     proposal: Proposal | None = None,
     rank: int = -1,
 ) -> Outcome:
-    """Greedy regeneration of `row` from the step's first token, with `proposal` applied.
+    """Greedy regeneration of `row` from the step's first token, with `proposal` applied
+    (one row of `regenerate_batch`)."""
+    [outcome] = regenerate_batch(
+        adapter, tset, tokenizer, row, step_index, span, max_new_tokens, [proposal], [rank]
+    )
+    return outcome
 
-    The new completion is the original completion's tokens before the step followed by the
-    regenerated tokens; `crv.traces.label_steps` relabels it, and the step at `step_index`
-    is the regenerated step.
+
+def regenerate_batch(
+    adapter: Any,
+    tset: TranscoderSet,
+    tokenizer: Any,
+    row: Mapping[str, Any],
+    step_index: int,
+    span: StepSpan,
+    max_new_tokens: int,
+    proposals: Sequence[Proposal | None],
+    ranks: Sequence[int],
+) -> list[Outcome]:
+    """Greedy regenerations of `row` from the step's first token, one per proposal (None =
+    no intervention), decoded side by side as one batch: every row starts from the same
+    token prefix (so no padding) and row b carries only proposal b's intervention.
+
+    Each new completion is the original completion's tokens before the step followed by
+    the regenerated tokens; `crv.traces.label_steps` relabels it, and the step at
+    `step_index` is the regenerated step.
     """
     prefix = list(row["input_ids"][: span.first_token])
     end = len(prefix) + max_new_tokens
-    interventions = () if proposal is None else (to_intervention(proposal, end),)
+    interventions = [
+        dataclasses.replace(to_intervention(p, end), rows=(b,))
+        for b, p in enumerate(proposals)
+        if p is not None
+    ]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = adapter.unembed_weight.device
     with torch.inference_mode(), splice(adapter, tset, add_error=True, interventions=interventions):
-        [(new_ids, _)] = generate_from_ids(
-            adapter.model, [prefix], [max_new_tokens], eos, pad, device
+        generated = generate_from_ids(
+            adapter.model,
+            [prefix] * len(proposals),
+            [max_new_tokens] * len(proposals),
+            eos,
+            pad,
+            device,
         )
     original = list(row["input_ids"][span.first_token : span.last_token + 1])
     offset = int(row["prompt_len"])
-    completion = tokenizer.decode(prefix[offset:] + new_ids, skip_special_tokens=True)
-    steps, final_answer, final_correct = label_steps(dict(row), completion)
-    step = steps[step_index] if step_index < len(steps) else None
-    return Outcome(
-        condition=proposal.source if proposal else "none",
-        rank=rank,
-        proposal=proposal,
-        regenerated=tokenizer.decode(new_ids, skip_special_tokens=True),
-        changed=new_ids[: len(original)] != original,
-        step_text=step["text"] if step else None,
-        step_correct=bool(step and step["label"]),
-        final_answer=final_answer,
-        final_correct=bool(final_correct),
-    )
+    outcomes = []
+    for proposal, rank, (new_ids, _) in zip(proposals, ranks, generated, strict=True):
+        completion = tokenizer.decode(prefix[offset:] + new_ids, skip_special_tokens=True)
+        steps, final_answer, final_correct = label_steps(dict(row), completion)
+        step = steps[step_index] if step_index < len(steps) else None
+        outcomes.append(
+            Outcome(
+                condition=proposal.source if proposal else "none",
+                rank=rank,
+                proposal=proposal,
+                regenerated=tokenizer.decode(new_ids, skip_special_tokens=True),
+                changed=new_ids[: len(original)] != original,
+                step_text=step["text"] if step else None,
+                step_correct=bool(step and step["label"]),
+                final_answer=final_answer,
+                final_correct=bool(final_correct),
+            )
+        )
+    return outcomes

@@ -19,7 +19,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from crv.attribution.graph import StepGraph
-from crv.interventions.apply import active_features, margin_drops, regenerate, step_span
+from crv.interventions.apply import (
+    active_features,
+    margin_drops,
+    regenerate_batch,
+    step_span,
+)
 from crv.interventions.config import InterventionConfig
 from crv.interventions.measure import StepAttempt, summarize
 from crv.interventions.propose import propose, random_control, step_rng
@@ -118,11 +123,12 @@ def attempt_step(
     canonical = len(tokenizer(problem.solution(), add_special_tokens=False)["input_ids"])
     budget = max(len(row["input_ids"]) - span.first_token, canonical) + cfg.extra_new_tokens
 
-    def run(proposal=None, rank=-1):
-        return regenerate(
-            adapter, tset, tokenizer, row, step["index"], span, budget, proposal, rank
-        )
-
+    # all 2N + 1 regenerations of the step as one batch, one intervention per row
+    todo = [None, *proposals, *controls]
+    ranks = [-1, *range(len(proposals)), *range(len(controls))]
+    outcomes = regenerate_batch(
+        adapter, tset, tokenizer, row, step["index"], span, budget, todo, ranks
+    )
     return StepAttempt(
         step_id=flagged.step_id,
         trace_id=row["id"],
@@ -135,9 +141,9 @@ def attempt_step(
         span=span,
         proposals=proposals,
         controls=controls,
-        none=run(),
-        graph=[run(p, i) for i, p in enumerate(proposals)],
-        random=[run(p, i) for i, p in enumerate(controls)],
+        none=outcomes[0],
+        graph=outcomes[1 : 1 + len(proposals)],
+        random=outcomes[1 + len(proposals) :],
     )
 
 

@@ -43,7 +43,9 @@ Action = Literal["zero", "scale", "clamp"]
 
 @dataclass(frozen=True)
 class FeatureIntervention:
-    """Set feature `feature` of layer `layer` at `positions` (None = every position).
+    """Set feature `feature` of layer `layer` at `positions` (None = every position) of the
+    batch rows `rows` (None = every row: one batch can then run several interventions side
+    by side, one per row).
 
     action "zero": a -> 0; "scale": a -> a * value; "clamp": a -> value.
     """
@@ -53,6 +55,7 @@ class FeatureIntervention:
     positions: Sequence[int] | None = None
     action: Action = "zero"
     value: float = 0.0
+    rows: Sequence[int] | None = None
 
     def new_acts(self, old_BT: torch.Tensor) -> torch.Tensor:
         if self.action == "zero":
@@ -128,6 +131,10 @@ def _intervention_delta(
         if iv.positions is not None:
             wanted = torch.as_tensor(list(iv.positions), device=positions_T.device)
             change_BT = change_BT * torch.isin(positions_T, wanted)
+        if iv.rows is not None:
+            in_rows_B = torch.zeros(change_BT.shape[0], dtype=torch.bool, device=change_BT.device)
+            in_rows_B[list(iv.rows)] = True
+            change_BT = change_BT * in_rows_B[:, None]
         term_BTD = change_BT.unsqueeze(-1) * W_dec_FD[iv.feature]
         delta_BTD = term_BTD if delta_BTD is None else delta_BTD + term_BTD
     return delta_BTD
