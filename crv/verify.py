@@ -94,7 +94,7 @@ class VerifyConfig:
     n_interventions: int = 3
     """Interventions proposed per flagged step."""
 
-    rank_by: str = "influence"
+    rank_by: str = "margin"
     """How interventions are ranked: influence, verifier, layer or margin (see
     crv.interventions.propose)."""
 

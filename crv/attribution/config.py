@@ -1,7 +1,10 @@
 """Configuration of the `graphs` stage (the `attribution` config section).
 
 Every field's docstring is its help text. The defaults follow CRV (10 logits up to 95%
-probability, 80% node / 98% edge influence). The feature budget is scaled like the paper's:
+probability, 80% node / 98% edge influence) except the explained position: CRV explains the
+prediction after the step's last token (`after`), crv by default the step's least confident
+prediction (`least_confident`), which on crv-tiny gave the better verifier on the
+validation part of the training split (numbers in README.md). The feature budget is scaled like the paper's:
 4,096 expanded features for Llama-3.1-8B is the number of active latents at one position
 (32 layers x k 128); for crv's embedded subject (4 layers x k 32) that is 128, which takes
 about 0.2 s per step graph on one CPU core (traces of 100-250 tokens).
@@ -42,7 +45,7 @@ class AttributionConfig:
     edge_threshold: float = 0.98
     """Pruning then keeps the smallest edge set holding this share of the edge influence."""
 
-    position: str = "after"
+    position: str = "least_confident"
     """Token whose next-token logits a step's graph explains: `after` = the step's last token,
     `before` = the previous step's last token (the prompt's last token for the first step),
     `least_confident` = the one of the step's own predictions (positions `before` .. `after`

@@ -3,27 +3,32 @@
 The verifier flags a step from its attribution graph. This stage asks whether the graph
 also points at the computation that went wrong: for every flagged step it proposes N
 single-feature interventions on transcoder features from the step's pruned graph
-(`propose`: ranked by graph influence, by how they move the verifier's score, or by layer;
-each suppresses the feature or amplifies it, at the step positions where it was active or
-from the step onward), regenerates the trace from the step's first token with the
-transcoders spliced in and their error added back, so that only the edited feature differs
-from the original model (`apply`), relabels the regenerated step and the final answer with
-the task's checker, and compares against a matched random control and against no
-intervention (`measure`).
+(`propose`: ranked by their measured effect on the explained prediction's top-two margin,
+by graph influence, by how they move the verifier's score, or by layer; each suppresses the
+feature or amplifies it, at the step positions where it was active or from the step
+onward), regenerates the trace from the step's first token with the transcoders spliced in
+and their error added back, so that only the edited feature differs from the original model
+(`apply`; a step's 2N + 1 regenerations run as one batch, one edit per row), relabels the
+regenerated step and the final answer with the task's checker, and compares against a
+matched random control and against no intervention (`measure`).
 
 Honest limits:
 
-- The graph explains one next-token prediction (the token after the step), not the step's
-  text; its features are candidates for what shaped the step, not causes of the error.
-- Intervening on one feature is a small edit: most regenerated steps do not change at all,
-  and a changed step can become correct by chance. The random control (same layers, same
-  action, same number of attempts) is the yardstick; `fixed_minus_random` is the effect.
+- The graph explains one next-token prediction (by default the step's least confident
+  one), not the whole step; its features are candidates for what shaped the step, not
+  causes of the error.
+- `rank_by=margin` picks the features that most favour the model's first choice over its
+  second at that prediction, without knowing which is right: it flips uncertain decisions,
+  which fixes a wrong step when the runner-up was right and breaks a correct one just as
+  readily (`broken_correct_rate`). A changed step can also become correct by chance. The
+  random control (same layers, same action, same number of attempts) is the yardstick;
+  `fixed_minus_random` is the effect.
 - Best of N picks the winner with the task checker, an oracle no deployed system has;
   first of N is the deployable rate.
 - "No intervention" regeneration runs the spliced model (recon + error), which equals the
-  original only up to float rounding, and decodes with a KV cache one sequence at a time
-  while the traces were decoded in batches; `consistency_rate` reports how often the
-  original step comes back exactly.
+  original only up to float rounding, and decodes with a KV cache while the traces were
+  decoded in other batches; `consistency_rate` reports how often the original step comes
+  back exactly.
 - Only tasks with a programmatic checker (arithmetic, Boolean) are intervened on: a
   regenerated free-text step (GSM8K) has no label.
 

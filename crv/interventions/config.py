@@ -29,7 +29,7 @@ class InterventionConfig:
     n_proposals: int = 3
     """Interventions proposed per flagged step (N): one feature each, best-ranked first."""
 
-    rank_by: str = "influence"
+    rank_by: str = "margin"
     """How candidate features are ranked: `influence` (summed graph influence on the
     predicted tokens of the feature's nodes in the step), `verifier` (how much deleting the
     feature's nodes from the step graph lowers the verifier's score), `layer` (latest
