@@ -13,7 +13,8 @@ ends with `ratio: X` (shared over per-step throughput).
 Subject: data/crv-tiny when present, else a random 4-layer hidden-128 Llama. Transcoders: a
 given transcoder-set directory, else 16x/k=32 TopK transcoders briefly trained here on the
 model's activations (`--train-steps`, 0 = data-initialised random ones). Traces: the canonical
-solutions of synthetic arithmetic problems (teacher-forced, no generation).
+solutions of synthetic arithmetic problems (teacher-forced, no generation), each step's graph
+at the position the default `attribution.position` rule picks.
 
     python benchmarks/attribution.py [--traces 6 --complexities 5 7 --threads 1]
 
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from crv.attribution.attribute import TraceAttributor
 from crv.attribution.config import AttributionConfig
@@ -42,7 +44,9 @@ from crv.attribution.graph import StepGraph
 from crv.models.adapter import ArchAdapter
 from crv.transcoders.module import TranscoderSet
 
-TINY = Path(__file__).resolve().parent.parent / "data" / "crv-tiny"
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "data" / "crv-tiny"
+DEFAULT_PRESET = OmegaConf.load(ROOT / "conf" / "experiment" / "default.yaml")
 
 
 def load_model(path: Path) -> tuple[Any, Any, str]:
@@ -78,9 +82,11 @@ def random_llama(tokenizer: Any, seed: int) -> Any:
 
 
 def canonical_traces(
-    tokenizer: Any, complexities: list[int], n: int, seed: int
+    model: Any, tokenizer: Any, complexities: list[int], n: int, seed: int, position: str
 ) -> list[dict[str, Any]]:
-    """Arithmetic problems with their canonical solutions as traces (ids, step positions)."""
+    """Arithmetic problems with their canonical solutions as traces (ids, the positions
+    the step graphs explain, chosen by the `position` rule as the graphs stage does)."""
+    from crv.attribution.attribute import needs_token_probs, next_token_probs, step_positions
     from crv.tasks import generate_problems
     from crv.tasks.segment import segment_steps
     from crv.traces import last_token_index, token_char_ends
@@ -92,12 +98,14 @@ def canonical_traces(
             prompt_ids = tokenizer(problem.prompt).input_ids
             completion_ids = tokenizer(completion, add_special_tokens=False).input_ids
             ends = token_char_ends(tokenizer, completion_ids, completion)
-            positions = [
-                last_token_index(ends, end, len(prompt_ids)) for _, end in segment_steps(completion)
+            ids = prompt_ids + completion_ids
+            steps = [
+                {"last_token": last_token_index(ends, end, len(prompt_ids))}
+                for _, end in segment_steps(completion)
             ]
-            traces.append(
-                {"id": problem.id, "input_ids": prompt_ids + completion_ids, "positions": positions}
-            )
+            probs = next_token_probs(model, ids) if needs_token_probs(position) else None
+            positions = step_positions(steps, len(prompt_ids), position, probs)
+            traces.append({"id": problem.id, "input_ids": ids, "positions": positions})
     return [t for t in traces if len(t["positions"]) >= 5]
 
 
@@ -164,7 +172,10 @@ def main() -> None:
     parser.add_argument("--traces", type=int, default=4, help="traces per complexity")
     parser.add_argument("--complexities", type=int, nargs="+", default=[5, 7])
     parser.add_argument(
-        "--max-feature-nodes", type=int, default=AttributionConfig.max_feature_nodes
+        "--max-feature-nodes",
+        type=int,
+        default=DEFAULT_PRESET.attribution.max_feature_nodes,
+        help="default: the default run's (conf/experiment/default.yaml)",
     )
     parser.add_argument("--batch-size", type=int, default=AttributionConfig.batch_size)
     parser.add_argument("--threads", type=int, default=1)
@@ -188,12 +199,15 @@ def main() -> None:
         tc_name = f"16x k=32 TopK, {args.train_steps} quick training steps"
     print(f"subject: {model_name}; transcoders: {tc_name} ({time.perf_counter() - start:.0f} s)")
     cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
-    traces = canonical_traces(tokenizer, args.complexities, args.traces, args.seed)
+    traces = canonical_traces(
+        model, tokenizer, args.complexities, args.traces, args.seed, cfg.position
+    )
     n_graphs = sum(len(t["positions"]) for t in traces)
     lengths = [len(t["input_ids"]) for t in traces]
     print(
         f"{len(traces)} traces, {n_graphs} step graphs, {min(lengths)}-{max(lengths)} tokens; "
-        f"max_feature_nodes {cfg.max_feature_nodes}, batch_size {cfg.batch_size}, threads {args.threads}"
+        f"max_feature_nodes {cfg.max_feature_nodes}, batch_size {cfg.batch_size}, "
+        f"position {cfg.position}, threads {args.threads}"
     )
 
     shared = shared_path(adapter, tset, traces, cfg)

@@ -320,7 +320,12 @@ class StepVerifier:
 
     def interventions(self, trace: Trace, enc: Encoded, i: int, graph: Any) -> dict[str, Any]:
         """Proposed interventions of a flagged step and, with `intervene`, the regeneration."""
-        from crv.interventions.apply import StepSpan, active_features, margin_drops, regenerate
+        from crv.interventions.apply import (
+            StepSpan,
+            active_features,
+            margin_drops,
+            regenerate_batch,
+        )
         from crv.interventions.propose import propose
         from crv.tasks.segment import segment_steps
 
@@ -363,8 +368,8 @@ class StepVerifier:
             "gold": "",
         }
         n_new = span.last_token - span.first_token + 1 + cfg.regen_extra_tokens
-        outcome = regenerate(
-            b.adapter, b.transcoders, b.tokenizer, row, i, span, n_new, proposals[0], 0
+        [outcome] = regenerate_batch(
+            b.adapter, b.transcoders, b.tokenizer, row, i, span, n_new, proposals[:1], [0]
         )
         kept = b.tokenizer.decode(
             enc.input_ids[enc.prompt_len : span.first_token], skip_special_tokens=True

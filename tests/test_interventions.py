@@ -16,7 +16,6 @@ from crv.interventions.apply import (
     StepSpan,
     active_features,
     margin_drops,
-    regenerate,
     regenerate_batch,
     step_span,
     to_intervention,
@@ -77,7 +76,8 @@ def test_no_intervention_regeneration_reproduces_the_original(subject):
     offset = len(res.prompt_ids)
     for cut in (1, 17):
         span = StepSpan(offset + cut, offset + cut + 5)
-        out = regenerate(adapter, tset, tokenizer, row, 0, span, len(res.completion_ids) - cut)
+        n_new = len(res.completion_ids) - cut
+        [out] = regenerate_batch(adapter, tset, tokenizer, row, 0, span, n_new, [None], [-1])
         assert out.condition == "none" and out.proposal is None and not out.changed
         assert out.regenerated == tokenizer.decode(
             res.completion_ids[cut:], skip_special_tokens=True
@@ -155,23 +155,6 @@ def test_suppressing_a_feature_changes_only_it_and_nothing_upstream(subject):
     assert not torch.equal(clean_out[N_LAYERS - 1], edit_out[N_LAYERS - 1])
 
 
-def test_intervened_regeneration_differs_and_is_relabelled(subject):
-    adapter, tokenizer, tset = subject
-    [res] = generate_greedy(adapter.model, tokenizer, [PROMPT], 30)
-    row = _row(res.prompt_ids, res.completion_ids, res.completion)
-    span = StepSpan(len(res.prompt_ids) + 3, len(res.prompt_ids) + 8)
-    window = span.window(span.last_token)
-    active = active_features(adapter, tset, row["input_ids"], window)
-    changed = 0
-    for layer, feature in list(active)[:5]:
-        p = Proposal(layer, feature, "amplify", 8.0, "onward", window[0], (), 0.0, "graph")
-        out = regenerate(adapter, tset, tokenizer, row, 0, span, 27, p, rank=0)
-        assert out.condition == "graph" and out.rank == 0
-        assert isinstance(out.step_correct, bool) and isinstance(out.final_correct, bool)
-        changed += out.changed
-    assert changed > 0
-
-
 def test_batched_regenerations_equal_one_at_a_time(subject):
     adapter, tokenizer, tset = subject
     [res] = generate_greedy(adapter.model, tokenizer, [PROMPT], 30)
@@ -186,11 +169,17 @@ def test_batched_regenerations_equal_one_at_a_time(subject):
     ranks = [-1, 0, 1, 2, 3]
     batched = regenerate_batch(adapter, tset, tokenizer, row, 0, span, 27, todo, ranks)
     alone = [
-        regenerate(adapter, tset, tokenizer, row, 0, span, 27, p, r)
+        regenerate_batch(adapter, tset, tokenizer, row, 0, span, 27, [p], [r])[0]
         for p, r in zip(todo, ranks, strict=True)
     ]
     assert [o.to_dict() for o in batched] == [o.to_dict() for o in alone]
-    assert len({o.regenerated for o in batched}) > 1  # the rows did get different edits
+    assert [(o.condition, o.rank) for o in batched] == [("none", -1)] + [
+        ("graph", r) for r in ranks[1:]
+    ]
+    assert all(
+        isinstance(o.step_correct, bool) and isinstance(o.final_correct, bool) for o in batched
+    )
+    assert not batched[0].changed and any(o.changed for o in batched[1:])
 
 
 def _graph(seed: int = 0) -> StepGraph:

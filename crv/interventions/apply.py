@@ -141,25 +141,6 @@ class Outcome:
         }
 
 
-def regenerate(
-    adapter: Any,
-    tset: TranscoderSet,
-    tokenizer: Any,
-    row: Mapping[str, Any],
-    step_index: int,
-    span: StepSpan,
-    max_new_tokens: int,
-    proposal: Proposal | None = None,
-    rank: int = -1,
-) -> Outcome:
-    """Greedy regeneration of `row` from the step's first token, with `proposal` applied
-    (one row of `regenerate_batch`)."""
-    [outcome] = regenerate_batch(
-        adapter, tset, tokenizer, row, step_index, span, max_new_tokens, [proposal], [rank]
-    )
-    return outcome
-
-
 def regenerate_batch(
     adapter: Any,
     tset: TranscoderSet,
