@@ -34,20 +34,21 @@ of the largest |b| (a = crv, b = circuit-tracer).
         circuit-tracer==0.5.0 "transformers<=4.57.3" "nnsight>=0.6,<0.7"
     .venv/bin/python benchmarks/attribution_circuit_tracer.py --ct-python /tmp/ctvenv/bin/python
 
-Measured here (2 CPU cores shared with another job, 1 thread each side, 100 tokens,
+Measured here 2026-11-26 (2 CPU cores, nothing else running, 1 thread each side, 100 tokens,
 median of 3 graphs each; circuit-tracer 0.5.0 + nnsight 0.6.3 + transformers 4.57.3):
 
     random 4-layer hidden-128 Llama, 2048 latents/layer k=32 topk; 100 tokens; ...
                       s/graph  graphs/s  features
-    crv                 0.150      6.67       128
-    circuit-tracer      1.282      0.78       128
+    crv                 0.121      8.25       128
+    circuit-tracer      1.192      0.84       128
     shared features 128, same logit set: True; compared edges 7737 (max |w| 167.67, ...)
-    ct_ratio: 8.55
-    edge_agreement_max_rel: 2.90e-06
+    ct_ratio: 9.83
+    edge_agreement_max_rel: 3.64e-06
 
 Both sides pick the same 128 features and 10 logits; the edges agree to float32 rounding.
-ct_ratio varies with the load on the shared cores: 7.47-8.55 over three runs (crv
-0.150-0.176 s, circuit-tracer 1.21-1.34 s per graph).
+ct_ratio varies with the load on the shared cores: 7.47-8.55 over three runs on 2026-11-25
+(crv 0.150-0.176 s, circuit-tracer 1.21-1.34 s per graph, before crv's shorter forward
+segments).
 """
 
 from __future__ import annotations
