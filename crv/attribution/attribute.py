@@ -50,12 +50,13 @@ later step that selects the same feature reuses it. The logit rows of all steps 
 computed together, in full batches. The graphs are identical to attributing each step from
 its own prefix; `benchmarks/attribution.py` measures the speed-up and where the time goes.
 On crv-tiny (8 traces, 48 steps, 1 core) it is about 1.25-1.4x with `max_feature_nodes` 64
-and 1.2x with 128: a step's graph is dominated by the features at its own position, so the
-steps of a trace share only 3.2% (64) or 5.7% (128) of their rows, while rows (backward
-passes and their assembly) are about 80% of the shared path's time and 60-70% of the
-per-step path's. The gain is the single forward and encoding per trace and the packed logit
-rows; even with everything but the unshared rows free the ratio would stay under 1.7 (64)
-or 1.55 (128).
+and `after` positions, 1.2x with 128, and 1.2x with 64 at the default least-confident
+positions: a step's graph is dominated by the features at its own position, so the steps of
+a trace share only 3.2% (64, after), 5.7% (128) or 0.8% (64, least confident) of their
+rows, while rows (backward passes and their assembly) are about 80% of the shared path's
+time and 60-70% of the per-step path's. The gain is the single forward and encoding per
+trace and the packed logit rows; even with everything but the unshared rows free the ratio
+would stay under 1.7.
 
 Correctness test (tests/test_attribution.py)
 --------------------------------------------
