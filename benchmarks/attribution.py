@@ -89,7 +89,7 @@ def canonical_traces(
 ) -> list[dict[str, Any]]:
     """Arithmetic problems with their canonical solutions as traces (ids, the positions
     the step graphs explain, chosen by the `position` rule as the graphs stage does)."""
-    from crv.attribution.attribute import needs_token_probs, next_token_probs, step_positions
+    from crv.attribution.attribute import explained_positions
     from crv.tasks import generate_problems
     from crv.tasks.segment import segment_steps
     from crv.traces import last_token_index, token_char_ends
@@ -106,8 +106,7 @@ def canonical_traces(
                 {"last_token": last_token_index(ends, end, len(prompt_ids))}
                 for _, end in segment_steps(completion)
             ]
-            probs = next_token_probs(model, ids) if needs_token_probs(position) else None
-            positions = step_positions(steps, len(prompt_ids), position, probs)
+            positions = explained_positions(model, ids, steps, len(prompt_ids), position)
             traces.append({"id": problem.id, "input_ids": ids, "positions": positions})
     return [t for t in traces if len(t["positions"]) >= 5]
 

@@ -250,21 +250,13 @@ class StepVerifier:
 
     def graphs(self, trace: Trace, enc: Encoded) -> list[Any]:
         """The pruned step graphs of all steps of a trace, from one shared forward pass."""
-        from crv.attribution.attribute import (
-            needs_token_probs,
-            next_token_probs,
-            step_positions,
-            trace_graphs,
-        )
+        from crv.attribution.attribute import explained_positions, trace_graphs
 
         b, cfg = self.bundle, self.attribution
         steps = [{"last_token": t} for t in enc.last_tokens]
-        probs = (
-            next_token_probs(b.adapter.model, enc.input_ids)
-            if needs_token_probs(cfg.position)
-            else None
+        positions = explained_positions(
+            b.adapter.model, enc.input_ids, steps, enc.prompt_len, cfg.position
         )
-        positions = step_positions(steps, enc.prompt_len, cfg.position, probs)
         if min(positions) < 1:  # position 0 (bos) has no sources to explain it from
             raise TraceError(
                 f"line {trace.line}: the prompt is empty; step 0 has no token before it"
@@ -454,12 +446,9 @@ def _check_config(cfg: VerifyConfig) -> None:
         raise _Failure("no bundle given: crv-verify bundle=PATH input=FILE output=FILE")
     if cfg.format not in FORMATS:
         raise _Failure(f"format must be one of {', '.join(FORMATS)}, not {cfg.format!r}")
-    choices = {
-        "rank_by": ("influence", "verifier", "layer", "margin"),
-        "action": ("suppress", "amplify"),
-        "scope": ("step", "onward"),
-    }
-    for name, allowed in choices.items():
+    from crv.interventions.config import PROPOSAL_CHOICES
+
+    for name, allowed in PROPOSAL_CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise _Failure(
                 f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from factories import random_transcoder_set, tiny_llama
 
-from crv.attribution.attribute import next_token_probs, step_positions, trace_graphs
+from crv.attribution.attribute import explained_positions, trace_graphs
 from crv.attribution.config import AttributionConfig
 from crv.attribution.graph import StepGraph
 from crv.attribution.render import write_html
@@ -135,8 +135,9 @@ def test_stage_writes_resumes_and_loads(tmp_path: Path) -> None:
     model, _ = load_subject(inputs["subject"])
     trace = load_from_disk(str(inputs["traces"] / "dataset"))[0]
     assert CFG.position == "least_confident"
-    probs = next_token_probs(model, trace["input_ids"])
-    positions = step_positions(trace["steps"], trace["prompt_len"], CFG.position, probs)
+    positions = explained_positions(
+        model, trace["input_ids"], trace["steps"], trace["prompt_len"], CFG.position
+    )
     assert positions != [s["last_token"] for s in trace["steps"]]
     direct = trace_graphs(
         ArchAdapter.for_model(model.requires_grad_(False)),

@@ -229,9 +229,17 @@ def next_token_probs(model: torch.nn.Module, input_ids: Sequence[int]) -> np.nda
     return logp.gather(1, ids[0, 1:, None])[:, 0].exp().cpu().numpy()
 
 
-def needs_token_probs(position: str) -> bool:
-    """Whether `step_positions` needs `next_token_probs` for this position rule."""
-    return position == "least_confident"
+def explained_positions(
+    model: torch.nn.Module,
+    input_ids: Sequence[int],
+    steps: Sequence[dict[str, Any]],
+    prompt_len: int,
+    position: str,
+) -> list[int]:
+    """`step_positions` of one trace, running the model for its token probabilities only
+    when the rule needs them (`least_confident`)."""
+    probs = next_token_probs(model, input_ids) if position == "least_confident" else None
+    return step_positions(steps, prompt_len, position, probs)
 
 
 class TraceAttributor:

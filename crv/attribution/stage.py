@@ -16,12 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from crv.attribution.attribute import (
-    needs_token_probs,
-    next_token_probs,
-    step_positions,
-    trace_graphs,
-)
+from crv.attribution.attribute import explained_positions, trace_graphs
 from crv.attribution.config import AttributionConfig
 from crv.attribution.store import (
     GRAPH_DIR,
@@ -67,12 +62,9 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         else:
             start = time.perf_counter()
             n_tokens = len(trace["input_ids"])
-            probs = (
-                next_token_probs(model, trace["input_ids"])
-                if needs_token_probs(cfg.position)
-                else None
+            positions = explained_positions(
+                model, trace["input_ids"], trace["steps"], trace["prompt_len"], cfg.position
             )
-            positions = step_positions(trace["steps"], trace["prompt_len"], cfg.position, probs)
             kept = [
                 (s["index"], p)
                 for s, p in zip(trace["steps"], positions, strict=True)

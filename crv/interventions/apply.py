@@ -11,7 +11,6 @@ greedily from there with a KV cache; the splice reads absolute positions from th
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,11 +72,13 @@ def active_features(
     return {key: tuple(positions) for key, positions in sorted(found.items())}
 
 
-def to_intervention(proposal: Proposal, end: int) -> FeatureIntervention:
-    """The splice intervention of a proposal, for sequences shorter than `end`."""
+def to_intervention(proposal: Proposal, end: int, row: int | None = None) -> FeatureIntervention:
+    """The splice intervention of a proposal, for sequences shorter than `end`, on batch
+    row `row` only (None: every row)."""
     action, value = ("zero", 0.0) if proposal.action == "suppress" else ("scale", proposal.value)
+    rows = None if row is None else (row,)
     return FeatureIntervention(
-        proposal.layer, proposal.feature, proposal.target_positions(end), action, value
+        proposal.layer, proposal.feature, proposal.target_positions(end), action, value, rows
     )
 
 
@@ -96,10 +97,7 @@ def margin_drops(
     unedited, row b + 1 with proposal b only."""
     device = adapter.unembed_weight.device
     ids = torch.tensor([list(input_ids[: position + 1])] * (len(proposals) + 1), device=device)
-    interventions = [
-        dataclasses.replace(to_intervention(p, position + 1), rows=(b + 1,))
-        for b, p in enumerate(proposals)
-    ]
+    interventions = [to_intervention(p, position + 1, b + 1) for b, p in enumerate(proposals)]
     with splice(adapter, tset, add_error=True, interventions=interventions):
         logits_BV = adapter.model(input_ids=ids, use_cache=False).logits[:, -1].double()
     first, second = torch.topk(logits_BV[0], 2).indices.tolist()
@@ -162,11 +160,7 @@ def regenerate_batch(
     """
     prefix = list(row["input_ids"][: span.first_token])
     end = len(prefix) + max_new_tokens
-    interventions = [
-        dataclasses.replace(to_intervention(p, end), rows=(b,))
-        for b, p in enumerate(proposals)
-        if p is not None
-    ]
+    interventions = [to_intervention(p, end, b) for b, p in enumerate(proposals) if p is not None]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = adapter.unembed_weight.device

@@ -8,11 +8,18 @@ each, and 20 false alarms with two each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 RankBy = Literal["influence", "verifier", "layer", "margin"]
 Action = Literal["suppress", "amplify"]
 Scope = Literal["step", "onward"]
+
+PROPOSAL_CHOICES: dict[str, tuple[str, ...]] = {
+    "rank_by": get_args(RankBy),
+    "action": get_args(Action),
+    "scope": get_args(Scope),
+}
+"""Allowed values of the proposal settings, shared with crv-verify's options."""
 
 
 @dataclass
@@ -74,12 +81,7 @@ class InterventionConfig:
     """Paired bootstrap resamples for the confidence interval of `fixed_minus_random`."""
 
     def __post_init__(self) -> None:
-        choices = {
-            "verifier": ("task", "pooled"),
-            "rank_by": ("influence", "verifier", "layer", "margin"),
-            "action": ("suppress", "amplify"),
-            "scope": ("step", "onward"),
-        }
+        choices = {"verifier": ("task", "pooled"), **PROPOSAL_CHOICES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
