@@ -2,7 +2,7 @@
 
 Both sides build the same graphs (same config, same model and transcoders) for canonical
 traces of >= 5 steps: `shared` attributes every step of a trace from one forward pass and
-reuses feature rows between its steps (`crv.attribution.attribute.trace_graphs`); `per-step`
+reuses feature rows between its steps (`crv.graphs.attribute.trace_graphs`); `per-step`
 attributes each step from its own prefix with nothing shared. Each path runs `--repeats`
 times, interleaved, and its fastest run counts. Prints graphs per second of both, the rows
 each computed, whether the graphs agree, the seconds of each part of both paths (from the
@@ -14,7 +14,7 @@ Subject: data/crv-tiny when present, else a random 4-layer hidden-128 Llama. Tra
 given transcoder-set directory, else 16x/k=32 TopK transcoders briefly trained here on the
 model's activations (`--train-steps`, 0 = data-initialised random ones). Traces: the canonical
 solutions of synthetic arithmetic problems (teacher-forced, no generation), each step's graph
-at the position the default `attribution.position` rule picks.
+at the position the default `graphs.position` rule picks.
 
     python benchmarks/attribution.py [--traces 6 --complexities 5 7 --threads 1]
 
@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from crv.attribution.attribute import TraceAttributor
-from crv.attribution.config import AttributionConfig
-from crv.attribution.graph import StepGraph
+from crv.graphs.attribute import TraceAttributor
+from crv.graphs.config import GraphsConfig
+from crv.graphs.graph import StepGraph
 from crv.models.adapter import ArchAdapter
 from crv.transcoders.module import TranscoderSet
 
@@ -89,10 +89,10 @@ def canonical_traces(
 ) -> list[dict[str, Any]]:
     """Arithmetic problems with their canonical solutions as traces (ids, the positions
     the step graphs explain, chosen by the `position` rule as the graphs stage does)."""
-    from crv.attribution.attribute import explained_positions
+    from crv.graphs.attribute import explained_positions
     from crv.tasks import generate_problems
     from crv.tasks.segment import segment_steps
-    from crv.traces import last_token_index, token_char_ends
+    from crv.tokens import last_token_index, token_char_ends
 
     traces = []
     for complexity in complexities:
@@ -136,13 +136,13 @@ def mlp_activations(
 
 def make_transcoders(adapter: ArchAdapter, tokenizer: Any, steps: int, seed: int) -> TranscoderSet:
     """16x, k=32 TopK transcoders, trained for `steps` steps of 2048 tokens (0: data-initialised)."""
-    from crv.transcoders.config import TranscoderConfig
+    from crv.transcoders.config import TranscodersConfig
     from crv.transcoders.train import TranscoderTrainer
 
     x_LND, y_LND = mlp_activations(
         adapter, canonical_traces(adapter.model, tokenizer, [3, 5, 7], 40, seed + 1, "after")
     )
-    cfg = TranscoderConfig(batch_tokens=2048, tokens=max(steps, 1) * 2048)
+    cfg = TranscodersConfig(batch_tokens=2048, tokens=max(steps, 1) * 2048)
     trainer = TranscoderTrainer(cfg, adapter.d_model, range(adapter.n_layers), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -178,10 +178,10 @@ def main() -> None:
     parser.add_argument(
         "--max-feature-nodes",
         type=int,
-        default=DEFAULT_PRESET.attribution.max_feature_nodes,
+        default=DEFAULT_PRESET.graphs.max_feature_nodes,
         help="default: the default run's (conf/experiment/default.yaml)",
     )
-    parser.add_argument("--batch-size", type=int, default=AttributionConfig.batch_size)
+    parser.add_argument("--batch-size", type=int, default=GraphsConfig.batch_size)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -202,7 +202,7 @@ def main() -> None:
         tset = make_transcoders(adapter, tokenizer, args.train_steps, args.seed)
         tc_name = f"16x k=32 TopK, {args.train_steps} quick training steps"
     print(f"subject: {model_name}; transcoders: {tc_name} ({time.perf_counter() - start:.0f} s)")
-    cfg = AttributionConfig(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
+    cfg = GraphsConfig(max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size)
     traces = canonical_traces(
         model, tokenizer, args.complexities, args.traces, args.seed, cfg.position
     )
@@ -246,7 +246,7 @@ class PathRun:
 
 
 def shared_path(
-    adapter: ArchAdapter, tset: TranscoderSet, traces: list[dict[str, Any]], cfg: AttributionConfig
+    adapter: ArchAdapter, tset: TranscoderSet, traces: list[dict[str, Any]], cfg: GraphsConfig
 ) -> PathRun:
     """Every step of a trace from one forward pass, rows shared between its steps."""
     start = time.perf_counter()
@@ -265,7 +265,7 @@ def shared_path(
 
 
 def per_step_path(
-    adapter: ArchAdapter, tset: TranscoderSet, traces: list[dict[str, Any]], cfg: AttributionConfig
+    adapter: ArchAdapter, tset: TranscoderSet, traces: list[dict[str, Any]], cfg: GraphsConfig
 ) -> PathRun:
     """Every step from its own prefix, nothing shared."""
     start = time.perf_counter()

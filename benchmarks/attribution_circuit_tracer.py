@@ -72,7 +72,7 @@ import torch
 def child(spec_path: str) -> None:
     """Build circuit-tracer graphs as `spec` says; write them to spec['out'] (.npz)."""
     from circuit_tracer import ReplacementModel, attribute
-    from circuit_tracer.transcoder.activation_functions import TopK
+    from circuit_tracer.transcoders.activation_functions import TopK
     from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
 
     spec = json.loads(Path(spec_path).read_text())
@@ -154,12 +154,12 @@ def build_inputs(root: Path, args: argparse.Namespace) -> tuple[object, object, 
 
 
 def crv_graphs(model, tset, ids: list[int], args: argparse.Namespace):
-    from crv.attribution.attribute import attribute_trace
-    from crv.attribution.config import AttributionConfig
+    from crv.graphs.attribute import attribute_trace
+    from crv.graphs.config import GraphsConfig
     from crv.models.adapter import ArchAdapter
 
     adapter = ArchAdapter.for_model(model)
-    cfg = AttributionConfig(
+    cfg = GraphsConfig(
         max_feature_nodes=args.max_feature_nodes,
         max_logits=args.max_logits,
         batch_size=args.batch_size,
@@ -174,7 +174,7 @@ def crv_graphs(model, tset, ids: list[int], args: argparse.Namespace):
 
 
 def node_keys_crv(att) -> list[tuple]:
-    from crv.attribution.graph import ERROR, FEATURE, LOGIT, TOKEN
+    from crv.graphs.graph import ERROR, FEATURE, LOGIT, TOKEN
 
     n = att.nodes
     keys = []

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from crv.transcoders.config import TranscoderConfig
+from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.train import TranscoderTrainer
 
 
@@ -86,8 +86,8 @@ class DenseReference:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--expansion", type=int, default=TranscoderConfig.expansion)
-    ap.add_argument("--k", type=int, default=TranscoderConfig.k)
+    ap.add_argument("--expansion", type=int, default=TranscodersConfig.expansion)
+    ap.add_argument("--k", type=int, default=TranscodersConfig.k)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-3, help="fixed, so a short run gets somewhere")
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--dead-tokens", type=int, default=16_384, help="small, so AuxK is active")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = TranscoderConfig(
+    cfg = TranscodersConfig(
         k=args.k,
         expansion=args.expansion,
         batch_tokens=args.batch_tokens,

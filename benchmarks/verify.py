@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from crv.bundle import MANIFEST_FILE, load_bundle
+from crv.cli.verify import StepVerifier, VerifyConfig, parse_trace
 from crv.tasks import generate_problems
-from crv.verify import StepVerifier, VerifyConfig, parse_trace
 
 N_STEPS = 6
 

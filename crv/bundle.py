@@ -218,8 +218,8 @@ def export_bundle(
 
 def run_stage(ctx: Any) -> dict[str, Any]:
     """`bundle` stage: export the subject, transcoders, verifier and settings of this run."""
+    from crv.features.stage import META_FILE
     from crv.pipeline import MANIFEST
-    from crv.verifier.features import META_FILE
 
     def config_of(stage: str) -> dict[str, Any]:
         return dict(read_json(Path(ctx.inputs[stage]) / MANIFEST)["config"])
@@ -257,7 +257,7 @@ class Bundle:
     transcoders: Any
     verifier: Any
     attribution: Any
-    """`crv.attribution.config.AttributionConfig` the training graphs were built with."""
+    """`crv.graphs.config.GraphsConfig` the training graphs were built with."""
     features: Any
     """`crv.verifier.config.FeaturesConfig` the training features were computed with."""
 
@@ -366,12 +366,12 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
     model). Raises BundleError for an unusable bundle and BundleMismatchError (naming the
     field) when the subject model differs from the one the bundle was built for.
     """
-    from crv.attribution.config import AttributionConfig
+    from crv.features.config import FeaturesConfig
+    from crv.graphs.config import GraphsConfig
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import load_subject
     from crv.transcoders.io import load_transcoder_set
     from crv.verifier.classifier import load_verifier
-    from crv.verifier.config import FeaturesConfig
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -401,6 +401,6 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
         adapter=adapter,
         transcoders=tset,
         verifier=verifier,
-        attribution=_settings(AttributionConfig, manifest["attribution"], "attribution"),
+        attribution=_settings(GraphsConfig, manifest["attribution"], "attribution"),
         features=_settings(FeaturesConfig, manifest["features"]["config"], "features"),
     )

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from crv.attribution.config import AttributionConfig
+from crv.baselines.config import BaselinesConfig
 from crv.bundle import BundleConfig
-from crv.interventions import InterventionConfig
-from crv.models.loading import ModelConfig
-from crv.traces import TracesConfig
-from crv.transcoders.config import TranscoderConfig
-from crv.verifier.config import BaselinesConfig, FeaturesConfig, VerifierConfig
+from crv.features.config import FeaturesConfig
+from crv.graphs.config import GraphsConfig
+from crv.interventions import InterventionsConfig
+from crv.subject.config import SubjectConfig
+from crv.traces.config import TracesConfig
+from crv.transcoders.config import TranscodersConfig
+from crv.verifier.config import VerifierConfig
 
 ALL_STAGES = [
     "subject",
@@ -43,14 +45,14 @@ class PipelineConfig:
 
 @dataclass
 class CRVConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    subject: SubjectConfig = field(default_factory=SubjectConfig)
     traces: TracesConfig = field(default_factory=TracesConfig)
-    transcoder: TranscoderConfig = field(default_factory=TranscoderConfig)
-    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    transcoders: TranscodersConfig = field(default_factory=TranscodersConfig)
+    graphs: GraphsConfig = field(default_factory=GraphsConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
-    intervention: InterventionConfig = field(default_factory=InterventionConfig)
+    interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     seed: int = 0

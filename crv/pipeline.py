@@ -2,7 +2,7 @@
 
 Each stage is a pure function of (its config section, the artifacts it reads) to one artifact
 directory. The cache key of an artifact hashes the stage's resolved config section, the
-global seed and the keys of its inputs, so changing `transcoder.k` recomputes transcoders
+global seed and the keys of its inputs, so changing `transcoders.k` recomputes transcoders
 and everything downstream of them, nothing upstream.
 
 Writes are crash-safe: a stage writes into `<stage>/<key>.tmp-<pid>/` and the directory is
@@ -54,15 +54,14 @@ class StageContext:
 class Stage:
     """A node of the stage graph.
 
-    `section` names the config section the stage reads; `runner` is "module:function" so
-    that importing the pipeline does not import every stage's heavy dependencies.
+    One name everywhere: the stage's package (`crv/<name>/`), its config section, its
+    report.json key and its cache folder. `runner` is "module:function" so that importing
+    the pipeline does not import every stage's heavy dependencies.
     """
 
     name: str
-    section: str
     deps: tuple[str, ...]
     runner: str
-    report_key: str
 
     def load_runner(self) -> Callable[[StageContext], dict]:
         module, func = self.runner.split(":")
@@ -70,52 +69,22 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("subject", "model", (), "crv.models.subject:run_stage", "subject"),
-    Stage("traces", "traces", ("subject",), "crv.traces:run_stage", "traces"),
-    Stage(
-        "transcoders",
-        "transcoder",
-        ("subject", "traces"),
-        "crv.transcoders.stage:run_stage",
-        "transcoders",
-    ),
-    Stage(
-        "graphs",
-        "attribution",
-        ("subject", "traces", "transcoders"),
-        "crv.attribution.stage:run_stage",
-        "attribution",
-    ),
-    Stage(
-        "features", "features", ("traces", "graphs"), "crv.verifier.features:run_stage", "features"
-    ),
-    Stage(
-        "baselines",
-        "baselines",
-        ("subject", "traces"),
-        "crv.verifier.baselines:run_stage",
-        "baselines",
-    ),
-    Stage(
-        "verifier",
-        "verifier",
-        ("traces", "features", "baselines"),
-        "crv.verifier.classifier:run_stage",
-        "detection",
-    ),
+    Stage("subject", (), "crv.subject.stage:run_stage"),
+    Stage("traces", ("subject",), "crv.traces.stage:run_stage"),
+    Stage("transcoders", ("subject", "traces"), "crv.transcoders.stage:run_stage"),
+    Stage("graphs", ("subject", "traces", "transcoders"), "crv.graphs.stage:run_stage"),
+    Stage("features", ("traces", "graphs"), "crv.features.stage:run_stage"),
+    Stage("baselines", ("subject", "traces"), "crv.baselines.stage:run_stage"),
+    Stage("verifier", ("traces", "features", "baselines"), "crv.verifier.classifier:run_stage"),
     Stage(
         "interventions",
-        "intervention",
         ("subject", "traces", "transcoders", "graphs", "features", "verifier"),
-        "crv.interventions:run_stage",
-        "interventions",
+        "crv.interventions.stage:run_stage",
     ),
     Stage(
-        "bundle",
         "bundle",
         ("subject", "transcoders", "graphs", "features", "verifier"),
         "crv.bundle:run_stage",
-        "bundle",
     ),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
@@ -272,7 +241,7 @@ def run_pipeline(
     paths: dict[str, Path] = {}
     results: list[StageResult] = []
     for stage in stage_closure(requested, stages):
-        section_cfg = sections[stage.section]
+        section_cfg = sections[stage.name]
         input_keys = {d: keys[d] for d in stage.deps}
         key = artifact_key(stage, section_cfg, seed, input_keys)
         stage_log = logging.getLogger(f"crv.{stage.name}")

@@ -1,7 +1,7 @@
 """The run report: `report.json` (stable keys) and `report.md` (tables and plots).
 
 Each stage returns what it measured; this module only gathers those dicts under the
-stages' report keys, adds per-stage timings and peak memory, and renders Markdown. The
+stages' names, adds per-stage timings and peak memory, and renders Markdown. The
 renderers of the verifier and intervention sections live with those stages.
 """
 
@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from crv.io import atomic_write_json, atomic_write_text
-from crv.pipeline import STAGE_BY_NAME, StageResult, peak_memory_mb
+from crv.pipeline import StageResult, peak_memory_mb
 
 
 def build_report(results: Sequence[StageResult]) -> dict[str, Any]:
     report: dict[str, Any] = {}
     for r in results:
-        report[STAGE_BY_NAME[r.name].report_key] = r.metrics
+        report[r.name] = r.metrics
     report["timings"] = {r.name: round(r.seconds, 2) for r in results}
     report["reused"] = [r.name for r in results if r.reused]
     report["peak_memory_mb"] = round(peak_memory_mb(), 1)
@@ -61,12 +61,12 @@ def render_markdown(report: dict[str, Any], plots: Sequence[str]) -> str:
         tc = report["transcoders"]
         parts += ["## Transcoders\n", markdown_table(tc.get("layers", []))]
         parts.append(markdown_table(_scalars(tc)))
-    if "attribution" in report:
-        parts += ["## Attribution graphs\n", markdown_table(_scalars(report["attribution"]))]
-    if "detection" in report:
+    if "graphs" in report:
+        parts += ["## Attribution graphs\n", markdown_table(_scalars(report["graphs"]))]
+    if "verifier" in report:
         from crv.verifier.metrics import detection_markdown
 
-        parts += ["## Error detection\n", detection_markdown(report["detection"])]
+        parts += ["## Error detection\n", detection_markdown(report["verifier"])]
     if "interventions" in report:
         from crv.interventions import interventions_markdown
 

@@ -18,16 +18,17 @@ import numpy as np
 import pytest
 from factories import random_transcoder_set, tiny_llama
 
-from crv.attribution.config import AttributionConfig
 from crv.bundle import BundleConfig, export_bundle
+from crv.features.config import FeaturesConfig
+from crv.features.stage import feature_names
+from crv.graphs.config import GraphsConfig
 from crv.models.tiny import build_tokenizer
 from crv.transcoders.io import save_transcoder_set
 from crv.verifier.classifier import XGBVerifier
-from crv.verifier.config import FeaturesConfig, VerifierConfig
-from crv.verifier.features import feature_names
+from crv.verifier.config import VerifierConfig
 
 N_LAYERS, D_MODEL, CONTEXT = 2, 32, 96
-ATTRIBUTION = AttributionConfig(max_logits=3, max_feature_nodes=12, batch_size=16)
+ATTRIBUTION = GraphsConfig(max_logits=3, max_feature_nodes=12, batch_size=16)
 FEATURES = FeaturesConfig(n_workers=1)
 
 PROMPT = "Q: Evaluate (5+9)*(2+3)\n"

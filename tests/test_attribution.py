@@ -19,16 +19,16 @@ import pytest
 import torch
 from factories import random_transcoder_set, tiny_model
 
-from crv.attribution.attribute import StepAttribution, attribute_trace
-from crv.attribution.config import AttributionConfig
-from crv.attribution.graph import ERROR, FEATURE, LOGIT, TOKEN
+from crv.graphs.attribute import StepAttribution, attribute_trace
+from crv.graphs.config import GraphsConfig
+from crv.graphs.graph import ERROR, FEATURE, LOGIT, TOKEN
 from crv.models.adapter import ArchAdapter
 from crv.transcoders.module import TopKTranscoder, TranscoderSet
 
 VOCAB, D, N_LAYERS, T = 37, 32, 3, 15
 POSITIONS = [6, 10, 14]
 FAMILIES = ["llama", "qwen2", "gemma2", "gpt2", "gemma3", "mistral", "qwen3", "gpt_neox"]
-CFG = AttributionConfig(
+CFG = GraphsConfig(
     max_logits=4, logit_cum_prob=1.0, max_feature_nodes=10_000, batch_size=16, update_interval=1
 )
 
@@ -238,7 +238,7 @@ def test_edges_equal_perturbation_effects(family: str) -> None:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_whole_trace_equals_prefix(family: str) -> None:
     adapter, tset, ids = setup(family)
-    cfg = AttributionConfig(max_logits=3, max_feature_nodes=40, batch_size=6, update_interval=2)
+    cfg = GraphsConfig(max_logits=3, max_feature_nodes=40, batch_size=6, update_interval=2)
     whole = attribute_trace(adapter, tset, ids, POSITIONS, cfg)
     for att in whole:
         (alone,) = attribute_trace(adapter, tset, ids[: att.position + 1], [att.position], cfg)
@@ -254,10 +254,10 @@ def test_whole_trace_equals_prefix(family: str) -> None:
 
 def test_short_segments_change_no_value(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cutting the forward into segments of 2-3 tokens gives the same graphs."""
-    import crv.attribution.replacement as replacement
+    import crv.graphs.replacement as replacement
 
     adapter, tset, ids = setup("llama")
-    cfg = AttributionConfig(max_logits=3, max_feature_nodes=40, batch_size=6, update_interval=2)
+    cfg = GraphsConfig(max_logits=3, max_feature_nodes=40, batch_size=6, update_interval=2)
     whole = attribute_trace(adapter, tset, ids, POSITIONS, cfg)
     monkeypatch.setattr(replacement, "SEGMENT_TOKENS", 3)
     short = attribute_trace(adapter, tset, ids, POSITIONS, cfg)
@@ -268,7 +268,7 @@ def test_short_segments_change_no_value(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_segment_ends_cut_long_stretches() -> None:
-    from crv.attribution.replacement import segment_ends
+    from crv.graphs.replacement import segment_ends
 
     assert segment_ends([5, 12], 64) == [5, 12]
     ends = segment_ends([10, 11, 40], 8)
@@ -277,7 +277,7 @@ def test_segment_ends_cut_long_stretches() -> None:
 
 
 def test_rows_are_shared_between_steps() -> None:
-    from crv.attribution.attribute import TraceAttributor
+    from crv.graphs.attribute import TraceAttributor
 
     adapter, tset, ids = setup("llama")
     attributor = TraceAttributor(adapter, tset, ids, POSITIONS, CFG)
@@ -291,7 +291,7 @@ def test_rows_are_shared_between_steps() -> None:
 
 
 def test_before_position_is_the_previous_steps_after() -> None:
-    from crv.attribution.attribute import step_positions
+    from crv.graphs.attribute import step_positions
 
     steps = [{"last_token": 6}, {"last_token": 10}, {"last_token": 14}]
     assert step_positions(steps, 4, "after") == [6, 10, 14]
@@ -303,7 +303,7 @@ def test_before_position_is_the_previous_steps_after() -> None:
     with pytest.raises(ValueError, match="token probabilities"):
         step_positions(steps, 4, "least_confident")
     adapter, tset, ids = setup("qwen2")
-    cfg = AttributionConfig(max_feature_nodes=30, batch_size=8)
+    cfg = GraphsConfig(max_feature_nodes=30, batch_size=8)
     after = attribute_trace(adapter, tset, ids, step_positions(steps, 4, "after"), cfg)
     before = attribute_trace(adapter, tset, ids, step_positions(steps, 4, "before"), cfg)
     for a, b in zip(after[:-1], before[1:], strict=True):
@@ -311,7 +311,7 @@ def test_before_position_is_the_previous_steps_after() -> None:
 
 
 def test_next_token_probs_are_the_generated_tokens_probabilities() -> None:
-    from crv.attribution.attribute import next_token_probs
+    from crv.graphs.attribute import next_token_probs
 
     adapter, _, ids = setup("llama")
     probs = next_token_probs(adapter.model, ids)

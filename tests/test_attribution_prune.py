@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from crv.attribution.prune import (
+from crv.graphs.prune import (
     GraphCounts,
     column_influence,
     graph_scores,

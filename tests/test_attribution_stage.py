@@ -11,12 +11,12 @@ import pytest
 import torch
 from factories import random_transcoder_set, tiny_llama
 
-from crv.attribution.attribute import explained_positions, trace_graphs
-from crv.attribution.config import AttributionConfig
-from crv.attribution.graph import StepGraph
-from crv.attribution.render import write_html
-from crv.attribution.stage import run_stage
-from crv.attribution.store import (
+from crv.graphs.attribute import explained_positions, trace_graphs
+from crv.graphs.config import GraphsConfig
+from crv.graphs.graph import StepGraph
+from crv.graphs.render import write_html
+from crv.graphs.stage import run_stage
+from crv.graphs.store import (
     iter_step_graphs,
     load_step_graphs,
     save_step_graphs,
@@ -28,7 +28,7 @@ from crv.pipeline import StageContext
 from crv.transcoders.io import save_transcoder_set
 
 VOCAB, D, N_LAYERS = 30, 32, 2
-CFG = AttributionConfig(max_feature_nodes=24, batch_size=8, splits=["test"])
+CFG = GraphsConfig(max_feature_nodes=24, batch_size=8, splits=["test"])
 
 
 @pytest.fixture(autouse=True)

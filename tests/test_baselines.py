@@ -11,7 +11,8 @@ import pytest
 import torch
 from factories import tiny_llama
 
-from crv.verifier.baselines import (
+from crv.baselines.config import BaselinesConfig
+from crv.baselines.stage import (
     SCORE_COLUMNS,
     baseline_table,
     coe_scores,
@@ -19,9 +20,9 @@ from crv.verifier.baselines import (
     resolve_probe_layer,
     trace_step_scores,
 )
+from crv.features.stage import KEY_COLUMNS
 from crv.verifier.classifier import POSITION_COLUMNS, build_methods, fit_method
-from crv.verifier.config import BaselinesConfig, VerifierConfig
-from crv.verifier.features import KEY_COLUMNS
+from crv.verifier.config import VerifierConfig
 
 
 @pytest.fixture(scope="module", name="tiny_llama")

@@ -28,10 +28,10 @@ from crv.bundle import (
     read_manifest,
     run_stage,
 )
+from crv.features.stage import feature_names
 from crv.io import atomic_write_json, read_json
 from crv.pipeline import StageContext
 from crv.verifier.classifier import load_verifier
-from crv.verifier.features import feature_names
 
 
 def test_manifest_records_everything(tiny_bundle: Path, bundle_parts: dict[str, Path]) -> None:

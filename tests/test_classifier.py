@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from crv.features.stage import KEY_COLUMNS, feature_names
 from crv.io import atomic_write, atomic_write_json
 from crv.pipeline import StageContext
 from crv.verifier.classifier import (
@@ -19,7 +20,6 @@ from crv.verifier.classifier import (
     split_train_val,
 )
 from crv.verifier.config import VerifierConfig
-from crv.verifier.features import KEY_COLUMNS, feature_names
 
 FAST = VerifierConfig(
     n_estimators=40, early_stopping_rounds=5, n_bootstrap=50, n_threads=1, mlp_probe_max_iter=50

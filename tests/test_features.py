@@ -8,9 +8,8 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from crv.attribution.graph import StepGraph
-from crv.verifier.config import FeaturesConfig
-from crv.verifier.features import (
+from crv.features.config import FeaturesConfig
+from crv.features.stage import (
     FAMILIES,
     KEY_COLUMNS,
     family_of,
@@ -19,6 +18,7 @@ from crv.verifier.features import (
     graph_features,
     step_key_table,
 )
+from crv.graphs.graph import StepGraph
 
 
 def make_graph(kind, layer, activation, influence, edges, trace_id="t0", step=0, position=9):
@@ -192,13 +192,13 @@ def test_features_stage_writes_table(tmp_path, monkeypatch):
 
     from datasets import Dataset
 
-    from crv.pipeline import StageContext
-    from crv.verifier.features import (
+    from crv.features.stage import (
         load_feature_meta,
         load_feature_names,
         load_feature_table,
         run_stage,
     )
+    from crv.pipeline import StageContext
 
     steps = [
         {"index": i, "text": "", "label": i == 0, "parsed": True, "last_token": 5 + i}
@@ -217,9 +217,9 @@ def test_features_stage_writes_table(tmp_path, monkeypatch):
         chain(),
         make_graph([0, 3], [0, 4], [1.0, 1.0], [1.0, 1.0], [(0, 1, 1.0)], step=1, position=6),
     ]
-    store = types.ModuleType("crv.attribution.store")
+    store = types.ModuleType("crv.graphs.store")
     store.iter_step_graphs = lambda path: iter(graphs)
-    monkeypatch.setitem(sys.modules, "crv.attribution.store", store)
+    monkeypatch.setitem(sys.modules, "crv.graphs.store", store)
     out = tmp_path / "out"
     inputs = {"traces": tmp_path / "traces", "graphs": tmp_path / "graphs"}
     ctx = StageContext(

@@ -8,9 +8,9 @@ import pytest
 import torch
 from factories import random_transcoder_set
 
-from crv.attribution.graph import FEATURE, LOGIT, TOKEN, StepGraph
 from crv.generation import generate_greedy
-from crv.interventions import InterventionConfig, interventions_markdown
+from crv.graphs.graph import FEATURE, LOGIT, TOKEN, StepGraph
+from crv.interventions import InterventionsConfig, interventions_markdown
 from crv.interventions.apply import (
     Outcome,
     StepSpan,
@@ -406,17 +406,18 @@ def test_summarize_rates_and_markdown():
 
 
 def test_config_defaults():
-    cfg = InterventionConfig()
+    cfg = InterventionsConfig()
     assert cfg.max_steps >= 50  # the issue asks for >= 50 attempted steps on the default run
     assert cfg.rank_by == "margin"
     with pytest.raises(ValueError, match="rank_by"):
-        InterventionConfig(rank_by="gradient")
+        InterventionsConfig(rank_by="gradient")
     with pytest.raises(ValueError, match="scope"):
-        InterventionConfig(scope="everywhere")
+        InterventionsConfig(scope="everywhere")
 
 
 def _trace_row(tokenizer, problem: Problem, prompt_ids, completion_ids, split: str) -> dict:
-    from crv.traces import label_steps, last_token_index, token_char_ends
+    from crv.tasks.label import label_steps
+    from crv.tokens import last_token_index, token_char_ends
 
     completion = tokenizer.decode(completion_ids, skip_special_tokens=True)
     row = _row(prompt_ids, completion_ids, completion) | {
@@ -475,14 +476,15 @@ def test_run_stage_end_to_end(subject, tmp_path):
 
     from datasets import Dataset
 
-    from crv.attribution.store import save_step_graphs, trace_file
+    from crv.features.config import FeaturesConfig
+    from crv.features.stage import TABLE_FILE, feature_names, feature_table, step_key_table
+    from crv.graphs.store import save_step_graphs, trace_file
     from crv.interventions.stage import RESULTS_FILE, run_stage
     from crv.io import read_json
     from crv.pipeline import StageContext
     from crv.transcoders.io import save_transcoder_set
     from crv.verifier.classifier import XGBVerifier
-    from crv.verifier.config import FeaturesConfig, VerifierConfig
-    from crv.verifier.features import TABLE_FILE, feature_names, feature_table, step_key_table
+    from crv.verifier.config import VerifierConfig
 
     adapter, tokenizer, tset = subject
     dirs = {
@@ -535,7 +537,7 @@ def test_run_stage_end_to_end(subject, tmp_path):
     verifier.threshold = 0.0  # flag every step
     verifier.save(dirs["verifier"] / "tasks" / "arithmetic")
 
-    cfg = InterventionConfig(
+    cfg = InterventionsConfig(
         n_proposals=2,
         max_steps=5,
         max_correct_steps=1,

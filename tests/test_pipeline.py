@@ -44,14 +44,14 @@ def stages(monkeypatch):
     monkeypatch.setitem(sys.modules, "fake_stages", mod)
     CALLS.clear()
     return (
-        Stage("up", "a", (), "fake_stages:up", "up"),
-        Stage("down", "b", ("up",), "fake_stages:down", "down"),
+        Stage("up", (), "fake_stages:up"),
+        Stage("down", ("up",), "fake_stages:down"),
     )
 
 
 def _run(stages, tmp_path: Path, a: int, b: int, requested=("down",)):
     return run_pipeline(
-        {"a": Cfg(a), "b": Cfg(b)}, requested, tmp_path, seed=0, device="cpu", stages=stages
+        {"up": Cfg(a), "down": Cfg(b)}, requested, tmp_path, seed=0, device="cpu", stages=stages
     )
 
 

@@ -65,9 +65,9 @@ def test_report_has_every_stage_and_key(smoke_run: Path):
         "subject",
         "traces",
         "transcoders",
-        "attribution",
+        "graphs",
         "features",
-        "detection",
+        "verifier",
         "interventions",
         "bundle",
         "timings",
@@ -86,13 +86,13 @@ def test_report_has_every_stage_and_key(smoke_run: Path):
         "replacement_score",
         "completeness_score",
     ):
-        assert key in report["attribution"]
+        assert key in report["graphs"]
     for task in ("arithmetic", "boolean"):
-        det = report["detection"][task]
+        det = report["verifier"][task]
         assert det["n_test_steps"] > 0
         for method in METHODS:
             assert set(METRIC_KEYS) <= set(det["methods"][method]), (task, method)
-    assert "ablation" in report["detection"] and "transfer" in report["detection"]
+    assert "ablation" in report["verifier"] and "transfer" in report["verifier"]
     iv = report["interventions"]
     for key in (
         "n_flagged",
@@ -165,7 +165,7 @@ def test_crv_verify_on_the_smoke_bundle(smoke_run: Path, tmp_path: Path):
 
 def test_help_and_cfg():
     proc = _crv("--help", cwd=Path.cwd())
-    assert proc.returncode == 0 and "transcoder.k=" in proc.stdout
+    assert proc.returncode == 0 and "transcoders.k=" in proc.stdout
     proc = _crv("--cfg", "job", "experiment=smoke", cwd=Path.cwd())
     assert proc.returncode == 0 and "n_per_complexity: 15" in proc.stdout
     assert shutil.which("crv", path=str(BIN))

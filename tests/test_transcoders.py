@@ -16,7 +16,7 @@ from crv.transcoders.activations import (
     model_activations,
     training_batches,
 )
-from crv.transcoders.config import TranscoderConfig
+from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.io import load_transcoder_set, save_transcoder_set
 from crv.transcoders.module import TopKTranscoder, TranscoderSet, topk_encode
 from crv.transcoders.train import TranscoderTrainer, transcoder_loss
@@ -85,7 +85,7 @@ def test_topk_encode_gradcheck() -> None:
 
 
 def test_dead_latent_tracking() -> None:
-    cfg = TranscoderConfig(
+    cfg = TranscodersConfig(
         k=2, n_latents=8, batch_tokens=16, tokens=160, dead_tokens=40, init_from_data=False
     )
     trainer = TranscoderTrainer(cfg, d_model=4, layers=[0], seed=0)
@@ -110,7 +110,7 @@ def test_bias_initialised_from_data_means() -> None:
     gen = torch.Generator().manual_seed(0)
     x = 3.0 + 2.0 * torch.randn(2, 64, 8, generator=gen)
     y = -1.0 + 0.5 * torch.randn(2, 64, 8, generator=gen)
-    cfg = TranscoderConfig(k=4, n_latents=32, batch_tokens=64, tokens=64, lr=0.0)
+    cfg = TranscodersConfig(k=4, n_latents=32, batch_tokens=64, tokens=64, lr=0.0)
     trainer = TranscoderTrainer(cfg, d_model=8, layers=[0, 3], seed=0)
     trainer.step(x, y)
     tset = trainer.transcoder_set()  # scales folded back: acts on raw activations
@@ -201,7 +201,7 @@ def test_training_batches_budget_and_cache(tmp_path: Path, tiny_model: torch.nn.
     seqs = [
         torch.randint(1, 50, (12,), generator=gen).tolist() for _ in range(10)
     ]  # 110 tokens per epoch
-    cfg = TranscoderConfig(tokens=300, batch_tokens=32, shuffle_buffer_tokens=64)
+    cfg = TranscodersConfig(tokens=300, batch_tokens=32, shuffle_buffer_tokens=64)
     cache = ActivationCache(tmp_path / "cache", "float32")
     batches = list(training_batches(cfg, tiny_model, adapter, seqs, [0, 1], gen, cache))
     assert sum(x.shape[1] for x, _ in batches) == 300

@@ -8,7 +8,7 @@ import pytest
 import torch
 from factories import random_transcoder_set, tiny_llama
 
-from crv.transcoders.config import TranscoderConfig
+from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.evaluate import evaluate_transcoders
 from crv.transcoders.module import TopKTranscoder, TranscoderSet
 from crv.transcoders.splice import FeatureIntervention, splice
@@ -135,7 +135,7 @@ def test_trained_transcoders_beat_mean_predictor(tiny_model, adapter) -> None:  
 
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 50, (40,), generator=gen).tolist() for _ in range(60)]
-    cfg = TranscoderConfig(
+    cfg = TranscodersConfig(
         k=8,
         expansion=4,
         tokens=40_000,
@@ -193,7 +193,7 @@ def test_stage_writes_loadable_set_and_eval(tmp_path: Path, tiny_model) -> None:
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "traces" / "dataset"))
     out = tmp_path / "out"
     out.mkdir()
-    cfg = TranscoderConfig(
+    cfg = TranscodersConfig(
         k=4, expansion=2, tokens=2048, batch_tokens=256, shuffle_buffer_tokens=512
     )
     ctx = StageContext(

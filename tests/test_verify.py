@@ -22,9 +22,9 @@ from fixtures_bundle import (  # noqa: F401  (the *_fixture functions define fix
     write_subject,
 )
 
-import crv.verify as verify
+import crv.cli.verify as verify
 from crv.bundle import load_bundle
-from crv.verify import StepVerifier, Trace, VerifyConfig, verify_line, verify_main
+from crv.cli.verify import StepVerifier, Trace, VerifyConfig, verify_line, verify_main
 
 GOOD = {"prompt": PROMPT, "steps": STEPS}
 

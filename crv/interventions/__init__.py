@@ -32,7 +32,7 @@ Honest limits:
 - Only tasks with a programmatic checker (arithmetic, Boolean) are intervened on: a
   regenerated free-text step (GSM8K) has no label.
 
-Modules: `config` (InterventionConfig), `propose`, `apply`, `measure`
+Modules: `config` (InterventionsConfig), `propose`, `apply`, `measure`
 (`interventions_markdown`), `stage` (`run_stage`). The heavy ones load lazily so that
 importing the configuration does not import torch.
 """
@@ -41,14 +41,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from crv.interventions.config import InterventionConfig
+from crv.interventions.config import InterventionsConfig
 
 _LAZY = {
     "run_stage": "crv.interventions.stage",
     "interventions_markdown": "crv.interventions.measure",
 }
 
-__all__ = ["InterventionConfig", *_LAZY]
+__all__ = ["InterventionsConfig", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,8 @@ import torch
 
 from crv.generation import generate_from_ids
 from crv.interventions.propose import FeatureKey, Proposal
-from crv.traces import label_steps, last_token_index, token_char_ends
+from crv.tasks.label import label_steps
+from crv.tokens import last_token_index, token_char_ends
 from crv.transcoders.module import TranscoderSet
 from crv.transcoders.splice import FeatureIntervention, splice
 

@@ -23,7 +23,7 @@ PROPOSAL_CHOICES: dict[str, tuple[str, ...]] = {
 
 
 @dataclass
-class InterventionConfig:
+class InterventionsConfig:
     """Which features to intervene on, how, and how many flagged steps to try."""
 
     split: str = "test"
@@ -88,4 +88,4 @@ class InterventionConfig:
                     f"intervention.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
         if self.n_proposals < 1:
-            raise ValueError(f"intervention.n_proposals must be >= 1, got {self.n_proposals}")
+            raise ValueError(f"interventions.n_proposals must be >= 1, got {self.n_proposals}")

@@ -29,7 +29,7 @@ dropped (it could only change what comes after the step). Candidates are ranked 
   position, in a forward pass of the spliced model (`apply.margin_drops`); only the
   `candidate_pool` most influential candidates are measured. It uses no label: the runner-up
   is the model's own second choice. With graphs at the step's least confident prediction
-  (`attribution.position=least_confident`) this asks "which graph features make the model
+  (`graphs.position=least_confident`) this asks "which graph features make the model
   pick this token over its alternative", the decision where a wrong step usually goes wrong.
 
 The random control draws, for each proposal, one feature uniformly among the features
@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from crv.attribution.graph import FEATURE, StepGraph
+from crv.graphs.graph import FEATURE, StepGraph
 from crv.interventions.config import Action, RankBy, Scope
 
 FeatureKey = tuple[int, int]

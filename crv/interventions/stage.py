@@ -18,20 +18,20 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from crv.attribution.graph import StepGraph
+from crv.features.config import FeaturesConfig
+from crv.graphs.graph import StepGraph
 from crv.interventions.apply import (
     active_features,
     margin_drops,
     regenerate_batch,
     step_span,
 )
-from crv.interventions.config import InterventionConfig
+from crv.interventions.config import InterventionsConfig
 from crv.interventions.measure import StepAttempt, summarize
 from crv.interventions.propose import propose, random_control, step_rng
 from crv.io import atomic_write_json, read_json
 from crv.pipeline import MANIFEST, StageContext
 from crv.tasks import TASKS, Problem
-from crv.verifier.config import FeaturesConfig
 
 RESULTS_FILE = "interventions.json"
 
@@ -74,7 +74,7 @@ def graph_scorer(
 ) -> Callable[[str, StepGraph], float]:
     """(task, graph) -> the task verifier's score of the graph's features, computed as the
     features stage computed them (its config is read from the artifact's manifest)."""
-    from crv.verifier.features import graph_features
+    from crv.features.stage import graph_features
 
     manifest = features_dir / MANIFEST
     feat_cfg = FeaturesConfig(**read_json(manifest)["config"]) if manifest.is_file() else None
@@ -93,7 +93,7 @@ def attempt_step(
     row: dict[str, Any],
     flagged: Any,
     graph: StepGraph,
-    cfg: InterventionConfig,
+    cfg: InterventionsConfig,
     seed: int,
     score_graph: Callable[[StepGraph], float] | None,
 ) -> StepAttempt:
@@ -149,14 +149,14 @@ def attempt_step(
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     """Intervene on a sample of flagged steps; write every attempt; return the rates."""
-    from crv.attribution.store import load_step_graphs
+    from crv.features.stage import load_feature_table
+    from crv.graphs.store import load_step_graphs
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import load_subject
-    from crv.traces import load_traces
+    from crv.traces.stage import load_traces
     from crv.transcoders.io import load_transcoder_set
-    from crv.verifier.features import load_feature_table
 
-    cfg: InterventionConfig = ctx.cfg
+    cfg: InterventionsConfig = ctx.cfg
     model, tokenizer = load_subject(ctx.inputs["subject"], ctx.device)
     adapter = ArchAdapter.for_model(model)
     tset = load_transcoder_set(ctx.inputs["transcoders"], ctx.device)

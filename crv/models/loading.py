@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,40 +29,12 @@ from transformers import (
 
 from crv.io import atomic_write
 from crv.models.adapter import ArchAdapter
+from crv.subject.config import SubjectConfig
 
 SOURCES = ("auto", "hf", "gguf", "pip_gguf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_SUFFIXES = (".gguf", ".bin")  # multi-part repacks ship raw .bin parts
 _CHUNK = 1 << 24
-
-
-@dataclass
-class ModelConfig:
-    """The subject model: where it comes from and how it is exported."""
-
-    name: str = "crv-tiny"
-    """"crv-tiny" (the embedded default), a hub name, a local HF directory, or a .gguf path."""
-
-    retrain: bool = False
-    """crv-tiny only: retrain it from the seed instead of copying the shipped checkpoint."""
-
-    gguf_file: str | None = None
-    """GGUF file name inside the `name` directory/repo, or inside the `pip_packages`."""
-
-    source: str = "auto"
-    """auto | hf | gguf | pip_gguf. auto: pip_gguf if pip_packages, gguf if a GGUF is named."""
-
-    pip_packages: list[str] = field(default_factory=list)
-    """pip_gguf: installed packages holding the GGUF ("name" or "name==version"), parts in order."""
-
-    sha256: str | None = None
-    """Required sha256 of the (concatenated) GGUF file; a mismatch stops the export."""
-
-    dtype: str = "float32"
-    """Weight dtype of the exported subject: float32 | bfloat16 | float16 (GGUF is dequantised)."""
-
-    trust_remote_code: bool = False
-    """Allow a hub model's own Python code during export (the artifact never needs it)."""
 
 
 def load_subject(
@@ -83,10 +54,10 @@ def load_subject(
     return model.to(device).eval(), tokenizer
 
 
-def resolve_source(cfg: ModelConfig) -> str:
+def resolve_source(cfg: SubjectConfig) -> str:
     """The concrete source (hf | gguf | pip_gguf) that `cfg.source` stands for."""
     if cfg.source not in SOURCES:
-        raise ValueError(f"model.source must be one of {SOURCES}, got {cfg.source!r}")
+        raise ValueError(f"subject.source must be one of {SOURCES}, got {cfg.source!r}")
     if cfg.source != "auto":
         return cfg.source
     if cfg.pip_packages:
@@ -96,7 +67,7 @@ def resolve_source(cfg: ModelConfig) -> str:
     return "hf"
 
 
-def export_subject(cfg: ModelConfig, out_dir: Path, cache_dir: Path) -> dict[str, Any]:
+def export_subject(cfg: SubjectConfig, out_dir: Path, cache_dir: Path) -> dict[str, Any]:
     """Load the model `cfg` names and write it into `out_dir` as a subject artifact.
 
     `cache_dir` holds the concatenation of multi-part pip GGUF files. Fails before
@@ -104,7 +75,7 @@ def export_subject(cfg: ModelConfig, out_dir: Path, cache_dir: Path) -> dict[str
     exported: family, sizes, parameter count and the sha256 of the written config.json.
     """
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}")
+        raise ValueError(f"subject.dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}")
     source = resolve_source(cfg)
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
     if source == "hf":
@@ -143,7 +114,7 @@ def export_subject(cfg: ModelConfig, out_dir: Path, cache_dir: Path) -> dict[str
     }
 
 
-def local_gguf_file(cfg: ModelConfig) -> Path | None:
+def local_gguf_file(cfg: SubjectConfig) -> Path | None:
     """The GGUF file `cfg` names on disk, or None when it names one inside a hub repo."""
     if cfg.name.endswith(".gguf"):
         path = Path(cfg.name)
@@ -152,23 +123,23 @@ def local_gguf_file(cfg: ModelConfig) -> Path | None:
     elif cfg.gguf_file:
         return None
     else:
-        raise ValueError("source gguf needs model.gguf_file, or model.name ending in .gguf")
+        raise ValueError("source gguf needs subject.gguf_file, or subject.name ending in .gguf")
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     _check_sha256([path], cfg.sha256)
     return path
 
 
-def pip_gguf_file(cfg: ModelConfig, cache_dir: Path) -> Path:
+def pip_gguf_file(cfg: SubjectConfig, cache_dir: Path) -> Path:
     """The GGUF file held by `cfg.pip_packages`, concatenated into `cache_dir` if in parts.
 
     A single-part file is used where it is installed. The file is checked against
     `cfg.sha256` when it is set; a verified concatenation in the cache is reused.
     """
     if not cfg.pip_packages:
-        raise ValueError("source pip_gguf needs model.pip_packages")
+        raise ValueError("source pip_gguf needs subject.pip_packages")
     if cfg.gguf_file and len(cfg.pip_packages) > 1:
-        raise ValueError("model.gguf_file names the file of a single package; parts have none")
+        raise ValueError("subject.gguf_file names the file of a single package; parts have none")
     parts = [_package_gguf_part(spec, cfg.gguf_file) for spec in cfg.pip_packages]
     if len(parts) == 1:
         _check_sha256(parts, cfg.sha256)
@@ -237,5 +208,5 @@ def _check_sha256(paths: list[Path], expected: str | None, actual: str | None = 
         shown = ", ".join(str(p) for p in paths)
         raise ValueError(
             f"sha256 mismatch for the GGUF file from {shown}: expected {expected}, got {actual}. "
-            "Refusing to load it: reinstall the pinned package versions or fix model.sha256."
+            "Refusing to load it: reinstall the pinned package versions or fix subject.sha256."
         )

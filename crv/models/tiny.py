@@ -21,7 +21,7 @@ Choices that make it learn fast enough on two CPU cores:
 The shipped checkpoint was trained in three stages (`RECIPE`: 8M tokens from scratch with a
 curriculum, then 8M and 8M more at lower learning rates on fresh problems; the first stage
 alone still miscopied most expressions). `train_recipe` reproduces it (the `subject` stage
-with `model.retrain=true`, or `python -m crv.models.tiny --recipe --out DIR`); evaluate a
+with `subject.retrain=true`, or `python -m crv.models.tiny --recipe --out DIR`); evaluate a
 checkpoint with `python -m crv.models.tiny --eval data/crv-tiny`. Bit-exact reproduction
 needs the same torch thread counts (`threads`).
 """

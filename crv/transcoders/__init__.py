@@ -1,6 +1,6 @@
 """Per-layer TopK transcoders: training, evaluation, on-disk format and splicing.
 
-Modules: `config` (TranscoderConfig), `module` (TopKTranscoder, TranscoderSet), `train`,
+Modules: `config` (TranscodersConfig), `module` (TopKTranscoder, TranscoderSet), `train`,
 `activations` (MLP activations from the subject model), `evaluate`, `io` (circuit-tracer
 layout), `splice` (replace MLPs, read and edit features), `stage` (the pipeline stage).
 """

@@ -30,13 +30,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crv.io import atomic_write, atomic_write_json
-from crv.transcoders.config import TranscoderConfig
+from crv.transcoders.config import TranscodersConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (x_LND, y_LND): MLP in, MLP out of each layer
 
 
 def load_token_sequences(
-    cfg: TranscoderConfig, traces_dir: str | Path | None, tokenizer: Any, split: str
+    cfg: TranscodersConfig, traces_dir: str | Path | None, tokenizer: Any, split: str
 ) -> list[list[int]]:
     """Token id sequences of the corpus, truncated to `cfg.max_seq_len`.
 
@@ -45,7 +45,7 @@ def load_token_sequences(
     with `cfg.corpus_split`), tokenised with the subject's tokenizer.
     """
     if cfg.corpus == "traces":
-        from crv.traces import load_traces
+        from crv.traces.stage import load_traces
 
         ds = load_traces(traces_dir)
         seqs = [ids for ids, s in zip(ds["input_ids"], ds["split"], strict=True) if s == split]
@@ -180,7 +180,7 @@ def shuffled_batches(
 def cache_key(
     subject_dir: str | Path,
     traces_dir: str | Path | None,
-    cfg: TranscoderConfig,
+    cfg: TranscodersConfig,
     layers: Sequence[int],
 ) -> str:
     """Hash of what determines the activations (never the transcoder settings)."""
@@ -257,7 +257,7 @@ class ActivationCache:
 
 
 def training_batches(
-    cfg: TranscoderConfig,
+    cfg: TranscodersConfig,
     model: torch.nn.Module,
     adapter: Any,
     seqs: Sequence[Sequence[int]],

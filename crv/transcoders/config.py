@@ -6,7 +6,7 @@ model (Llama, 4 layers, d_model 128, MLP 512, a 33-token vocabulary) on a 2-core
 layers trained in one pass.
 
 Measured on the shipped crv-tiny with 1.5M tokens (`crv pipeline.stages=[transcoders]
-transcoder.expansion=16 transcoder.activation=topk transcoder.tokens=1500000`): FVU
+transcoders.expansion=16 transcoders.activation=topk transcoders.tokens=1500000`): FVU
 0.021 / 0.068 / 0.104 / 0.082 per layer, dead 1.1% / 0.1% / 0 / 0, CE-loss recovered 0.967
 with all layers spliced; the 256-latent relu_topk alternative reached FVU <= 0.095 and no
 dead latents but L0 24.8-31.2 < k, and a partly trained early checkpoint left up to 25% of
@@ -23,7 +23,7 @@ CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class TranscoderConfig:
+class TranscodersConfig:
     """Hyperparameters of per-layer TopK transcoders (MLP in -> MLP out)."""
 
     k: int = 32

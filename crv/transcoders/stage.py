@@ -22,7 +22,7 @@ from crv.transcoders.activations import (
     load_token_sequences,
     training_batches,
 )
-from crv.transcoders.config import TranscoderConfig
+from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.evaluate import evaluate_transcoders, take_tokens
 from crv.transcoders.io import save_transcoder_set
 from crv.transcoders.train import TranscoderTrainer
@@ -32,7 +32,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import load_subject
 
-    cfg: TranscoderConfig = ctx.cfg
+    cfg: TranscodersConfig = ctx.cfg
     device = cfg.device or ctx.device
     seed = cfg.seed if cfg.seed is not None else ctx.seed
     torch.manual_seed(seed)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from crv.transcoders.config import TranscoderConfig
+from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.module import TopKTranscoder, TranscoderSet, sparse_decode, topk_encode
 
 
@@ -124,7 +124,7 @@ class TranscoderTrainer:
 
     def __init__(
         self,
-        cfg: TranscoderConfig,
+        cfg: TranscodersConfig,
         d_model: int,
         layers: Sequence[int],
         device: str | torch.device = "cpu",

@@ -56,9 +56,9 @@ import pandas as pd
 import xgboost as xgb
 from sklearn.metrics import roc_auc_score
 
+from crv.features.stage import FAMILIES, family_of
 from crv.io import atomic_write, atomic_write_json, read_json
 from crv.verifier.config import VerifierConfig
-from crv.verifier.features import FAMILIES, family_of
 from crv.verifier.metrics import evaluate_scores, null_metrics
 
 POSITION_COLUMNS = ("step", "n_prefix_tokens", "complexity")
@@ -409,8 +409,8 @@ def _counts(df: pd.DataFrame) -> dict[str, int]:
 
 def run_stage(ctx) -> dict:
     """`verifier` stage: train and evaluate CRV and every baseline; save the verifiers."""
-    from crv.verifier.baselines import load_baseline_meta, load_baseline_table, load_probe_inputs
-    from crv.verifier.features import load_feature_names, load_feature_table
+    from crv.baselines.stage import load_baseline_meta, load_baseline_table, load_probe_inputs
+    from crv.features.stage import load_feature_names, load_feature_table
     from crv.verifier.plots import plot_feature_importance, plot_roc
 
     cfg: VerifierConfig = ctx.cfg

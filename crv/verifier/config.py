@@ -1,4 +1,4 @@
-"""Configuration of the `features`, `baselines` and `verifier` stages.
+"""Configuration of the `verifier` stage (`verifier` section).
 
 Every field's docstring is its help text. The defaults are sized for crv's embedded subject
 model (4 layers, a few thousand step graphs of a few hundred nodes) on a 2-core CPU.
@@ -7,45 +7,6 @@ model (4 layers, a few thousand step graphs of a few hundred nodes) on a 2-core 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-
-@dataclass
-class FeaturesConfig:
-    """How graph features are computed from the pruned step graphs (`features` section)."""
-
-    n_layers: int | None = None
-    """Layers of the subject model (one histogram bin each); default: read from the logit
-    nodes of the graphs (their `layer` is n_layers)."""
-
-    betweenness_exact_max_nodes: int = 64
-    """Graphs with at most this many nodes get exact betweenness centrality; larger ones
-    use the k-source sampling estimate (Brandes & Pich 2007) with `betweenness_k` sources."""
-
-    betweenness_k: int = 32
-    """Number of sampled source nodes for approximate betweenness on large graphs."""
-
-    n_workers: int = 1
-    """Processes computing features (graphs are independent); 1 computes in-process. About
-    50 ms per graph of 300 nodes and 2,500 edges in one process; extra processes pay a few
-    seconds of start-up and help only on otherwise idle cores."""
-
-
-@dataclass
-class BaselinesConfig:
-    """Output- and hidden-state-based baselines from the subject's forward pass (`baselines`)."""
-
-    probe_layer: int | None = None
-    """Index into the model's hidden states (0 = embeddings, l = after block l, negative
-    counts from the end) averaged over the step's tokens for the probes; default: the
-    middle block, n_layers // 2."""
-
-    temperature_grid: list[float] = field(
-        default_factory=lambda: [round(0.05 * 1.2**i, 6) for i in range(40)]
-    )
-    """Temperatures tried when fitting temperature scaling (0.05 to about 60, geometric)."""
-
-    coe: bool = True
-    """Also compute the Chain-of-Embedding scores CoE-R and CoE-C (Wang et al. 2024)."""
 
 
 @dataclass

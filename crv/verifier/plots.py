@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from crv.features.stage import family_of  # noqa: E402
 from crv.io import atomic_write  # noqa: E402
-from crv.verifier.features import family_of  # noqa: E402
 from crv.verifier.metrics import detection_metrics  # noqa: E402
 
 FAMILY_COLOURS = {"global": "tab:blue", "node": "tab:orange", "topology": "tab:green"}

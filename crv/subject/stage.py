@@ -21,7 +21,7 @@ def shipped_tiny_dir() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"the embedded model is missing at {path}: install crv from a git clone "
-            "(pip install -e .) or retrain it with model.retrain=true"
+            "(pip install -e .) or retrain it with subject.retrain=true"
         )
     return path
 

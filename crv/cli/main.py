@@ -17,20 +17,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("crv")
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline for a composed config; returns the report dict."""
+    from crv.device import resolve_device
     from crv.io import atomic_write_json
     from crv.pipeline import run_pipeline
     from crv.report import build_report, write_report
@@ -75,8 +68,8 @@ def verify_main() -> None:
     """Console script `crv-verify`."""
     from hydra.core.config_store import ConfigStore
 
-    from crv.verify import VerifyConfig
-    from crv.verify import verify_main as _verify
+    from crv.cli.verify import VerifyConfig
+    from crv.cli.verify import verify_main as _verify
 
     ConfigStore.instance().store(name="crv_verify", node=VerifyConfig)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from crv.attribution.graph import StepGraph
+from crv.graphs.graph import StepGraph
 
 
 def normalize_rows(adj_RC: torch.Tensor) -> torch.Tensor:

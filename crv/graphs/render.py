@@ -5,7 +5,7 @@ features of their layer), positions are columns. Node area grows with influence;
 drawn blue (excitatory) or red (inhibitory) with a width and opacity that grow with |weight|.
 Hovering a node or edge shows its details.
 
-    from crv.attribution.render import write_html
+    from crv.graphs.render import write_html
     write_html(graph, "step.html", tokens=tokenizer.convert_ids_to_tokens(input_ids),
                vocab=tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crv.attribution.graph import ERROR, FEATURE, KIND_NAMES, LOGIT, TOKEN, StepGraph
+from crv.graphs.graph import ERROR, FEATURE, KIND_NAMES, LOGIT, TOKEN, StepGraph
 from crv.io import atomic_write_text
 
 _COLORS = {FEATURE: "#f2a541", ERROR: "#9e9e9e", TOKEN: "#5aa469", LOGIT: "#8e6cc0"}

@@ -62,9 +62,9 @@ import pandas as pd
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 
-from crv.attribution.graph import ERROR, FEATURE, LOGIT, TOKEN, StepGraph
+from crv.features.config import FeaturesConfig
+from crv.graphs.graph import ERROR, FEATURE, LOGIT, TOKEN, StepGraph
 from crv.io import atomic_write, atomic_write_json, read_json
-from crv.verifier.config import FeaturesConfig
 
 KEY_COLUMNS = (
     "step_id",
@@ -314,8 +314,8 @@ def _infer_n_layers(graphs: Iterator[StepGraph]) -> tuple[int, Iterator[StepGrap
 
 def run_stage(ctx) -> dict:
     """`features` stage: one row of graph features per step graph."""
-    from crv.attribution.store import iter_step_graphs
-    from crv.traces import load_traces
+    from crv.graphs.store import iter_step_graphs
+    from crv.traces.stage import load_traces
 
     cfg: FeaturesConfig = ctx.cfg
     t0 = time.perf_counter()

@@ -80,16 +80,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from crv.attribution.config import AttributionConfig
-from crv.attribution.graph import ERROR, FEATURE, LOGIT, TOKEN, StepGraph
-from crv.attribution.prune import (
+from crv.graphs.config import GraphsConfig
+from crv.graphs.graph import ERROR, FEATURE, LOGIT, TOKEN, StepGraph
+from crv.graphs.prune import (
     GraphCounts,
     column_influence,
     normalize_rows,
     prune,
     to_step_graph,
 )
-from crv.attribution.replacement import Key, ReplacementTrace, Stopwatch
+from crv.graphs.replacement import Key, ReplacementTrace, Stopwatch
 from crv.models.adapter import ArchAdapter
 from crv.transcoders.module import TranscoderSet
 
@@ -251,7 +251,7 @@ class TraceAttributor:
         tset: TranscoderSet,
         input_ids: Sequence[int] | torch.Tensor,
         positions: Sequence[int],
-        cfg: AttributionConfig,
+        cfg: GraphsConfig,
     ) -> None:
         self.cfg = cfg
         self.stopwatch = Stopwatch()
@@ -426,7 +426,7 @@ def attribute_trace(
     tset: TranscoderSet,
     input_ids: Sequence[int] | torch.Tensor,
     positions: Sequence[int],
-    cfg: AttributionConfig,
+    cfg: GraphsConfig,
     trace_id: str = "",
     steps: Sequence[int] | None = None,
 ) -> list[StepAttribution]:
@@ -441,7 +441,7 @@ def trace_graphs(
     tset: TranscoderSet,
     input_ids: Sequence[int] | torch.Tensor,
     positions: Sequence[int],
-    cfg: AttributionConfig,
+    cfg: GraphsConfig,
     trace_id: str = "",
     steps: Sequence[int] | None = None,
 ) -> list[StepGraph]:

@@ -17,37 +17,12 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crv.traces.config import TracesConfig
+
 log = logging.getLogger("crv.traces")
-
-
-@dataclass
-class TracesConfig:
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic", "boolean"])
-    """Synthetic tasks to generate problems for: arithmetic, boolean."""
-    complexities: list[int] = field(default_factory=lambda: [3, 5, 7, 10])
-    """Numbers of operators per problem."""
-    n_per_complexity: int = 200
-    """Distinct problems per task and complexity (train + test)."""
-    test_frac: float = 0.2
-    """Share of problems in the test split (split by problem, never by step)."""
-    n_test_per_complexity: dict[str, int] = field(default_factory=dict)
-    """Test problems per complexity for the tasks named here, instead of test_frac's share
-    (their training problems stay as many): a task whose errors are rare needs more test
-    problems for narrow intervals, not a bigger training set."""
-    gsm8k_path: str | None = None
-    """Optional GSM8K-format file (JSONL/Parquet, question + answer with ####) to add as task gsm8k."""
-    gsm8k_limit: int | None = None
-    """Read at most this many GSM8K records."""
-    few_shot: int = 0
-    """Solved examples in the canonical format prepended to each prompt (for pretrained chat models)."""
-    max_new_tokens_factor: float = 1.5
-    """Token cap per problem = factor x tokens of its canonical solution + 16 (stops runaways)."""
-    runtime_batch_size: int = 64
-    """Prompts per generation batch (memory only; not part of the cache key)."""
 
 
 def load_traces(path: str | Path):
@@ -55,33 +30,6 @@ def load_traces(path: str | Path):
     from datasets import load_from_disk
 
     return load_from_disk(str(Path(path) / "dataset"))
-
-
-def token_char_ends(tokenizer: Any, ids: Sequence[int], text: str) -> list[int]:
-    """For each token of `ids` (which decode to `text`), the offset just past its last character.
-
-    Decoding token by token is exact for tokenizers whose pieces concatenate (crv-tiny, most
-    BPE vocabularies on ASCII); when pieces do not add up to `text`, fall back to decoding
-    growing prefixes, which is slower but always consistent with `text`.
-    """
-    pieces = [tokenizer.decode([i], skip_special_tokens=True) for i in ids]
-    if "".join(pieces) == text:
-        ends, total = [], 0
-        for piece in pieces:
-            total += len(piece)
-            ends.append(total)
-        return ends
-    return [
-        len(tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=True)) for i in range(len(ids))
-    ]
-
-
-def last_token_index(char_ends: Sequence[int], end_char: int, offset: int) -> int:
-    """Index (into prompt+completion ids) of the token holding character `end_char - 1`."""
-    for i, end in enumerate(char_ends):
-        if end >= end_char:
-            return offset + i
-    return offset + len(char_ends) - 1
 
 
 def few_shot_prefix(task: str, k: int, seed: int, exclude: set[str]) -> str:
@@ -153,48 +101,6 @@ def _gsm8k_rows(cfg: TracesConfig, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def label_steps(
-    row: dict[str, Any], completion: str
-) -> tuple[list[dict[str, Any]], str | None, bool]:
-    """Steps (index, text, label, parsed, start_char, end_char), final answer, its correctness."""
-    if row["task"] == "gsm8k":
-        from crv.tasks.segment import GENERIC_STEP_PATTERN, segment_steps
-
-        spans = segment_steps(completion, GENERIC_STEP_PATTERN)
-        labels = row.get("labels") or [None] * len(spans)
-        steps = [
-            {
-                "index": i,
-                "text": completion[s:e],
-                "label": labels[i] if i < len(labels) else None,
-                "parsed": True,
-                "start_char": s,
-                "end_char": e,
-            }
-            for i, (s, e) in enumerate(spans)
-        ]
-        final = completion.rsplit("####", 1)[-1].strip() if "####" in completion else None
-        return steps, final, final == row["gold"]
-
-    from crv.tasks import Problem
-    from crv.tasks.checker import check_completion
-
-    problem = Problem(row["id"], row["task"], row["complexity"], row["problem"], row["gold"])
-    checked = check_completion(problem, completion)
-    steps = [
-        {
-            "index": s.index,
-            "text": s.text,
-            "label": s.label,
-            "parsed": s.parsed,
-            "start_char": s.start_char,
-            "end_char": s.end_char,
-        }
-        for s in checked.steps
-    ]
-    return steps, checked.final_answer, checked.final_correct
-
-
 def stats_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (task, complexity, split): traces, steps, incorrect and unparseable steps, accuracy."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -235,6 +141,8 @@ def run_stage(ctx) -> dict[str, Any]:
     from crv.generation import generate_greedy, token_cap
     from crv.io import atomic_write_json
     from crv.models.loading import load_subject
+    from crv.tasks.label import label_steps
+    from crv.tokens import last_token_index, token_char_ends
 
     cfg: TracesConfig = ctx.cfg
     model, tokenizer = load_subject(ctx.inputs["subject"], ctx.device)

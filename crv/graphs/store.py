@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from crv.attribution.graph import EDGE_COLUMNS, NODE_COLUMNS, StepGraph
+from crv.graphs.graph import EDGE_COLUMNS, NODE_COLUMNS, StepGraph
 from crv.io import atomic_write
 
 FORMAT = "crv-step-graphs/1"

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from crv.attribution.attribute import explained_positions, trace_graphs
-from crv.attribution.config import AttributionConfig
-from crv.attribution.store import (
+from crv.graphs.attribute import explained_positions, trace_graphs
+from crv.graphs.config import GraphsConfig
+from crv.graphs.store import (
     GRAPH_DIR,
     read_metadata,
     read_step_graphs,
@@ -30,10 +30,10 @@ from crv.attribution.store import (
 def run_stage(ctx: Any) -> dict[str, Any]:
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import load_subject
-    from crv.traces import load_traces
+    from crv.traces.stage import load_traces
     from crv.transcoders.io import load_transcoder_set
 
-    cfg: AttributionConfig = ctx.cfg
+    cfg: GraphsConfig = ctx.cfg
     model, _ = load_subject(ctx.inputs["subject"], ctx.device)
     model.requires_grad_(False)
     adapter = ArchAdapter.for_model(model)

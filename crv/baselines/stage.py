@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from crv.baselines.config import BaselinesConfig
+from crv.features.stage import KEY_COLUMNS, step_key_table
 from crv.io import atomic_write, atomic_write_json, read_json
-from crv.verifier.config import BaselinesConfig
-from crv.verifier.features import KEY_COLUMNS, step_key_table
 
 SCORE_COLUMNS = ("maxprob", "perplexity", "entropy", "temperature", "energy", "coe_r", "coe_c")
 """Score columns of the baseline table (CoE ones only when `coe` is on)."""
@@ -192,7 +192,7 @@ def baseline_table(
 def run_stage(ctx) -> dict:
     """`baselines` stage: one row of baseline scores (+ probe inputs) per step."""
     from crv.models.loading import load_subject
-    from crv.traces import load_traces
+    from crv.traces.stage import load_traces
 
     t0 = time.perf_counter()
     model, _ = load_subject(ctx.inputs["subject"], ctx.device)

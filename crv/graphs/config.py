@@ -20,7 +20,7 @@ POSITIONS = ("after", "before", "least_confident")
 
 
 @dataclass
-class AttributionConfig:
+class GraphsConfig:
     """How each reasoning step's attribution graph is built and pruned."""
 
     max_logits: int = 10
@@ -64,13 +64,11 @@ class AttributionConfig:
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
-            raise ValueError(
-                f"attribution.position must be one of {POSITIONS}, got {self.position!r}"
-            )
+            raise ValueError(f"graphs.position must be one of {POSITIONS}, got {self.position!r}")
         if not (0 < self.node_threshold <= 1 and 0 < self.edge_threshold <= 1):
-            raise ValueError("attribution.node_threshold and edge_threshold must lie in (0, 1]")
+            raise ValueError("graphs.node_threshold and edge_threshold must lie in (0, 1]")
         if (
             min(self.max_logits, self.batch_size, self.update_interval) < 1
             or self.max_feature_nodes < 0
         ):
-            raise ValueError("attribution.max_logits, batch_size and update_interval must be >= 1")
+            raise ValueError("graphs.max_logits, batch_size and update_interval must be >= 1")

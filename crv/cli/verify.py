@@ -230,7 +230,7 @@ class StepVerifier:
     def encode(self, trace: Trace) -> Encoded:
         """Token ids of prompt + completion and each step's token span; TraceError when the
         trace does not fit the model's context."""
-        from crv.traces import last_token_index, token_char_ends
+        from crv.tokens import last_token_index, token_char_ends
 
         tok = self.bundle.tokenizer
         prompt_ids = tok(trace.prompt)["input_ids"]
@@ -250,7 +250,7 @@ class StepVerifier:
 
     def graphs(self, trace: Trace, enc: Encoded) -> list[Any]:
         """The pruned step graphs of all steps of a trace, from one shared forward pass."""
-        from crv.attribution.attribute import explained_positions, trace_graphs
+        from crv.graphs.attribute import explained_positions, trace_graphs
 
         b, cfg = self.bundle, self.attribution
         steps = [{"last_token": t} for t in enc.last_tokens]
@@ -268,7 +268,7 @@ class StepVerifier:
         """The verifier's input rows (one per graph) in the bundle's feature order."""
         import pandas as pd
 
-        from crv.verifier.features import graph_features
+        from crv.features.stage import graph_features
 
         b = self.bundle
         rows = [graph_features(g, b.n_layers_features, b.features, b.feature_seed) for g in graphs]
@@ -461,7 +461,7 @@ def _load_quietly(cfg: VerifyConfig) -> Any:
     from transformers.utils import logging as hf_logging
 
     from crv.bundle import BundleError, load_bundle
-    from crv.cli import resolve_device
+    from crv.device import resolve_device
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

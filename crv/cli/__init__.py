@@ -1,0 +1,1 @@
+"""Command-line entry points: `crv` (`main`), `crv-verify` (`verify`)."""

@@ -1,0 +1,5 @@
+"""The `subject` stage: the model whose reasoning is verified, as a plain HF directory.
+
+Modules: `config` (SubjectConfig), `stage` (`run_stage`). Public loader:
+`crv.models.loading.load_subject(dir, device)`; `crv.models` knows model families.
+"""

@@ -1,0 +1,34 @@
+"""Configuration of the `subject` stage (`subject` section): which model is verified."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SubjectConfig:
+    """The subject model: where it comes from and how it is exported."""
+
+    name: str = "crv-tiny"
+    """"crv-tiny" (the embedded default), a hub name, a local HF directory, or a .gguf path."""
+
+    retrain: bool = False
+    """crv-tiny only: retrain it from the seed instead of copying the shipped checkpoint."""
+
+    gguf_file: str | None = None
+    """GGUF file name inside the `name` directory/repo, or inside the `pip_packages`."""
+
+    source: str = "auto"
+    """auto | hf | gguf | pip_gguf. auto: pip_gguf if pip_packages, gguf if a GGUF is named."""
+
+    pip_packages: list[str] = field(default_factory=list)
+    """pip_gguf: installed packages holding the GGUF ("name" or "name==version"), parts in order."""
+
+    sha256: str | None = None
+    """Required sha256 of the (concatenated) GGUF file; a mismatch stops the export."""
+
+    dtype: str = "float32"
+    """Weight dtype of the exported subject: float32 | bfloat16 | float16 (GGUF is dequantised)."""
+
+    trust_remote_code: bool = False
+    """Allow a hub model's own Python code during export (the artifact never needs it)."""
