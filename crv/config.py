@@ -11,6 +11,7 @@ prints them through `crv.options.options_help`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from crv.baselines.config import BaselinesConfig
 from crv.bundle import BundleConfig
@@ -35,12 +36,23 @@ ALL_STAGES = [
 ]
 
 
+class OnDamage(str, Enum):
+    recompute = "recompute"
+    fail = "fail"
+
+
 @dataclass
 class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(ALL_STAGES))
     """Stages to run, e.g. [subject,traces]; their dependencies run (or are reused) too."""
     cache_dir: str = "outputs/cache"
     """Artifact cache shared by runs and sweeps; relative paths start at the launch directory."""
+    verify_cache: bool = False
+    """Hash every file of a cached artifact before reusing it (by default sizes are checked
+    for every file and hashes for files up to 1 MiB)."""
+    on_damage: OnDamage = OnDamage.recompute
+    """What a damaged cached artifact leads to: `recompute` it (with a warning naming the
+    file), or `fail` with that message."""
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Atomic file writes and small JSON helpers.
 
 A reader never sees a half-written file: every writer goes to a temporary file in the same
-directory and `os.replace`s it into place, which is atomic on POSIX file systems.
+directory and `os.replace`s it into place, which is atomic on POSIX file systems. Files get
+the permissions the umask allows (0644 by default), like any other file the user creates,
+so a run folder or cache shared by a team stays readable.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; files follow the umask
     os.close(fd)
     try:
         write(Path(tmp))
@@ -27,6 +30,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

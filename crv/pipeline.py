@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from crv.errors import CRVError
 from crv.io import atomic_write_json, read_json
 
 log = logging.getLogger("crv.pipeline")
@@ -175,17 +176,123 @@ class StageResult:
     metrics: dict = field(default_factory=dict)
 
 
-class ArtifactCache:
-    """Directory layout `<root>/<stage>/<key>/` with a manifest per artifact."""
+SMALL_FILE_BYTES = 1 << 20
+"""Files up to this size are always hashed when an artifact is reused (metrics, configs)."""
 
-    def __init__(self, root: str | Path) -> None:
+
+class CacheDamageError(CRVError):
+    """A cached artifact's files do not match its manifest (and `on_damage=fail`)."""
+
+
+def artifact_files(directory: Path) -> list[str]:
+    """Every file under `directory` except its manifest, as sorted relative paths."""
+    rels = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return sorted(rel for rel in rels if rel != MANIFEST)
+
+
+def file_table(directory: Path) -> dict[str, dict[str, Any]]:
+    """Relative path -> size and blake2b of every file of an artifact (its manifest's list)."""
+    return {
+        rel: {"size": (directory / rel).stat().st_size, "blake2b": file_digest(directory / rel)}
+        for rel in artifact_files(directory)
+    }
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damage(directory: Path, hash_all: bool) -> str | None:
+    """What is wrong with a committed artifact, or None when it matches its manifest.
+
+    Checks that every listed file exists with its recorded size, that no file was added,
+    and the content hash of small files (of every file when `hash_all`).
+    """
+    manifest_file = directory / MANIFEST
+    try:
+        listed = read_json(manifest_file)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{manifest_file} is unreadable or lists no files"
+    for rel, entry in listed.items():
+        path = directory / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{path} has {size} bytes, the manifest says {entry['size']}"
+        if (hash_all or size <= SMALL_FILE_BYTES) and file_digest(path) != entry["blake2b"]:
+            return f"{path} does not match its content hash"
+    extra = sorted(set(artifact_files(directory)) - set(listed))
+    return f"{directory / extra[0]} is not in the manifest" if extra else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ArtifactCache:
+    """Directory layout `<root>/<stage>/<key>/` with a manifest per artifact.
+
+    The manifest lists every file of the artifact with its size and blake2b hash. Reuse
+    checks the list, the sizes and the hashes of small files (all hashes with
+    `verify=True`); a damaged artifact is never used: it is recomputed, or, with
+    `on_damage="fail"`, the run stops with a `CacheDamageError` naming the file.
+    """
+
+    def __init__(
+        self, root: str | Path, verify: bool = False, on_damage: str = "recompute"
+    ) -> None:
         self.root = Path(root).resolve()
+        self.verify = verify
+        self.on_damage = on_damage
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def is_complete(self, stage: str, key: str) -> bool:
         return (self.path(stage, key) / MANIFEST).is_file()
+
+    def clean_stale(self) -> list[Path]:
+        """Remove `<key>.tmp-<pid>` folders of dead processes, and scratch folders whose
+        artifact is complete. Scratch of an unfinished artifact is kept: it is what a
+        rerun resumes from. Returns what was removed."""
+        removed = []
+        for tmp in self.root.glob("*/*.tmp-*"):
+            pid = tmp.name.rsplit(".tmp-", 1)[1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        for scratch in self.root.glob("*/*.scratch"):
+            if (scratch.with_suffix("") / MANIFEST).is_file():
+                shutil.rmtree(scratch, ignore_errors=True)
+                removed.append(scratch)
+        return removed
+
+    def _reusable(self, stage: str, key: str) -> bool:
+        final = self.path(stage, key)
+        if not self.is_complete(stage, key):
+            return False
+        problem = damage(final, self.verify)
+        if problem is None:
+            return True
+        message = f"cached artifact {stage}/{key} is damaged: {problem}"
+        if self.on_damage == "fail":
+            raise CacheDamageError(message + " (pipeline.on_damage=fail)")
+        log.warning("%s; recomputing it", message)
+        aside = final.with_name(f"{key}.damaged-{os.getpid()}")
+        os.replace(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        return False
 
     def run(
         self,
@@ -196,9 +303,8 @@ class ArtifactCache:
     ) -> StageResult:
         """Reuse the artifact under `key`, or run the stage and commit it atomically."""
         final = self.path(stage.name, key)
-        if self.is_complete(stage.name, key):
-            metrics_file = final / METRICS
-            metrics = read_json(metrics_file) if metrics_file.is_file() else {}
+        if self._reusable(stage.name, key):
+            metrics = read_json(final / METRICS)
             return StageResult(stage.name, key, final, True, 0.0, metrics)
 
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +320,13 @@ class ArtifactCache:
             seconds = time.perf_counter() - start
             atomic_write_json(tmp / METRICS, metrics)
             atomic_write_json(
-                tmp / MANIFEST, {**manifest, "seconds": seconds, "versions": library_versions()}
+                tmp / MANIFEST,
+                {
+                    **manifest,
+                    "seconds": seconds,
+                    "versions": library_versions(),
+                    "files": file_table(tmp),
+                },
             )
             if final.exists():  # a concurrent run finished first: keep theirs
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -234,9 +346,13 @@ def run_pipeline(
     seed: int,
     device: str,
     stages: tuple[Stage, ...] = STAGES,
+    verify_cache: bool = False,
+    on_damage: str = "recompute",
 ) -> list[StageResult]:
     """Ensure every requested stage's artifact exists (reusing cached ones); in order."""
-    cache = ArtifactCache(cache_root)
+    cache = ArtifactCache(cache_root, verify_cache, on_damage)
+    for stale in cache.clean_stale():
+        log.info("removed stale %s", stale)
     keys: dict[str, str] = {}
     paths: dict[str, Path] = {}
     results: list[StageResult] = []

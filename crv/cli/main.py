@@ -11,34 +11,84 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from crv.errors import ConfigError, CRVError
+
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("crv")
 
 
+_RUN_STARTED = False
+"""Set once Hydra has composed the config and called `run`: a Hydra exit before that is a
+composition error (an unknown option, a value of the wrong type or not among the choices)."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `message` as one line on stderr and exit (2: bad config or input)."""
+    print(f"crv: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def preflight(obj: Any) -> str:
+    """Checks that need the machine, run before any stage: the device exists and the cache
+    directory is writable. Returns the resolved device."""
+    from crv.device import resolve_device
+
+    device = resolve_device(obj.device)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={obj.device}: CUDA is not available on this machine")
+    cache = Path(hydra.utils.to_absolute_path(obj.pipeline.cache_dir))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=cache).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"pipeline.cache_dir={cache} is not writable: {exc.strerror or exc}"
+        ) from None
+    return device
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline for a composed config; returns the report dict."""
-    from crv.device import resolve_device
+    from omegaconf.errors import OmegaConfBaseException
+
     from crv.io import atomic_write_json
     from crv.pipeline import run_pipeline
     from crv.report import build_report, write_report
 
+    global _RUN_STARTED
+    _RUN_STARTED = True
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)  # runs every section's __post_init__ checks
+        device = preflight(obj)
+    except (ValueError, CRVError, OmegaConfBaseException) as exc:
+        fail(str(exc).splitlines()[0])
     sections = {name: getattr(obj, name) for name in vars(obj)}
-    cache_dir = Path(hydra.utils.to_absolute_path(cfg.pipeline.cache_dir))
-    results = run_pipeline(
-        sections,
-        cfg.pipeline.stages,
-        cache_root=cache_dir,
-        seed=cfg.seed,
-        device=resolve_device(cfg.device),
-    )
+    try:
+        results = run_pipeline(
+            sections,
+            cfg.pipeline.stages,
+            cache_root=Path(hydra.utils.to_absolute_path(cfg.pipeline.cache_dir)),
+            seed=cfg.seed,
+            device=device,
+            verify_cache=obj.pipeline.verify_cache,
+            on_damage=obj.pipeline.on_damage.value,
+        )
+    except CRVError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; finished stages stay cached and a rerun resumes", 130)
     atomic_write_json(run_dir / "artifacts.json", {r.name: str(r.path) for r in results})
     report = build_report(results)
     write_report(report, results, run_dir)
@@ -61,7 +111,14 @@ def main() -> None:
             "\nHydra's own flags (--cfg job, --multirun, ...) work as usual; see `crv --hydra-help`."
         )
         return
-    hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(run)()
+    try:
+        hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(run)()
+    except SystemExit as exc:
+        if exc.code == 1 and not _RUN_STARTED:  # Hydra printed its composition error
+            sys.exit(2)
+        raise
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
 
 
 def verify_main() -> None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -469,6 +470,9 @@ def _load_quietly(cfg: VerifyConfig) -> Any:
         return load_bundle(cfg.bundle, resolve_device(cfg.device), cfg.model)
     except BundleError as exc:
         raise _Failure(str(exc)) from None
+    except Exception as exc:  # a damaged file inside the bundle, whatever the library says
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise _Failure(f"cannot load bundle {cfg.bundle}: {type(exc).__name__}: {first}") from None
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
@@ -495,14 +499,23 @@ def run_verify(
     return records
 
 
+def _writes_in_place(target: str) -> bool:
+    """Whether `target` must be written directly: stdout, a FIFO, a device, a link. Only a
+    regular file (or a new path) is replaced atomically; replacing anything else would
+    swap the pipe, device node or link for a regular file its reader never sees."""
+    if target == STDIO:
+        return True
+    path = Path(target)
+    return path.is_symlink() or (path.exists() and not path.is_file())
+
+
 def _write_output(
     target: str, produce: Callable[[IO[str]], list[dict[str, Any]]]
 ) -> list[dict[str, Any]]:
-    """Run `produce` into stdout, or into `target` atomically (all or nothing)."""
+    """Run `produce` into stdout or a special file directly, or into a regular file
+    atomically (all or nothing)."""
     from crv.io import atomic_write
 
-    if target == STDIO:
-        return produce(sys.stdout)
     result: list[list[dict[str, Any]]] = []
 
     def write(tmp: Path) -> None:
@@ -510,12 +523,27 @@ def _write_output(
             result.append(produce(sink))
 
     try:
-        atomic_write(target, write)
+        if target == STDIO:
+            result.append(produce(sys.stdout))
+            sys.stdout.flush()
+        elif _writes_in_place(target):
+            write(Path(target))
+        else:
+            atomic_write(target, write)
     except OSError as exc:
-        raise _Failure(
-            f"cannot write output {target}: {exc.strerror or exc}; it was left unchanged"
-        ) from None
+        if target == STDIO:
+            _silence_stdout()
+        kept = "" if _writes_in_place(target) else "; it was left unchanged"
+        raise _Failure(f"cannot write output {target}: {exc.strerror or exc}{kept}") from None
     return result[0]
+
+
+def _silence_stdout() -> None:
+    """After a failed write to stdout, point fd 1 at /dev/null so that the interpreter's
+    final flush of the unwritten buffer cannot fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def verify_main(cfg: VerifyConfig) -> int:
