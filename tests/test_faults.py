@@ -131,6 +131,8 @@ def _crv(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     [
         (["device=cuda"], "CUDA is not available"),
         (["nosuch.option=1"], "nosuch"),
+        (["traces.gsm8k_path=/no/such/file.jsonl"], "no such file"),
+        (["subject.name=/no/such/model"], "subject.name='/no/such/model' cannot be loaded"),
     ],
 )
 def test_bad_values_stop_before_any_stage_with_exit_2(tmp_path: Path, args, needle) -> None:
@@ -142,7 +144,7 @@ def test_bad_values_stop_before_any_stage_with_exit_2(tmp_path: Path, args, need
     proc = _crv(tmp_path, *args)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "cache" / "subject").exists()
+    assert not (tmp_path / "cache" / "traces").exists()
 
 
 def test_read_only_cache_is_one_line_exit_2(tmp_path: Path) -> None:
@@ -200,3 +202,29 @@ def test_verify_damaged_bundle_is_exit_2_with_one_line(tmp_path: Path, tiny_bund
     assert _verify(tmp_path, copy, str(tmp_path / "out.jsonl")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot load bundle" in err[0]
+
+
+def test_verify_scores_the_steps_that_fit_and_marks_the_rest(tmp_path: Path, tiny_bundle: Path):
+    steps = STEPS * 12  # far longer than the tiny bundle's 96-token context
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": PROMPT, "steps": steps}) + "\n")
+    code = verify_main(
+        VerifyConfig(bundle=str(tiny_bundle), input=str(src), output=str(out), quiet=True)
+    )
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    scored = [s for s in record["steps"] if "score" in s]
+    beyond = [s for s in record["steps"] if "error" in s]
+    assert code == 1 and record["error"] is None
+    assert scored and beyond and len(scored) + len(beyond) == len(steps)
+    assert [s["index"] for s in record["steps"]] == list(range(len(steps)))
+    assert all(s["error"].startswith("beyond context") for s in beyond)
+
+
+def test_verify_warns_about_characters_the_tokenizer_drops(tmp_path: Path, tiny_bundle: Path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    odd = [STEPS[0] + " \U0001f914", *STEPS[1:]]
+    src.write_text(json.dumps({"prompt": PROMPT, "steps": odd}) + "\n")
+    verify_main(VerifyConfig(bundle=str(tiny_bundle), input=str(src), output=str(out), quiet=True))
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "\U0001f914" in record["steps"][0]["warning"]
+    assert "warning" not in record["steps"][1]

@@ -75,7 +75,7 @@ def verifier(tiny_bundle: Path) -> StepVerifier:
         (jsonl({"prompt": PROMPT, "steps": [STEPS[0], 7]}).strip(), "step 1 is not a string"),
         (
             jsonl({"prompt": "Q: Evaluate " + "1+" * 60 + "1\n", "steps": STEPS}).strip(),
-            "longer than the model's context of 96 tokens",
+            "beyond the model's context of 96 tokens",
         ),
         (b'{"prompt": "Q: \xff\\n", "steps": ["a"]}', "not valid UTF-8"),
     ],

@@ -32,14 +32,19 @@ if the regeneration has no such step), "continuation": the text generated from t
 first token}`, greedy, with the first intervention applied to the spliced transcoders.
 
 A line that cannot be verified (not UTF-8, not JSON, no `prompt`, no steps, an empty or
-non-string step, longer than the model's context) gets a record whose `error` names the
-line number and the problem; the other lines are still verified. A human-readable table
+non-string step, a first step beyond the model's context) gets a record whose `error` names
+the line number and the problem; the other lines are still verified. A trace longer than
+the context has every step that fits scored and the others marked `"error": "beyond
+context: ..."`; a step with characters the tokenizer cannot represent (dropped, so they
+cannot count) gets a `warning` naming them. A human-readable table
 goes to stderr (or is the output with `format=table`), with a progress bar for long inputs.
 
-**Exit status**: 0 when every line was verified, 1 when some lines failed, 2 when nothing
-could run (bad bundle, unreadable input, unwritable output), with a one-line error and no
-traceback; 130 when interrupted. The output file is written atomically (`crv.io.atomic_write`): an interrupted
-run leaves a previous output file untouched and never a truncated one.
+**Exit status**: 0 when every step of every line was scored, 1 when some lines or steps
+failed, 2 when nothing
+could run (bad or damaged bundle, unreadable input, unwritable output), with a one-line error and
+no traceback; 130 when interrupted. A regular output file is written atomically
+(`crv.io.atomic_write`): an interrupted run leaves a previous output file untouched and
+never a truncated one; stdout, a FIFO, a device or a link is written in place.
 
 Each trace costs one forward pass of the subject for all of its steps (the attribution
 module's shared per-trace path) plus the attribution's backward passes.
@@ -216,6 +221,11 @@ class Encoded:
     prompt_len: int
     first_tokens: list[int]
     last_tokens: list[int]
+    n_fit: int
+    """Steps that end inside the model's context (all of them, unless the trace is longer);
+    `input_ids` is cut at the context length."""
+    warnings: list[str | None]
+    """Per step: the characters the tokenizer cannot represent (dropped), or None."""
 
 
 class StepVerifier:
@@ -237,17 +247,21 @@ class StepVerifier:
         prompt_ids = tok(trace.prompt)["input_ids"]
         completion_ids = tok(trace.completion, add_special_tokens=False)["input_ids"]
         ids = list(prompt_ids) + list(completion_ids)
-        limit = self.bundle.max_context
-        if limit is not None and len(ids) > limit:
-            raise TraceError(
-                f"line {trace.line}: the trace is {len(ids)} tokens, longer than the "
-                f"model's context of {limit} tokens"
-            )
         ends = token_char_ends(tok, completion_ids, trace.completion)
         offset = len(prompt_ids)
         first = [last_token_index(ends, start + 1, offset) for start, _ in trace.spans]
         last = [last_token_index(ends, end, offset) for _, end in trace.spans]
-        return Encoded(ids, offset, first, last)
+        limit = self.bundle.max_context
+        n_fit = len(last) if limit is None else sum(t < limit for t in last)
+        if n_fit == 0:
+            raise TraceError(
+                f"line {trace.line}: the trace is {len(ids)} tokens and its first step ends "
+                f"beyond the model's context of {limit} tokens"
+            )
+        if limit is not None:
+            ids = ids[:limit]
+        warnings = [unrepresentable(tok, trace.completion[s:e]) for s, e in trace.spans]
+        return Encoded(ids, offset, first[:n_fit], last[:n_fit], n_fit, warnings)
 
     def graphs(self, trace: Trace, enc: Encoded) -> list[Any]:
         """The pruned step graphs of all steps of a trace, from one shared forward pass."""
@@ -288,7 +302,7 @@ class StepVerifier:
         scores = self.bundle.verifier.predict_proba(self.feature_frame(graphs))
         records = []
         for i, ((start, end), graph, score) in enumerate(
-            zip(trace.spans, graphs, scores, strict=True)
+            zip(trace.spans[: enc.n_fit], graphs, scores, strict=True)
         ):
             influence = candidate_influence(graph, 0)
             top = sorted(influence, key=lambda key: (-influence[key], key))[: self.cfg.top_features]
@@ -304,11 +318,22 @@ class StepVerifier:
                 ],
                 "interventions": [],
             }
+            if enc.warnings[i]:
+                record["warning"] = enc.warnings[i]
             if flagged:
                 record.update(self.interventions(trace, enc, i, graph))
             elif self.cfg.intervene:
                 record["regenerated"] = None
             records.append(record)
+        limit = self.bundle.max_context
+        for i, (start, end) in enumerate(trace.spans[enc.n_fit :], start=enc.n_fit):
+            records.append(
+                {
+                    "index": i,
+                    "text": trace.completion[start:end],
+                    "error": f"beyond context: the step ends past the model's {limit} tokens",
+                }
+            )
         return records
 
     def interventions(self, trace: Trace, enc: Encoded, i: int, graph: Any) -> dict[str, Any]:
@@ -377,6 +402,16 @@ class StepVerifier:
         return out
 
 
+def unrepresentable(tokenizer: Any, text: str) -> str | None:
+    """A warning naming the characters of `text` that do not survive tokenisation (a small
+    vocabulary drops them silently: `14 🤔` would score exactly as `14`), or None."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    lost = sorted(set(text) - set(tokenizer.decode(ids, skip_special_tokens=True)))
+    if not lost:
+        return None
+    return f"characters the tokenizer cannot represent were dropped: {''.join(lost)!r}"
+
+
 def verify_line(verifier: StepVerifier, line: int, raw: bytes) -> dict[str, Any]:
     """The output record of one input line; problems become the record's `error`."""
     trace_id = None
@@ -415,6 +450,12 @@ def render_table(records: list[dict[str, Any]], threshold: float) -> str:
             )
             continue
         for step in rec["steps"]:
+            if "error" in step:
+                rows.append(
+                    f"{rec['line']:>5}  {rid:<14} {step['index']:>4}  {'-':>6}  {'ERR':<4}  "
+                    f"{step['error']}"
+                )
+                continue
             n_steps += 1
             n_flagged += step["flagged"]
             top = step["top_features"][0] if step["top_features"] else None
@@ -565,4 +606,9 @@ def verify_main(cfg: VerifyConfig) -> int:
         return 130
     if cfg.format == "jsonl" and not cfg.quiet:
         sys.stderr.write(render_table(records, verifier.threshold))
-    return 1 if any(rec["error"] is not None for rec in records) else 0
+    return 1 if any(_failed(rec) for rec in records) else 0
+
+
+def _failed(record: dict[str, Any]) -> bool:
+    """A line failed when it could not be verified or some of its steps were not scored."""
+    return record["error"] is not None or any("error" in s for s in record["steps"])

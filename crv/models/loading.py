@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from crv.errors import CRVError
 from crv.io import atomic_write
 from crv.models.adapter import ArchAdapter
 from crv.subject.config import SubjectConfig
@@ -89,7 +90,14 @@ def export_subject(cfg: SubjectConfig, out_dir: Path, cache_dir: Path) -> dict[s
             location, kwargs["gguf_file"] = cfg.name, cfg.gguf_file
         else:
             location, kwargs["gguf_file"] = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as exc:  # not a directory, not in the hub cache, hub unreachable
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CRVError(
+            f"subject.name={cfg.name!r} cannot be loaded: {first} (a local directory, a cached "
+            "hub model, or a hub name with network access is needed)"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(
         location,
         gguf_file=kwargs.get("gguf_file"),
