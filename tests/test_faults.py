@@ -228,3 +228,20 @@ def test_verify_warns_about_characters_the_tokenizer_drops(tmp_path: Path, tiny_
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
     assert "\U0001f914" in record["steps"][0]["warning"]
     assert "warning" not in record["steps"][1]
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_tmp(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    cmd = [sys.executable, "-c", "from crv.cli.main import main; main()", "experiment=smoke",
+           f"hydra.run.dir={tmp_path / 'run'}", f"pipeline.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "cache").glob("traces/*.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not list((tmp_path / "cache").glob("*/*.tmp-*"))
