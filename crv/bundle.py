@@ -28,15 +28,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crv
 from crv.io import atomic_write_json, read_json
+from crv.options import Choice, check_choices
 from crv.tasks.segment import CANONICAL_STEP_PATTERN
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from crv.features.config import FeaturesConfig
+    from crv.graphs.config import GraphsConfig
+    from crv.models.adapter import ArchAdapter
+    from crv.pipeline import StageContext
+    from crv.transcoders.module import TranscoderSet
+    from crv.verifier.classifier import XGBVerifier
 
 MANIFEST_FILE = "bundle.json"
 FORMAT_NAME = "crv-bundle"
@@ -55,8 +67,13 @@ SUBJECT_FIELDS = ("family", "n_layers", "d_model", "vocab_size", "config_hash", 
 _SECTIONS = ("subject", "transcoders", "verifier", "attribution", "features", "step_pattern")
 """Top-level entries every manifest has."""
 
-_PIPELINE_FILES = frozenset({"manifest.json", "metrics.json"})
-"""Files the pipeline adds to every artifact; they are not part of a copied model."""
+
+class Embed(Choice):
+    """Whether the bundle copies the subject model (see `BundleConfig.embed_subject`)."""
+
+    auto = "auto"
+    always = "always"
+    never = "never"
 
 
 @dataclass
@@ -67,12 +84,21 @@ class BundleConfig:
     """Regex (re.MULTILINE) splitting a completion into steps for `crv-verify`; the default
     is the canonical task format's (every non-empty line except `Answer:`)."""
 
-    embed_subject: str = "auto"
+    embed_subject: Embed = Embed.auto
     """auto | always | never: copy the subject model into the bundle. auto copies it when
     it is at most `embed_max_mb` (the embedded crv-tiny is a few MB)."""
 
     embed_max_mb: float = 100.0
     """Largest subject model (MiB on disk) that `embed_subject=auto` copies."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "bundle")
+        if self.embed_max_mb < 0:
+            raise ValueError(f"bundle.embed_max_mb must be >= 0, got {self.embed_max_mb}")
+        try:
+            re.compile(self.step_pattern)
+        except re.error as exc:
+            raise ValueError(f"bundle.step_pattern is not a valid regex: {exc}") from None
 
 
 class BundleError(Exception):
@@ -103,12 +129,14 @@ def config_hash(model_dir: str | Path) -> str:
     return _sha256_json(config)
 
 
-def tokenizer_hash(tokenizer: Any) -> str:
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of a tokenizer's vocabulary (token -> id), independent of its file format."""
     return _sha256_json(tokenizer.get_vocab())
 
 
-def subject_properties(adapter: Any, tokenizer: Any, model_dir: str | Path) -> dict[str, Any]:
+def subject_properties(
+    adapter: ArchAdapter, tokenizer: PreTrainedTokenizerBase, model_dir: str | Path
+) -> dict[str, Any]:
     """The `SUBJECT_FIELDS` of a loaded subject model (its `ArchAdapter`, tokenizer and
     directory), plus its context length."""
     return {
@@ -127,10 +155,6 @@ def _dir_mb(path: Path) -> float:
 
 
 def _should_embed(cfg: BundleConfig, subject_dir: Path) -> bool:
-    if cfg.embed_subject not in ("auto", "always", "never"):
-        raise ValueError(
-            f"bundle.embed_subject must be auto, always or never, not {cfg.embed_subject!r}"
-        )
     if cfg.embed_subject == "auto":
         return _dir_mb(subject_dir) <= cfg.embed_max_mb
     return cfg.embed_subject == "always"
@@ -143,7 +167,7 @@ def export_bundle(
     subject_dir: str | Path,
     transcoders_dir: str | Path,
     verifier_dir: str | Path,
-    attribution: dict[str, Any],
+    graphs: dict[str, Any],
     features: dict[str, Any],
     n_layers: int,
     seed: int,
@@ -151,27 +175,23 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Write a bundle into `out` (created; must not already hold one); returns the manifest.
 
-    `attribution` and `features` are the settings (config sections, as dicts) the
+    `graphs` and `features` are the settings (config sections, as dicts) the
     verifier's training graphs and features were computed with; `n_layers` and `seed` are
     the feature computation's layer-histogram size and seed. `subject_source` is the
     subject's model config section (name, GGUF file, ...), recorded for provenance.
     The subject is checked against the transcoders before anything is written.
     """
-    from crv.models.adapter import ArchAdapter
-    from crv.models.loading import load_subject
-    from crv.pipeline import library_versions
-    from crv.transcoders.io import load_transcoder_set, save_transcoder_set
+    from crv.pipeline import PIPELINE_FILES, library_versions
+    from crv.transcoders.io import load_subject_with_transcoders, save_transcoder_set
     from crv.verifier.classifier import load_verifier
 
     out, subject_dir = Path(out), Path(subject_dir).resolve()
     if (out / MANIFEST_FILE).exists():
         raise BundleError(f"{out} already holds a bundle; export into a new directory")
-    model, tokenizer = load_subject(subject_dir, "cpu")
-    adapter = ArchAdapter.for_model(model)
-    props = subject_properties(adapter, tokenizer, subject_dir)
-    tset = load_transcoder_set(transcoders_dir)
-    tset.check_compatible(adapter)
-    del model, adapter
+    loaded = load_subject_with_transcoders(subject_dir, transcoders_dir)
+    props = subject_properties(loaded.adapter, loaded.tokenizer, subject_dir)
+    tset = loaded.transcoders
+    del loaded
     verifier = load_verifier(verifier_dir)
 
     embed = _should_embed(cfg, subject_dir)
@@ -179,7 +199,7 @@ def export_bundle(
         shutil.copytree(
             subject_dir,
             out / SUBJECT_DIR,
-            ignore=lambda _, names: [n for n in names if n in _PIPELINE_FILES],
+            ignore=lambda _, names: [n for n in names if n in PIPELINE_FILES],
         )
     save_transcoder_set(tset, out / TRANSCODERS_DIR)
     verifier.save(out / VERIFIER_DIR)
@@ -208,7 +228,7 @@ def export_bundle(
             "threshold": float(verifier.threshold),
             "feature_names": list(verifier.feature_names),
         },
-        "attribution": attribution,
+        "attribution": graphs,
         "features": {"config": features, "n_layers": int(n_layers), "seed": int(seed)},
         "step_pattern": cfg.step_pattern,
     }
@@ -216,13 +236,10 @@ def export_bundle(
     return manifest
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
+def run_stage(ctx: StageContext[BundleConfig]) -> dict[str, Any]:
     """`bundle` stage: export the subject, transcoders, verifier and settings of this run."""
-    from crv.features.stage import META_FILE
-    from crv.pipeline import MANIFEST
-
-    def config_of(stage: str) -> dict[str, Any]:
-        return dict(read_json(Path(ctx.inputs[stage]) / MANIFEST)["config"])
+    from crv.features.stage import load_feature_meta
+    from crv.pipeline import artifact_config
 
     manifest = export_bundle(
         ctx.out,
@@ -230,11 +247,11 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         subject_dir=ctx.inputs["subject"],
         transcoders_dir=ctx.inputs["transcoders"],
         verifier_dir=ctx.inputs["verifier"],
-        attribution=config_of("graphs"),
-        features=config_of("features"),
-        n_layers=int(read_json(Path(ctx.inputs["features"]) / META_FILE)["n_layers"]),
+        graphs=artifact_config(ctx.inputs["graphs"]),
+        features=artifact_config(ctx.inputs["features"]),
+        n_layers=int(load_feature_meta(ctx.inputs["features"])["n_layers"]),
         seed=ctx.seed,
-        subject_source=config_of("subject"),
+        subject_source=artifact_config(ctx.inputs["subject"]),
     )
     ctx.log.info("bundle exported (subject embedded: %s)", manifest["subject"]["embedded"])
     return {
@@ -251,15 +268,15 @@ class Bundle:
 
     path: Path
     manifest: dict[str, Any]
-    model: Any
-    tokenizer: Any
-    adapter: Any
-    transcoders: Any
-    verifier: Any
-    attribution: Any
-    """`crv.graphs.config.GraphsConfig` the training graphs were built with."""
-    features: Any
-    """`crv.verifier.config.FeaturesConfig` the training features were computed with."""
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ArchAdapter
+    transcoders: TranscoderSet
+    verifier: XGBVerifier
+    graphs: GraphsConfig
+    """Settings the training graphs were built with (the manifest's `attribution`)."""
+    features: FeaturesConfig
+    """Settings the training features were computed with."""
 
     @property
     def threshold(self) -> float:
@@ -368,39 +385,40 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
     """
     from crv.features.config import FeaturesConfig
     from crv.graphs.config import GraphsConfig
-    from crv.models.adapter import ArchAdapter
-    from crv.models.loading import load_subject
-    from crv.transcoders.io import load_transcoder_set
+    from crv.transcoders.io import load_subject_with_transcoders
     from crv.verifier.classifier import load_verifier
 
     path = Path(path)
     manifest = read_manifest(path)
     subject_dir = resolve_subject_dir(path, manifest, model)
+
+    def check(adapter: ArchAdapter, tokenizer: PreTrainedTokenizerBase) -> None:
+        props = subject_properties(adapter, tokenizer, subject_dir)
+        check_subject(manifest, props, str(subject_dir))
+
     try:
-        subject, tokenizer = load_subject(subject_dir, device)
-        adapter = ArchAdapter.for_model(subject)
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot load the subject model from {subject_dir}: {exc}") from None
-    check_subject(manifest, subject_properties(adapter, tokenizer, subject_dir), str(subject_dir))
-    try:
-        tset = load_transcoder_set(path / manifest["transcoders"]["dir"], device)
-        tset.check_compatible(adapter)
+        loaded = load_subject_with_transcoders(
+            subject_dir, path / manifest["transcoders"]["dir"], device, check
+        )
         verifier = load_verifier(path / manifest["verifier"]["dir"])
+    except BundleError:
+        raise
     except (OSError, ValueError, KeyError) as exc:
-        raise BundleError(f"bundle {path} is damaged: {exc}") from None
+        raise BundleError(
+            f"cannot load bundle {path} with the subject model {subject_dir}: {exc}"
+        ) from None
     if list(verifier.feature_names) != list(manifest["verifier"]["feature_names"]):
         raise BundleError(
             f"bundle {path} is damaged: the verifier's feature names differ from the manifest's"
         )
-    subject.requires_grad_(False)
     return Bundle(
         path=path,
         manifest=manifest,
-        model=subject,
-        tokenizer=tokenizer,
-        adapter=adapter,
-        transcoders=tset,
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        adapter=loaded.adapter,
+        transcoders=loaded.transcoders,
         verifier=verifier,
-        attribution=_settings(GraphsConfig, manifest["attribution"], "attribution"),
+        graphs=_settings(GraphsConfig, manifest["attribution"], "attribution"),
         features=_settings(FeaturesConfig, manifest["features"]["config"], "features"),
     )

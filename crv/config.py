@@ -11,13 +11,13 @@ prints them through `crv.options.options_help`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 
 from crv.baselines.config import BaselinesConfig
 from crv.bundle import BundleConfig
 from crv.features.config import FeaturesConfig
 from crv.graphs.config import GraphsConfig
 from crv.interventions import InterventionsConfig
+from crv.options import Choice
 from crv.subject.config import SubjectConfig
 from crv.traces.config import TracesConfig
 from crv.transcoders.config import TranscodersConfig
@@ -36,7 +36,9 @@ ALL_STAGES = [
 ]
 
 
-class OnDamage(str, Enum):
+class OnDamage(Choice):
+    """What a damaged cached artifact leads to (see `PipelineConfig.on_damage`)."""
+
     recompute = "recompute"
     fail = "fail"
 

@@ -1,8 +1,12 @@
-"""Option help read from dataclass field docstrings.
+"""Config option machinery shared by every section: choices, their checks, and the help.
 
 crv's configs are dataclasses with a string literal right under each field (as sparsify's
 are); that string is the option's help text. Python keeps no such attribute docstrings at
 run time, so they are read from the class's source with `ast`.
+
+A field with a fixed set of values is typed with a `Choice` enum: OmegaConf rejects any
+other value when the config is composed, and `check_choices` (called from each section's
+`__post_init__`) turns plain strings into members for configs built in Python.
 """
 
 from __future__ import annotations
@@ -11,7 +15,34 @@ import ast
 import inspect
 import textwrap
 from dataclasses import MISSING, fields, is_dataclass
-from typing import Any
+from enum import Enum
+from typing import Any, get_type_hints
+
+
+class Choice(str, Enum):
+    """A config choice: a str enum whose members' names are their values (OmegaConf parses
+    a command-line value by name) and whose str() is the value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def check_choices(cfg: Any, section: str) -> None:
+    """Turn every `Choice`-typed field of the dataclass `cfg` into its enum member;
+    ValueError naming `section.field` (`field` when `section` is empty) and the allowed
+    values when one is not allowed."""
+    for name, hint in get_type_hints(type(cfg)).items():
+        if isinstance(hint, type) and issubclass(hint, Choice):
+            value = getattr(cfg, name)
+            try:
+                setattr(cfg, name, hint(value))
+            except ValueError:
+                allowed = ", ".join(m.value for m in hint)
+                where = f"{section}.{name}" if section else name
+                raise ValueError(f"{where} must be one of {allowed}, got {value!r}") from None
 
 
 def field_docs(cls: type) -> dict[str, str]:

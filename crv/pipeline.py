@@ -25,8 +25,9 @@ import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, is_dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from crv.errors import CRVError
 from crv.io import atomic_write_json, read_json
@@ -35,15 +36,25 @@ log = logging.getLogger("crv.pipeline")
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
+PIPELINE_FILES = frozenset({MANIFEST, METRICS})
+"""Files the pipeline adds to every artifact, next to what the stage wrote."""
+
+
+SectionT = TypeVar("SectionT")
 
 
 @dataclass
-class StageContext:
-    """Everything a stage's `run_stage(ctx) -> dict` may use; see docs/architecture.md."""
+class StageContext(Generic[SectionT]):
+    """Everything a stage's `run_stage(ctx) -> dict` may use; see docs/architecture.md.
+
+    `StageContext[GraphsConfig]` is the context of a stage whose section is a GraphsConfig.
+    """
 
     name: str
-    cfg: Any
+    cfg: SectionT
+    """The stage's own config section."""
     inputs: dict[str, Path]
+    """Artifact directory of every stage it depends on; read them with their loaders."""
     out: Path
     scratch: Path
     seed: int
@@ -110,7 +121,10 @@ def stage_closure(requested: Iterable[str], stages: tuple[Stage, ...] = STAGES) 
 
 
 def _plain(obj: Any) -> Any:
-    """A JSON-able view of a config section (dataclass, DictConfig or plain value)."""
+    """A JSON-able view of a config section (dataclass, DictConfig or plain value); an
+    enum member becomes its value, so typing a field as a choice keeps the cache keys."""
+    if isinstance(obj, Enum):
+        return obj.value
     if is_dataclass(obj) and not isinstance(obj, type):
         return {k: _plain(v) for k, v in asdict(obj).items()}
     if isinstance(obj, dict):
@@ -133,6 +147,29 @@ def artifact_key(stage: Stage, section_cfg: Any, seed: int, input_keys: dict[str
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class MissingArtifactError(FileNotFoundError):
+    """An artifact directory without its manifest: not a complete artifact of any stage."""
+
+
+def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a complete artifact (stage, key, config, seed, inputs, versions).
+
+    MissingArtifactError naming the directory when it has none: a stage never falls back
+    to defaults for an input it cannot read.
+    """
+    file = Path(artifact_dir) / MANIFEST
+    if not file.is_file():
+        raise MissingArtifactError(
+            f"{artifact_dir} is not a complete artifact: it has no {MANIFEST}"
+        )
+    return read_json(file)
+
+
+def artifact_config(artifact_dir: str | Path) -> dict[str, Any]:
+    """The config section an artifact was made with, as plain JSON values."""
+    return dict(read_manifest(artifact_dir)["config"])
 
 
 def library_versions() -> dict[str, str]:

@@ -92,7 +92,7 @@ def make_bundle(root: Path, parts: dict[str, Path], **cfg: str | float) -> Path:
         out,
         BundleConfig(**cfg),
         **parts,
-        attribution=dataclasses.asdict(ATTRIBUTION),
+        graphs=dataclasses.asdict(ATTRIBUTION),
         features=dataclasses.asdict(FEATURES),
         n_layers=N_LAYERS,
         seed=0,

@@ -54,7 +54,7 @@ def test_load_restores_settings_and_is_self_contained(tiny_bundle: Path, tmp_pat
     moved = tmp_path / "moved"
     shutil.copytree(tiny_bundle, moved)  # nothing outside the directory is needed
     bundle = load_bundle(moved)
-    assert bundle.attribution == ATTRIBUTION
+    assert bundle.graphs == ATTRIBUTION
     assert bundle.features == FEATURES
     assert bundle.transcoders.layers == list(range(N_LAYERS))
     assert bundle.adapter.n_layers == N_LAYERS
@@ -185,3 +185,41 @@ def test_run_stage_reads_the_settings_of_its_inputs(
         "seed": 7,
     }
     assert not (out / "subject" / "manifest.json").exists()  # the pipeline's file is not copied
+
+
+def test_run_stage_refuses_an_input_without_manifest(
+    tmp_path: Path, bundle_parts: dict[str, Path]
+) -> None:
+    """A missing input manifest is an error naming the directory, never default settings."""
+    from crv.pipeline import MissingArtifactError
+
+    inputs = {name: tmp_path / name for name in ("subject", "graphs", "features")}
+    inputs.update(
+        transcoders=bundle_parts["transcoders_dir"], verifier=bundle_parts["verifier_dir"]
+    )
+    ctx = StageContext(
+        "bundle", BundleConfig(), inputs, tmp_path / "out", tmp_path / "s", 0, "cpu",
+        logging.getLogger("test"),
+    )  # fmt: skip
+    with pytest.raises(MissingArtifactError, match=f"{tmp_path / 'graphs'} is not a complete"):
+        run_stage(ctx)
+
+
+def test_load_subject_with_transcoders(tmp_path: Path, bundle_parts: dict[str, Path]) -> None:
+    from crv.transcoders.io import load_subject_with_transcoders
+
+    loaded = load_subject_with_transcoders(
+        bundle_parts["subject_dir"], bundle_parts["transcoders_dir"]
+    )
+    assert loaded.adapter.model is loaded.model and not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    assert loaded.transcoders.layers == list(range(N_LAYERS))
+    wider = write_subject(tmp_path / "wider", hidden_size=48)
+    with pytest.raises(ValueError, match="d_model"):
+        load_subject_with_transcoders(wider, bundle_parts["transcoders_dir"])
+    seen = []
+    with pytest.raises(FileNotFoundError):  # the check ran first, then the missing set failed
+        load_subject_with_transcoders(
+            wider, tmp_path / "none", check_subject=lambda a, t: seen.append(a.d_model)
+        )
+    assert seen == [48]

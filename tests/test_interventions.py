@@ -3,6 +3,8 @@ the matched random control, and the rates with their intervals."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -479,9 +481,9 @@ def test_run_stage_end_to_end(subject, tmp_path):
     from crv.features.config import FeaturesConfig
     from crv.features.stage import TABLE_FILE, feature_names, feature_table, step_key_table
     from crv.graphs.store import save_step_graphs, trace_file
-    from crv.interventions.stage import RESULTS_FILE, run_stage
-    from crv.io import read_json
-    from crv.pipeline import StageContext
+    from crv.interventions.stage import RESULTS_FILE, graph_scorer, run_stage
+    from crv.io import atomic_write_json, read_json
+    from crv.pipeline import MANIFEST, MissingArtifactError, StageContext
     from crv.transcoders.io import save_transcoder_set
     from crv.verifier.classifier import XGBVerifier
     from crv.verifier.config import VerifierConfig
@@ -529,6 +531,9 @@ def test_run_stage_end_to_end(subject, tmp_path):
     )
     dirs["features"].mkdir()
     table.to_parquet(dirs["features"] / TABLE_FILE, index=False)
+    with pytest.raises(MissingArtifactError, match="features is not a complete artifact"):
+        graph_scorer(dirs["features"], {}, N_LAYERS, 0)  # never a silent default config
+    atomic_write_json(dirs["features"] / MANIFEST, {"config": asdict(FeaturesConfig())})
 
     rng = np.random.default_rng(0)
     verifier = XGBVerifier(VerifierConfig(n_estimators=5), names, 0)

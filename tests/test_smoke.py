@@ -8,6 +8,7 @@ so it runs once per session and the other checks share its output.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -169,3 +170,49 @@ def test_help_and_cfg():
     proc = _crv("--cfg", "job", "experiment=smoke", cwd=Path.cwd())
     assert proc.returncode == 0 and "n_per_complexity: 15" in proc.stdout
     assert shutil.which("crv", path=str(BIN))
+
+
+GOLDEN = Path(__file__).parent / "golden" / "smoke.json"
+TOLERANCE = {"auroc": 0.03, "fvu": 0.02, "fixed_step_rate": 0.01}
+"""Absolute tolerance per kind of headline number: a seeded run repeats exactly on one
+machine; these absorb float differences between machines and library versions, not a
+regression (the smoke run's fixed-step rate moves in steps of 1/4)."""
+
+
+def headline_numbers(report: dict) -> dict[str, float | None]:
+    """The smoke run's headline numbers: CRV and MaxProb test AUROC per task, FVU per
+    transcoder layer, the interventions' fixed-step rate."""
+    out: dict[str, float | None] = {}
+    for task in ("arithmetic", "boolean"):
+        for method in ("crv", "maxprob"):
+            out[f"verifier.{task}.{method}.auroc"] = report["verifier"][task]["methods"][method][
+                "auroc"
+            ]
+    for row in report["transcoders"]["layers"]:
+        out[f"transcoders.layer{row['layer']}.fvu"] = row["fvu"]
+    out["interventions.fixed_step_rate"] = report["interventions"]["fixed_step_rate"]
+    return out
+
+
+def test_headline_numbers_match_the_golden_values(smoke_run: Path):
+    """A change that moves a headline number fails until tests/golden/smoke.json is
+    updated on purpose: `CRV_UPDATE_GOLDEN=1 pytest tests/test_smoke.py` rewrites it from
+    this run (review the diff before committing it)."""
+    got = headline_numbers(json.loads((smoke_run / "run" / "report.json").read_text()))
+    if os.environ.get("CRV_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+        pytest.skip(f"wrote {GOLDEN}")
+    expected = json.loads(GOLDEN.read_text())
+    assert set(got) == set(expected), "headline keys changed: update the golden file"
+    off = {}
+    for key, want in expected.items():
+        tol = TOLERANCE[key.rsplit(".", 1)[-1]]
+        have = got[key]
+        if want is None or have is None or math.isnan(want) or math.isnan(have):
+            same = repr(want) == repr(have)  # None or NaN (a class missing) must stay so
+        else:
+            same = abs(have - want) <= tol
+        if not same:
+            off[key] = (want, have)
+    assert not off, f"headline numbers moved (golden, now): {off}"

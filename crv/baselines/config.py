@@ -21,3 +21,7 @@ class BaselinesConfig:
 
     coe: bool = True
     """Also compute the Chain-of-Embedding scores CoE-R and CoE-C (Wang et al. 2024)."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature_grid or min(self.temperature_grid) <= 0:
+            raise ValueError("baselines.temperature_grid must be a non-empty list of values > 0")

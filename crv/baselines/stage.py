@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,7 @@ import pandas as pd
 from crv.baselines.config import BaselinesConfig
 from crv.features.stage import KEY_COLUMNS, step_key_table
 from crv.io import atomic_write, atomic_write_json, read_json
+from crv.pipeline import StageContext
 
 SCORE_COLUMNS = ("maxprob", "perplexity", "entropy", "temperature", "energy", "coe_r", "coe_c")
 """Score columns of the baseline table (CoE ones only when `coe` is on)."""
@@ -189,7 +190,7 @@ def baseline_table(
     return table, np.concatenate(probes), meta
 
 
-def run_stage(ctx) -> dict:
+def run_stage(ctx: StageContext[BaselinesConfig]) -> dict[str, Any]:
     """`baselines` stage: one row of baseline scores (+ probe inputs) per step."""
     from crv.models.loading import load_subject
     from crv.traces.stage import load_traces

@@ -5,6 +5,9 @@ dependencies, and writes into Hydra's run directory:
 - `artifacts.json`: stage name -> absolute artifact directory,
 - `report.json`: what each stage measured, under stable keys, plus timings and peak memory,
 - `report.md`: the same as tables, with the plots copied next to it.
+
+Config names of the previous release (`model=`, `transcoder.`, `attribution.`,
+`intervention.`) are rewritten to the stage names, with a warning, for one release.
 """
 
 from __future__ import annotations
@@ -23,6 +26,33 @@ from crv.errors import ConfigError, CRVError
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("crv")
+
+DEPRECATED_SECTIONS = {
+    "model": "subject",
+    "transcoder": "transcoders",
+    "attribution": "graphs",
+    "intervention": "interventions",
+}
+"""Old config group / section names -> the stage names; accepted until the next release."""
+
+
+def rewrite_deprecated(argv: list[str]) -> list[str]:
+    """`argv` with overrides of deprecated sections renamed (`model=x` -> `subject=x`,
+    `transcoder.k=8` -> `transcoders.k=8`, also after `+`, `++` or `~`), printing one
+    warning line per rewritten override on stderr."""
+    out = []
+    for arg in argv:
+        body = arg.lstrip("+~")
+        prefix = arg[: len(arg) - len(body)]
+        key, eq, value = body.partition("=")
+        head, dot, tail = key.partition(".")
+        if arg.startswith("-") or not eq or head not in DEPRECATED_SECTIONS:
+            out.append(arg)
+            continue
+        new = f"{prefix}{DEPRECATED_SECTIONS[head]}{dot}{tail}{eq}{value}"
+        print(f"crv: warning: {arg!r} is deprecated, use {new!r}", file=sys.stderr)
+        out.append(new)
+    return out
 
 
 _RUN_STARTED = False
@@ -105,6 +135,7 @@ def main() -> None:
     from crv.options import options_help
 
     register_configs()
+    sys.argv[1:] = rewrite_deprecated(sys.argv[1:])
     if "--help" in sys.argv or "-h" in sys.argv:
         print("crv: Circuit-based Reasoning Verification pipeline.\n")
         print("Usage: crv [experiment=smoke] [section.field=value ...] [-m for sweeps]\n")

@@ -59,10 +59,25 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-FORMATS = ("jsonl", "table")
+from crv.interventions.config import Action, RankBy, Scope
+from crv.options import Choice, check_choices
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from crv.bundle import Bundle
+    from crv.graphs.graph import StepGraph
+
 STDIO = "-"
+
+
+class OutputFormat(Choice):
+    """What `crv-verify` writes (see `VerifyConfig.format`)."""
+
+    jsonl = "jsonl"
+    table = "table"
 
 
 @dataclass
@@ -78,7 +93,7 @@ class VerifyConfig:
     output: str = STDIO
     """Where the records go; `-` writes standard output. A file is replaced atomically."""
 
-    format: str = "jsonl"
+    format: OutputFormat = OutputFormat.jsonl
     """jsonl: one JSON record per input line; table: the human-readable table instead."""
 
     intervene: bool = False
@@ -100,17 +115,17 @@ class VerifyConfig:
     n_interventions: int = 3
     """Interventions proposed per flagged step."""
 
-    rank_by: str = "margin"
+    rank_by: RankBy = RankBy.margin
     """How interventions are ranked: influence, verifier, layer or margin (see
     crv.interventions.propose)."""
 
-    action: str = "suppress"
+    action: Action = Action.suppress
     """suppress (activation to 0) or amplify (activation times `amplify_scale`)."""
 
     amplify_scale: float = 2.0
     """Activation factor of the amplify action."""
 
-    scope: str = "step"
+    scope: Scope = Scope.step
     """step: intervene where the feature was active in the step; onward: from the step on."""
 
     regen_extra_tokens: int = 16
@@ -124,6 +139,9 @@ class VerifyConfig:
 
     quiet: bool = False
     """No table and no progress bar on stderr."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "")
 
 
 class TraceError(ValueError):
@@ -231,12 +249,12 @@ class Encoded:
 class StepVerifier:
     """Scores the steps of parsed traces with a loaded bundle (one forward pass per trace)."""
 
-    def __init__(self, bundle: Any, cfg: VerifyConfig) -> None:
+    def __init__(self, bundle: Bundle, cfg: VerifyConfig) -> None:
         self.bundle, self.cfg = bundle, cfg
         self.threshold = bundle.threshold if cfg.threshold is None else float(cfg.threshold)
-        self.attribution = bundle.attribution
+        self.graphs_cfg = bundle.graphs
         if cfg.batch_size is not None:
-            self.attribution = dataclasses.replace(self.attribution, batch_size=cfg.batch_size)
+            self.graphs_cfg = dataclasses.replace(self.graphs_cfg, batch_size=cfg.batch_size)
 
     def encode(self, trace: Trace) -> Encoded:
         """Token ids of prompt + completion and each step's token span; TraceError when the
@@ -263,11 +281,11 @@ class StepVerifier:
         warnings = [unrepresentable(tok, trace.completion[s:e]) for s, e in trace.spans]
         return Encoded(ids, offset, first[:n_fit], last[:n_fit], n_fit, warnings)
 
-    def graphs(self, trace: Trace, enc: Encoded) -> list[Any]:
+    def graphs(self, trace: Trace, enc: Encoded) -> list[StepGraph]:
         """The pruned step graphs of all steps of a trace, from one shared forward pass."""
         from crv.graphs.attribute import explained_positions, trace_graphs
 
-        b, cfg = self.bundle, self.attribution
+        b, cfg = self.bundle, self.graphs_cfg
         steps = [{"last_token": t} for t in enc.last_tokens]
         positions = explained_positions(
             b.adapter.model, enc.input_ids, steps, enc.prompt_len, cfg.position
@@ -279,7 +297,7 @@ class StepVerifier:
         trace_id = trace.id or f"line{trace.line}"
         return trace_graphs(b.adapter, b.transcoders, enc.input_ids, positions, cfg, trace_id)
 
-    def feature_frame(self, graphs: list[Any]) -> Any:
+    def feature_frame(self, graphs: list[StepGraph]) -> pd.DataFrame:
         """The verifier's input rows (one per graph) in the bundle's feature order."""
         import pandas as pd
 
@@ -289,7 +307,7 @@ class StepVerifier:
         rows = [graph_features(g, b.n_layers_features, b.features, b.feature_seed) for g in graphs]
         return pd.DataFrame(rows, columns=b.feature_names).astype("float64")
 
-    def score_graph(self, graph: Any) -> float:
+    def score_graph(self, graph: StepGraph) -> float:
         """P(incorrect) of one graph (used to rank interventions by verifier effect)."""
         return float(self.bundle.verifier.predict_proba(self.feature_frame([graph]))[0])
 
@@ -336,7 +354,7 @@ class StepVerifier:
             )
         return records
 
-    def interventions(self, trace: Trace, enc: Encoded, i: int, graph: Any) -> dict[str, Any]:
+    def interventions(self, trace: Trace, enc: Encoded, i: int, graph: StepGraph) -> dict[str, Any]:
         """Proposed interventions of a flagged step and, with `intervene`, the regeneration."""
         from crv.interventions.apply import (
             StepSpan,
@@ -345,7 +363,7 @@ class StepVerifier:
             regenerate_batch,
         )
         from crv.interventions.propose import propose
-        from crv.tasks.segment import segment_steps
+        from crv.tasks.label import label_free_text
 
         cfg, b = self.cfg, self.bundle
         span = StepSpan(enc.first_tokens[i], enc.last_tokens[i])
@@ -376,27 +394,25 @@ class StepVerifier:
         if not proposals:
             out["regenerated"] = None
             return out
-        # A free-text row ("gsm8k") makes `regenerate` segment and leave labels unknown;
-        # the regenerated step is then found with the bundle's own step pattern.
-        row = {
-            "input_ids": enc.input_ids,
-            "prompt_len": enc.prompt_len,
-            "completion": trace.completion,
-            "task": "gsm8k",
-            "gold": "",
-        }
+        # no checker for a user's trace: the new completion is only split into steps,
+        # with the bundle's own step pattern, and the step with the same index is kept
+        row = {"input_ids": enc.input_ids, "prompt_len": enc.prompt_len}
         n_new = span.last_token - span.first_token + 1 + cfg.regen_extra_tokens
         [outcome] = regenerate_batch(
-            b.adapter, b.transcoders, b.tokenizer, row, i, span, n_new, proposals[:1], [0]
+            b.adapter,
+            b.transcoders,
+            b.tokenizer,
+            row,
+            i,
+            span,
+            n_new,
+            proposals[:1],
+            [0],
+            label=lambda completion: label_free_text(completion, b.step_pattern),
         )
-        kept = b.tokenizer.decode(
-            enc.input_ids[enc.prompt_len : span.first_token], skip_special_tokens=True
-        )
-        completion = kept + outcome.regenerated
-        spans = segment_steps(completion, b.step_pattern)
         out["regenerated"] = {
             "intervention": 0,
-            "step": completion[slice(*spans[i])] if i < len(spans) else None,
+            "step": outcome.step_text,
             "continuation": outcome.regenerated,
         }
         return out
@@ -486,18 +502,9 @@ def _read_input(source: str) -> bytes:
 def _check_config(cfg: VerifyConfig) -> None:
     if not cfg.bundle:
         raise _Failure("no bundle given: crv-verify bundle=PATH input=FILE output=FILE")
-    if cfg.format not in FORMATS:
-        raise _Failure(f"format must be one of {', '.join(FORMATS)}, not {cfg.format!r}")
-    from crv.interventions.config import PROPOSAL_CHOICES
-
-    for name, allowed in PROPOSAL_CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise _Failure(
-                f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}"
-            )
 
 
-def _load_quietly(cfg: VerifyConfig) -> Any:
+def _load_quietly(cfg: VerifyConfig) -> Bundle:
     """The bundle, loaded without transformers' weight-loading progress bar (stderr is for
     the command's own table and progress)."""
     from transformers.utils import logging as hf_logging

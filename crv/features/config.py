@@ -21,6 +21,12 @@ class FeaturesConfig:
     """Number of sampled source nodes for approximate betweenness on large graphs."""
 
     n_workers: int = 1
-    """Processes computing features (graphs are independent); 1 computes in-process. About
-    50 ms per graph of 300 nodes and 2,500 edges in one process; extra processes pay a few
-    seconds of start-up and help only on otherwise idle cores."""
+    """Processes computing features (graphs are independent); 1 computes in-process. Extra
+    processes pay a start-up cost and help only on otherwise idle cores."""
+
+    def __post_init__(self) -> None:
+        if self.n_layers is not None and self.n_layers < 1:
+            raise ValueError(f"features.n_layers must be >= 1 or None, got {self.n_layers}")
+        for name in ("betweenness_exact_max_nodes", "betweenness_k", "n_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"features.{name} must be >= 1, got {getattr(self, name)}")

@@ -55,6 +55,7 @@ import time
 from collections.abc import Iterable, Iterator
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -65,6 +66,7 @@ from scipy.sparse.csgraph import shortest_path
 from crv.features.config import FeaturesConfig
 from crv.graphs.graph import ERROR, FEATURE, LOGIT, TOKEN, StepGraph
 from crv.io import atomic_write, atomic_write_json, read_json
+from crv.pipeline import StageContext, artifact_config
 
 KEY_COLUMNS = (
     "step_id",
@@ -312,7 +314,7 @@ def _infer_n_layers(graphs: Iterator[StepGraph]) -> tuple[int, Iterator[StepGrap
     raise ValueError("cannot infer n_layers: no graph has logit nodes; set features.n_layers")
 
 
-def run_stage(ctx) -> dict:
+def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
     """`features` stage: one row of graph features per step graph."""
     from crv.graphs.store import iter_step_graphs
     from crv.traces.stage import load_traces
@@ -359,6 +361,11 @@ def load_feature_table(path: str | Path) -> pd.DataFrame:
 def load_feature_names(path: str | Path) -> list[str]:
     """Feature columns of a `features` artifact, in table order."""
     return list(load_feature_meta(path)["feature_names"])
+
+
+def load_features_config(path: str | Path) -> FeaturesConfig:
+    """The settings a `features` artifact's features were computed with."""
+    return FeaturesConfig(**artifact_config(path))
 
 
 def load_feature_meta(path: str | Path) -> dict:

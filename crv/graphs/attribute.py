@@ -30,11 +30,9 @@ Rows in batches
 A row (all sources of one target) costs one backward pass; `ReplacementTrace.rows` runs one
 backward for a batch of targets with `torch.autograd.grad(..., is_grads_batched=True)`
 (vmap over the batch: target b's vector is injected at its (layer, position) in batch row b).
-Measured on crv-tiny (186 tokens, 7 steps, batch 32, 1 core): 2.8 ms per row, versus 2.65 ms
-per row after a 0.6 s forward for a batch-expanded forward (the approach of circuit-tracer;
-here with the MLPs computed once, not B times) against 0.1 s for the batch-1 forward; and the
-vmap form runs a partial batch at its own size (batches of 16-32 rows are the cheapest per
-row, 8 cost 15% more). Targets: the logits first, then features in order of their
+On crv-tiny this costs about as much per row as a batch-expanded forward (the approach of
+circuit-tracer) without that forward's start-up, and the vmap form runs a partial batch at
+its own size; batches of 16-32 rows were the cheapest per row. Targets: the logits first, then features in order of their
 estimated influence on the logits (influence through the rows computed so far, see
 `prune.column_influence`), `update_interval` batches at a time, re-ranked in between, up to
 `max_feature_nodes`. Pruning and scores are in `prune.py`.
@@ -48,15 +46,11 @@ positions <= q) and builds every step's graph from it. A feature's row does not 
 which logits are explained, so rows live in a cache keyed by (layer, position, latent) and a
 later step that selects the same feature reuses it. The logit rows of all steps are
 computed together, in full batches. The graphs are identical to attributing each step from
-its own prefix; `benchmarks/attribution.py` measures the speed-up and where the time goes.
-On crv-tiny (8 traces, 48 steps, 1 core) it is about 1.25-1.4x with `max_feature_nodes` 64
-and `after` positions, 1.2x with 128, and 1.2x with 64 at the default least-confident
-positions: a step's graph is dominated by the features at its own position, so the steps of
-a trace share only 3.2% (64, after), 5.7% (128) or 0.8% (64, least confident) of their
-rows, while rows (backward passes and their assembly) are about 80% of the shared path's
-time and 60-70% of the per-step path's. The gain is the single forward and encoding per
-trace and the packed logit rows; even with everything but the unshared rows free the ratio
-would stay under 1.7.
+its own prefix; `benchmarks/attribution.py` measures the speed-up and where the time goes
+(README.md's Benchmarks section has the numbers). The gain is modest: a step's graph is
+dominated by the features at its own position, so the steps of a trace share few rows, and
+rows (backward passes and their assembly) are most of the time; what is saved is the single
+forward and encoding per trace and the packed logit rows.
 
 Correctness test (tests/test_attribution.py)
 --------------------------------------------

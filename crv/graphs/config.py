@@ -1,13 +1,13 @@
-"""Configuration of the `graphs` stage (the `attribution` config section).
+"""Configuration of the `graphs` stage (the `graphs` config section).
 
 Every field's docstring is its help text. The defaults follow CRV (10 logits up to 95%
 probability, 80% node / 98% edge influence) except the explained position: CRV explains the
 prediction after the step's last token (`after`), crv by default the step's least confident
 prediction (`least_confident`), which on crv-tiny gave the better verifier on the
-validation part of the training split (numbers in README.md). The feature budget is scaled like the paper's:
-4,096 expanded features for Llama-3.1-8B is the number of active latents at one position
-(32 layers x k 128); for crv's embedded subject (4 layers x k 32) that is 128, which takes
-about 0.2 s per step graph on one CPU core (traces of 100-250 tokens).
+validation part of the training split (numbers in README.md). The feature budget is scaled
+like the paper's: 4,096 expanded features for Llama-3.1-8B is the number of active latents
+at one position (32 layers x k 128); for crv's embedded subject (4 layers x k 32) that is 128
+(measured times per step graph: README.md).
 Fields named `runtime_*` change speed or memory, never a graph, and are left out of the
 artifact's cache key.
 """
@@ -16,7 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-POSITIONS = ("after", "before", "least_confident")
+from crv.options import Choice, check_choices
+
+
+class Position(Choice):
+    """Which next-token prediction a step's graph explains (see `GraphsConfig.position`)."""
+
+    after = "after"
+    before = "before"
+    least_confident = "least_confident"
 
 
 @dataclass
@@ -45,7 +53,7 @@ class GraphsConfig:
     edge_threshold: float = 0.98
     """Pruning then keeps the smallest edge set holding this share of the edge influence."""
 
-    position: str = "least_confident"
+    position: Position = Position.least_confident
     """Token whose next-token logits a step's graph explains: `after` = the step's last token,
     `before` = the previous step's last token (the prompt's last token for the first step),
     `least_confident` = the one of the step's own predictions (positions `before` .. `after`
@@ -63,12 +71,20 @@ class GraphsConfig:
     rows are dropped first and recomputed if needed again)."""
 
     def __post_init__(self) -> None:
-        if self.position not in POSITIONS:
-            raise ValueError(f"graphs.position must be one of {POSITIONS}, got {self.position!r}")
+        check_choices(self, "graphs")
         if not (0 < self.node_threshold <= 1 and 0 < self.edge_threshold <= 1):
             raise ValueError("graphs.node_threshold and edge_threshold must lie in (0, 1]")
         if (
             min(self.max_logits, self.batch_size, self.update_interval) < 1
             or self.max_feature_nodes < 0
         ):
-            raise ValueError("graphs.max_logits, batch_size and update_interval must be >= 1")
+            raise ValueError(
+                "graphs.max_logits, batch_size and update_interval must be >= 1 and "
+                "max_feature_nodes >= 0"
+            )
+        if not 0 < self.logit_cum_prob <= 1:
+            raise ValueError(f"graphs.logit_cum_prob must lie in (0, 1], got {self.logit_cum_prob}")
+        if self.max_traces is not None and self.max_traces < 1:
+            raise ValueError(f"graphs.max_traces must be >= 1 or None, got {self.max_traces}")
+        if self.runtime_row_cache_mb < 0:
+            raise ValueError("graphs.runtime_row_cache_mb must be >= 0")

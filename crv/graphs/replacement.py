@@ -68,10 +68,9 @@ class Stopwatch:
 SEGMENT_TOKENS = 64
 """Longest forward segment. A segment's backward multiplies by its attention block over all
 earlier keys, so shorter segments skip more of the causal mask's zero upper triangle, but
-each costs a model call (about 4 ms on crv-tiny) and more autograd nodes. On crv-tiny
-(1 core) a 32-row batch at position 253 costs 122 ms with one segment, 90 ms with
-segments of 64 tokens, 82 ms with 32 and 92 ms with 16; attributing the benchmark's 48
-steps each from its own prefix took 6.0 s unsegmented, 4.9 s with 64 (best of 32-96)."""
+each costs a model call and more autograd nodes. 64 was the best of 32-96 tokens on
+crv-tiny in `benchmarks/attribution.py`'s per-step path; re-measure there before changing
+it."""
 
 
 SOURCE_CACHE_BYTES = 256 << 20

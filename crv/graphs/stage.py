@@ -4,13 +4,14 @@ Reads the subject model, the traces and the transcoder set through their public 
 builds each trace's step graphs from one forward pass (`attribute.trace_graphs`) and writes
 one file per trace (`store.py`) into the scratch directory first, atomically, so a killed run
 resumes with the traces it has not finished; the finished files are then copied into the
-artifact. Returns the means over all graphs that the pipeline reports under `attribution`.
+artifact. Returns the means over all graphs that the pipeline reports under `graphs`.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,22 +26,24 @@ from crv.graphs.store import (
     save_step_graphs,
     trace_file,
 )
+from crv.pipeline import StageContext, artifact_config
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
-    from crv.models.adapter import ArchAdapter
-    from crv.models.loading import load_subject
+def load_graphs_config(path: str | Path) -> GraphsConfig:
+    """The settings a `graphs` artifact's step graphs were built with."""
+    return GraphsConfig(**artifact_config(path))
+
+
+def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:
+    """Build, prune and store the step graphs of the selected traces."""
     from crv.traces.stage import load_traces
-    from crv.transcoders.io import load_transcoder_set
+    from crv.transcoders.io import load_subject_with_transcoders
 
-    cfg: GraphsConfig = ctx.cfg
-    model, _ = load_subject(ctx.inputs["subject"], ctx.device)
-    model.requires_grad_(False)
-    adapter = ArchAdapter.for_model(model)
-    tset = load_transcoder_set(ctx.inputs["transcoders"], ctx.device)
-    for layer in tset.layers:
-        tset[layer].requires_grad_(False)
-    tset.check_compatible(adapter)
+    cfg = ctx.cfg
+    loaded = load_subject_with_transcoders(
+        ctx.inputs["subject"], ctx.inputs["transcoders"], ctx.device
+    )
+    model, adapter, tset = loaded.model, loaded.adapter, loaded.transcoders
 
     traces = load_traces(ctx.inputs["traces"])
     splits = set(cfg.splits)

@@ -11,7 +11,7 @@ greedily from there with a KV cache; the splice reads absolute positions from th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 
 from crv.generation import generate_from_ids
 from crv.interventions.propose import FeatureKey, Proposal
-from crv.tasks.label import label_steps
+from crv.tasks.label import Labelled, label_steps
 from crv.tokens import last_token_index, token_char_ends
 from crv.transcoders.module import TranscoderSet
 from crv.transcoders.splice import FeatureIntervention, splice
@@ -150,15 +150,17 @@ def regenerate_batch(
     max_new_tokens: int,
     proposals: Sequence[Proposal | None],
     ranks: Sequence[int],
+    label: Callable[[str], Labelled] | None = None,
 ) -> list[Outcome]:
     """Greedy regenerations of `row` from the step's first token, one per proposal (None =
     no intervention), decoded side by side as one batch: every row starts from the same
     token prefix (so no padding) and row b carries only proposal b's intervention.
 
     Each new completion is the original completion's tokens before the step followed by
-    the regenerated tokens; `crv.traces.label_steps` relabels it, and the step at
-    `step_index` is the regenerated step.
+    the regenerated tokens; `label` (default: `crv.tasks.label.label_steps` for `row`)
+    relabels it, and the step at `step_index` is the regenerated step.
     """
+    label = label or (lambda completion: label_steps(dict(row), completion))
     prefix = list(row["input_ids"][: span.first_token])
     end = len(prefix) + max_new_tokens
     interventions = [to_intervention(p, end, b) for b, p in enumerate(proposals) if p is not None]
@@ -179,7 +181,7 @@ def regenerate_batch(
     outcomes = []
     for proposal, rank, (new_ids, _) in zip(proposals, ranks, generated, strict=True):
         completion = tokenizer.decode(prefix[offset:] + new_ids, skip_special_tokens=True)
-        steps, final_answer, final_correct = label_steps(dict(row), completion)
+        steps, final_answer, final_correct = label(completion)
         step = steps[step_index] if step_index < len(steps) else None
         outcomes.append(
             Outcome(

@@ -1,4 +1,4 @@
-"""Configuration of the `interventions` stage (the `intervention` config section).
+"""Configuration of the `interventions` stage (the `interventions` config section).
 
 Every field's docstring is its help text. The defaults are sized for crv's embedded subject
 model on a 2-core CPU: at most 60 flagged incorrect steps with 2N + 1 = 7 regenerations
@@ -8,18 +8,39 @@ each, and 20 false alarms with two each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
-RankBy = Literal["influence", "verifier", "layer", "margin"]
-Action = Literal["suppress", "amplify"]
-Scope = Literal["step", "onward"]
+from crv.options import Choice, check_choices
 
-PROPOSAL_CHOICES: dict[str, tuple[str, ...]] = {
-    "rank_by": get_args(RankBy),
-    "action": get_args(Action),
-    "scope": get_args(Scope),
-}
-"""Allowed values of the proposal settings, shared with crv-verify's options."""
+
+class RankBy(Choice):
+    """How candidate features are ranked (see `InterventionsConfig.rank_by`); shared with
+    crv-verify's options."""
+
+    influence = "influence"
+    verifier = "verifier"
+    layer = "layer"
+    margin = "margin"
+
+
+class Action(Choice):
+    """What an intervention does to the feature's activation."""
+
+    suppress = "suppress"
+    amplify = "amplify"
+
+
+class Scope(Choice):
+    """Where an intervention applies."""
+
+    step = "step"
+    onward = "onward"
+
+
+class FlaggingVerifier(Choice):
+    """Which verifier flags a step (see `InterventionsConfig.verifier`)."""
+
+    task = "task"
+    pooled = "pooled"
 
 
 @dataclass
@@ -29,14 +50,14 @@ class InterventionsConfig:
     split: str = "test"
     """Split of the traces whose flagged steps are intervened on."""
 
-    verifier: str = "task"
+    verifier: FlaggingVerifier = FlaggingVerifier.task
     """Verifier that flags a step: `task`, the step's own task's verifier (the per-task
     detection results); `pooled`, the one trained on all tasks together."""
 
     n_proposals: int = 3
     """Interventions proposed per flagged step (N): one feature each, best-ranked first."""
 
-    rank_by: str = "margin"
+    rank_by: RankBy = RankBy.margin
     """How candidate features are ranked: `influence` (summed graph influence on the
     predicted tokens of the feature's nodes in the step), `verifier` (how much deleting the
     feature's nodes from the step graph lowers the verifier's score), `layer` (latest
@@ -48,14 +69,14 @@ class InterventionsConfig:
     """With rank_by=verifier or margin, only the top features by influence are re-scored
     (each costs one recomputation of the graph features, or one forward pass)."""
 
-    action: str = "suppress"
+    action: Action = Action.suppress
     """`suppress`: clamp the feature's activation to 0; `amplify`: multiply it by
     `amplify_scale`."""
 
     amplify_scale: float = 2.0
     """Factor applied to the activation by the `amplify` action."""
 
-    scope: str = "step"
+    scope: Scope = Scope.step
     """`step`: intervene at the positions of the step window (those whose computation
     writes the step: from the token before its first token through the token before its
     last) where the feature was active in the original trace; `onward`: at every position
@@ -81,11 +102,20 @@ class InterventionsConfig:
     """Paired bootstrap resamples for the confidence interval of `fixed_minus_random`."""
 
     def __post_init__(self) -> None:
-        choices = {"verifier": ("task", "pooled"), **PROPOSAL_CHOICES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        check_choices(self, "interventions")
+        at_least = {
+            "n_proposals": 1,
+            "candidate_pool": 1,
+            "max_steps": 0,
+            "max_correct_steps": 0,
+            "extra_new_tokens": 0,
+            "n_examples": 0,
+            "n_bootstrap": 0,
+        }
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
                 raise ValueError(
-                    f"intervention.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                    f"interventions.{name} must be >= {low}, got {getattr(self, name)}"
                 )
-        if self.n_proposals < 1:
-            raise ValueError(f"interventions.n_proposals must be >= 1, got {self.n_proposals}")
+        if self.amplify_scale < 0:
+            raise ValueError(f"interventions.amplify_scale must be >= 0, got {self.amplify_scale}")

@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from crv.features.config import FeaturesConfig
 from crv.graphs.graph import StepGraph
 from crv.interventions.apply import (
     active_features,
@@ -29,14 +28,21 @@ from crv.interventions.apply import (
 from crv.interventions.config import InterventionsConfig
 from crv.interventions.measure import StepAttempt, summarize
 from crv.interventions.propose import propose, random_control, step_rng
-from crv.io import atomic_write_json, read_json
-from crv.pipeline import MANIFEST, StageContext
+from crv.io import atomic_write_json
+from crv.pipeline import StageContext
 from crv.tasks import TASKS, Problem
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from crv.models.adapter import ArchAdapter
+    from crv.transcoders.module import TranscoderSet
+    from crv.verifier.classifier import XGBVerifier
 
 RESULTS_FILE = "interventions.json"
 
 
-def load_verifiers(verifier_dir: Path, tasks: list[str], which: str) -> dict[str, Any]:
+def load_verifiers(verifier_dir: Path, tasks: list[str], which: str) -> dict[str, XGBVerifier]:
     """The verifier scoring each task's steps (`which`: "task" or "pooled"); a task for
     which none was saved (its training steps held one class) is left out."""
     from crv.verifier.classifier import load_verifier
@@ -50,7 +56,7 @@ def load_verifiers(verifier_dir: Path, tasks: list[str], which: str) -> dict[str
     return out
 
 
-def flag_steps(table: pd.DataFrame, verifiers: dict[str, Any], split: str) -> pd.DataFrame:
+def flag_steps(table: pd.DataFrame, verifiers: dict[str, XGBVerifier], split: str) -> pd.DataFrame:
     """Labelled steps of `split` with their verifier `score`, kept where the score reaches
     the threshold of their task's verifier (tasks without a verifier are left out)."""
     steps = table[(table["split"] == split) & (table["label"] >= 0)]
@@ -70,14 +76,13 @@ def sample_steps(steps: pd.DataFrame, cap: int, rng: np.random.Generator) -> pd.
 
 
 def graph_scorer(
-    features_dir: Path, verifiers: dict[str, Any], n_layers: int, seed: int
+    features_dir: Path, verifiers: dict[str, XGBVerifier], n_layers: int, seed: int
 ) -> Callable[[str, StepGraph], float]:
     """(task, graph) -> the task verifier's score of the graph's features, computed as the
-    features stage computed them (its config is read from the artifact's manifest)."""
-    from crv.features.stage import graph_features
+    features stage computed them (with the settings of the `features` artifact)."""
+    from crv.features.stage import graph_features, load_features_config
 
-    manifest = features_dir / MANIFEST
-    feat_cfg = FeaturesConfig(**read_json(manifest)["config"]) if manifest.is_file() else None
+    feat_cfg = load_features_config(features_dir)
 
     def score(task: str, graph: StepGraph) -> float:
         row = pd.DataFrame([graph_features(graph, n_layers, feat_cfg, seed)])
@@ -87,9 +92,9 @@ def graph_scorer(
 
 
 def attempt_step(
-    adapter: Any,
-    tset: Any,
-    tokenizer: Any,
+    adapter: ArchAdapter,
+    tset: TranscoderSet,
+    tokenizer: PreTrainedTokenizerBase,
     row: dict[str, Any],
     flagged: Any,
     graph: StepGraph,
@@ -97,7 +102,8 @@ def attempt_step(
     seed: int,
     score_graph: Callable[[StepGraph], float] | None,
 ) -> StepAttempt:
-    """All regenerations of one flagged step (`flagged`: its feature-table row + score)."""
+    """All regenerations of one flagged step (`flagged`: its feature-table row + score, a
+    pandas `itertuples` row)."""
     step = row["steps"][int(flagged.step)]
     span = step_span(row, step, tokenizer)
     window = span.window(graph.position)
@@ -147,19 +153,18 @@ def attempt_step(
     )
 
 
-def run_stage(ctx: StageContext) -> dict[str, Any]:
+def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
     """Intervene on a sample of flagged steps; write every attempt; return the rates."""
     from crv.features.stage import load_feature_table
     from crv.graphs.store import load_step_graphs
-    from crv.models.adapter import ArchAdapter
-    from crv.models.loading import load_subject
     from crv.traces.stage import load_traces
-    from crv.transcoders.io import load_transcoder_set
+    from crv.transcoders.io import load_subject_with_transcoders
 
-    cfg: InterventionsConfig = ctx.cfg
-    model, tokenizer = load_subject(ctx.inputs["subject"], ctx.device)
-    adapter = ArchAdapter.for_model(model)
-    tset = load_transcoder_set(ctx.inputs["transcoders"], ctx.device)
+    cfg = ctx.cfg
+    loaded = load_subject_with_transcoders(
+        ctx.inputs["subject"], ctx.inputs["transcoders"], ctx.device
+    )
+    tokenizer, adapter, tset = loaded.tokenizer, loaded.adapter, loaded.transcoders
     verifiers = load_verifiers(ctx.inputs["verifier"], sorted(TASKS), cfg.verifier)
     flagged = flag_steps(load_feature_table(ctx.inputs["features"]), verifiers, cfg.split)
     wrong, right = flagged[flagged["label"] == 1], flagged[flagged["label"] == 0]

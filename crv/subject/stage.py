@@ -11,6 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from crv.pipeline import StageContext
+from crv.subject.config import SubjectConfig
+
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 TINY_NAME = "crv-tiny"
 
@@ -26,7 +29,7 @@ def shipped_tiny_dir() -> Path:
     return path
 
 
-def run_stage(ctx) -> dict[str, Any]:
+def run_stage(ctx: StageContext[SubjectConfig]) -> dict[str, Any]:
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import export_subject, load_subject
 

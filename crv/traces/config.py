@@ -29,3 +29,21 @@ class TracesConfig:
     """Token cap per problem = factor x tokens of its canonical solution + 16 (stops runaways)."""
     runtime_batch_size: int = 64
     """Prompts per generation batch (memory only; not part of the cache key)."""
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("traces.tasks is empty")
+        if not self.complexities or min(self.complexities) < 1:
+            raise ValueError(f"traces.complexities must be >= 1, got {self.complexities}")
+        if self.n_per_complexity < 1:
+            raise ValueError(f"traces.n_per_complexity must be >= 1, got {self.n_per_complexity}")
+        if not 0 <= self.test_frac < 1:
+            raise ValueError(f"traces.test_frac must lie in [0, 1), got {self.test_frac}")
+        if min(self.n_test_per_complexity.values(), default=1) < 1:
+            raise ValueError("traces.n_test_per_complexity values must be >= 1")
+        if self.gsm8k_limit is not None and self.gsm8k_limit < 1:
+            raise ValueError(f"traces.gsm8k_limit must be >= 1 or None, got {self.gsm8k_limit}")
+        if self.few_shot < 0:
+            raise ValueError(f"traces.few_shot must be >= 0, got {self.few_shot}")
+        if self.max_new_tokens_factor <= 0 or self.runtime_batch_size < 1:
+            raise ValueError("traces.max_new_tokens_factor must be > 0 and runtime_batch_size >= 1")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from crv.pipeline import StageContext
 from crv.traces.config import TracesConfig
 
 log = logging.getLogger("crv.traces")
@@ -134,7 +135,7 @@ def stats_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def run_stage(ctx) -> dict[str, Any]:
+def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
     """Generate, segment and label traces; save the dataset and return its stats table."""
     from datasets import Dataset
 

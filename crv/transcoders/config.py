@@ -1,4 +1,4 @@
-"""Configuration of the `transcoders` stage (the `transcoder` config section).
+"""Configuration of the `transcoders` stage (the `transcoders` config section).
 
 Every field's docstring is its help text. The defaults are sized for crv's embedded subject
 model (Llama, 4 layers, d_model 128, MLP 512, a 33-token vocabulary) on a 2-core CPU:
@@ -18,8 +18,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ACTIVATIONS = ("topk", "relu_topk")
-CACHE_DTYPES = ("float32", "bfloat16", "float16")
+from crv.options import Choice, check_choices
+
+
+class Activation(Choice):
+    """What TopK keeps (see `TranscodersConfig.activation`)."""
+
+    topk = "topk"
+    relu_topk = "relu_topk"
+
+
+class CacheDtype(Choice):
+    """Storage dtype of cached activations."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+ACTIVATIONS = tuple(a.value for a in Activation)
 
 
 @dataclass
@@ -35,7 +52,7 @@ class TranscodersConfig:
     n_latents: int | None = None
     """Number of latents F per layer; default `expansion * d_model`."""
 
-    activation: str = "topk"
+    activation: Activation = Activation.topk
     """`relu_topk`: ReLU on the k kept pre-activations; `topk`: kept values unchanged."""
 
     lr: float | None = None
@@ -104,7 +121,7 @@ class TranscodersConfig:
     cache_dir: str | None = None
     """Where activation caches live; default `<scratch>/../activation_cache`."""
 
-    cache_dtype: str = "bfloat16"
+    cache_dtype: CacheDtype = CacheDtype.bfloat16
     """Storage dtype of cached activations (training always runs in float32)."""
 
     eval_tokens: int = 65_536
@@ -114,10 +131,32 @@ class TranscodersConfig:
     """Log per-layer metrics every this many steps."""
 
     def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, not {self.activation!r}")
-        if self.cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, not {self.cache_dtype!r}")
+        check_choices(self, "transcoders")
+        positive = {
+            "k": self.k,
+            "expansion": self.expansion,
+            "batch_tokens": self.batch_tokens,
+            "tokens": self.tokens,
+            "dead_tokens": self.dead_tokens,
+            "max_seq_len": self.max_seq_len,
+            "model_batch_seqs": self.model_batch_seqs,
+            "shuffle_buffer_tokens": self.shuffle_buffer_tokens,
+            "eval_tokens": self.eval_tokens,
+            "log_every": self.log_every,
+        }
+        optional = {"n_latents": self.n_latents, "k_aux": self.k_aux, "lr": self.lr}
+        positive.update({name: value for name, value in optional.items() if value is not None})
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"transcoders.{name} must be > 0, got {value}")
+        if self.n_latents is not None and self.k > self.n_latents:
+            raise ValueError(f"transcoders.k ({self.k}) exceeds n_latents ({self.n_latents})")
+        if self.lr_warmup_steps < 0 or self.auxk_coef < 0:
+            raise ValueError("transcoders.lr_warmup_steps and auxk_coef must be >= 0")
+        if not 0 <= self.lr_decay_frac <= 1:
+            raise ValueError(
+                f"transcoders.lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}"
+            )
 
     def latents(self, d_model: int) -> int:
         """The number of latents F for a model of width `d_model`."""

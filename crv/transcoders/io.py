@@ -8,18 +8,26 @@
 Paths in `transcoders` are relative to the directory here (circuit-tracer resolves
 absolute or repo-relative paths; `absolute_config_for` writes a copy with absolute paths
 for it). Loading is safe: `yaml.safe_load` and safetensors only, never pickle.
+
+`load_subject_with_transcoders` is the one way a stage or command gets the subject model
+and its transcoders together, ready for splicing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from crv.io import atomic_write, atomic_write_text
+from crv.models.adapter import ArchAdapter
+from crv.models.loading import load_subject
 from crv.transcoders.module import (
     FEATURE_INPUT_HOOK,
     FEATURE_OUTPUT_HOOK,
@@ -128,3 +136,33 @@ def load_transcoder_set(directory: str | Path, device: str | torch.device = "cpu
         feature_output_hook=cfg.get("feature_output_hook", FEATURE_OUTPUT_HOOK),
         files=files,
     )
+
+
+@dataclass
+class SubjectWithTranscoders:
+    """The subject model (eval mode, frozen), its adapter, and a transcoder set checked to
+    fit it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ArchAdapter
+    transcoders: TranscoderSet
+
+
+def load_subject_with_transcoders(
+    subject_dir: str | Path,
+    transcoders_dir: str | Path,
+    device: str | torch.device = "cpu",
+    check_subject: Callable[[ArchAdapter, PreTrainedTokenizerBase], None] | None = None,
+) -> SubjectWithTranscoders:
+    """Load a subject artifact and a transcoder set on `device`; ValueError when the set does
+    not fit the model. `check_subject` runs on the loaded model before the transcoders are
+    read (a bundle compares the model with the one it was built for there)."""
+    model, tokenizer = load_subject(subject_dir, str(device))
+    model.requires_grad_(False)
+    adapter = ArchAdapter.for_model(model)
+    if check_subject is not None:
+        check_subject(adapter, tokenizer)
+    tset = load_transcoder_set(transcoders_dir, device)
+    tset.check_compatible(adapter)
+    return SubjectWithTranscoders(model, tokenizer, adapter, tset)

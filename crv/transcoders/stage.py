@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from crv.io import atomic_write_json
+from crv.pipeline import StageContext
 from crv.transcoders.activations import (
     ActivationCache,
     cache_key,
@@ -28,7 +29,7 @@ from crv.transcoders.io import save_transcoder_set
 from crv.transcoders.train import TranscoderTrainer
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
+def run_stage(ctx: StageContext[TranscodersConfig]) -> dict[str, Any]:
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import load_subject
 

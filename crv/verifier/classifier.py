@@ -22,8 +22,10 @@ the training steps (no-op for fixed scores), score the test steps, compute AUROC
 FPR@95 with bootstrap intervals (`crv.verifier.metrics`). Methods:
 
 - `crv`: the verifier on all graph features;
-- `position`: the same classifier on the step's index, its prefix length in tokens and
-  the problem's complexity only (how much is explained by *where* a step is);
+- `position`: the same classifier on the step's index, `n_prefix_tokens` (the explained
+  position + 1: tokens up to the one whose prediction the step's graph explains, by default
+  the least confident one, not the step's end) and the problem's complexity only (how
+  much is explained by *where* a step is);
 - fixed scores from the `baselines` stage: `maxprob`, `perplexity`, `entropy`,
   `temperature`, `energy` (and `coe_r`, `coe_c` when present);
 - `lr_probe`: logistic regression (L2, balanced class weights) and `mlp_probe`: an MLP
@@ -49,7 +51,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -58,6 +60,7 @@ from sklearn.metrics import roc_auc_score
 
 from crv.features.stage import FAMILIES, family_of
 from crv.io import atomic_write, atomic_write_json, read_json
+from crv.pipeline import StageContext
 from crv.verifier.config import VerifierConfig
 from crv.verifier.metrics import evaluate_scores, null_metrics
 
@@ -407,7 +410,7 @@ def _counts(df: pd.DataFrame) -> dict[str, int]:
     return {"n_test_steps": len(df), "n_test_incorrect": int((df["label"] == 1).sum())}
 
 
-def run_stage(ctx) -> dict:
+def run_stage(ctx: StageContext[VerifierConfig]) -> dict[str, Any]:
     """`verifier` stage: train and evaluate CRV and every baseline; save the verifiers."""
     from crv.baselines.stage import load_baseline_meta, load_baseline_table, load_probe_inputs
     from crv.features.stage import load_feature_names, load_feature_table

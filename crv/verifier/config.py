@@ -8,6 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from crv.options import Choice, check_choices
+
+
+class ThresholdRule(Choice):
+    """How the decision threshold is chosen (see `VerifierConfig.threshold_rule`)."""
+
+    max_f1 = "max_f1"
+    recall95 = "recall95"
+
 
 @dataclass
 class VerifierConfig:
@@ -38,7 +47,7 @@ class VerifierConfig:
     """Fraction of the training traces (whole problems, never single steps) held out for
     early stopping and for choosing the decision threshold."""
 
-    threshold_rule: str = "max_f1"
+    threshold_rule: ThresholdRule = ThresholdRule.max_f1
     """How the decision threshold is chosen on the validation part: `max_f1` (the score
     threshold maximising F1 of the incorrect class) or `recall95` (the highest threshold
     that still flags 95% of the incorrect validation steps)."""
@@ -59,10 +68,40 @@ class VerifierConfig:
     """L2 penalty of the MLP probe."""
 
     mlp_probe_max_iter: int = 300
-    """Maximum training epochs of the MLP probe (it stops early on a validation split)."""
+    """Most training epochs of the MLP probe. No validation split and no early stopping on
+    one; scikit-learn ends sooner only when the training loss improves by less than 1e-4
+    for 10 epochs in a row."""
 
     ablation: bool = True
     """Also train CRV without each feature family (leave-one-family-out ablation)."""
 
     transfer: bool = True
     """Also evaluate the CRV verifier of each task on the other tasks' test steps."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "verifier")
+        positive = {
+            "n_estimators": self.n_estimators,
+            "max_depth": self.max_depth,
+            "learning_rate": self.learning_rate,
+            "early_stopping_rounds": self.early_stopping_rounds,
+            "n_threads": self.n_threads,
+            "lr_probe_c": self.lr_probe_c,
+            "mlp_probe_max_iter": self.mlp_probe_max_iter,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"verifier.{name} must be > 0, got {value}")
+        for name in ("subsample", "colsample_bytree"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"verifier.{name} must lie in (0, 1], got {getattr(self, name)}")
+        if not 0 < self.val_frac < 1:
+            raise ValueError(f"verifier.val_frac must lie in (0, 1), got {self.val_frac}")
+        if min(self.n_bootstrap, self.min_child_weight, self.mlp_probe_alpha) < 0:
+            raise ValueError(
+                "verifier.n_bootstrap, min_child_weight and mlp_probe_alpha must be >= 0"
+            )
+        if any(size < 1 for size in self.mlp_probe_hidden):
+            raise ValueError(
+                f"verifier.mlp_probe_hidden sizes must be >= 1, got {self.mlp_probe_hidden}"
+            )

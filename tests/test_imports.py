@@ -1,0 +1,65 @@
+"""The package's structure: every module imports on its own (no import cycles), and only
+the pipeline and the public loaders read an artifact's manifest."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "crv"
+
+MANIFEST_READERS = {"crv/pipeline.py"}
+"""Modules that may name the pipeline's `manifest.json`; stages go through
+`crv.pipeline.read_manifest` / `artifact_config` and the stages' loaders."""
+
+IMPORT_EACH = """
+import importlib, sys, traceback
+failed = []
+for name in sys.argv[1:]:
+    for loaded in [m for m in sys.modules if m == "crv" or m.startswith("crv.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception:
+        failed.append(name + ":\\n" + traceback.format_exc(limit=-3))
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def module_names() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_every_module_imports_on_its_own():
+    """Each module first, in a fresh set of crv modules (third-party ones stay loaded, so
+    the loop is fast): a cycle shows as an ImportError of a partly initialised module."""
+    names = module_names()
+    assert "crv.cli.verify" in names and "crv.pipeline" in names
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_EACH, *names],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_only_the_pipeline_reads_manifests():
+    readers = {
+        str(path.relative_to(ROOT))
+        for path in PACKAGE.rglob("*.py")
+        if re.search(r"manifest\.json|\bMANIFEST\b(?!_)", path.read_text())
+    }
+    assert readers <= MANIFEST_READERS, readers - MANIFEST_READERS
