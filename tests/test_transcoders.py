@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from crv.transcoders.activations import (
     model_activations,
     training_batches,
 )
-from crv.transcoders.config import TranscodersConfig
+from crv.transcoders.config import Activation, TranscodersConfig
 from crv.transcoders.io import load_transcoder_set, save_transcoder_set
 from crv.transcoders.module import TopKTranscoder, TranscoderSet, topk_encode
 from crv.transcoders.train import TranscoderTrainer, transcoder_loss
@@ -154,6 +155,17 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             torch.testing.assert_close(getattr(loaded[layer], name), getattr(tset[layer], name))
         torch.testing.assert_close(loaded[layer](x), tset[layer](x))
+
+
+def test_a_set_built_from_a_config_choice_saves_plain_strings(tmp_path: Path) -> None:
+    """The trainer passes `TranscodersConfig.activation`, an enum member; config.yaml is
+    written with yaml.safe_dump, which accepts only plain values."""
+    assert TranscodersConfig().activation is Activation.topk
+    tset = dataclasses.replace(_random_set(), activation=Activation.topk)
+    assert type(tset.activation) is str
+    assert type(TopKTranscoder(8, 24, 3, Activation.relu_topk).activation) is str
+    save_transcoder_set(tset, tmp_path)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["activation"] == "topk"
 
 
 def test_shape_mismatch_errors_name_file_layer_and_shape(

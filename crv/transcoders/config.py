@@ -144,15 +144,15 @@ class TranscodersConfig:
             "eval_tokens": self.eval_tokens,
             "log_every": self.log_every,
         }
-        optional = {"n_latents": self.n_latents, "k_aux": self.k_aux, "lr": self.lr}
+        optional = {"n_latents": self.n_latents, "k_aux": self.k_aux}
         positive.update({name: value for name, value in optional.items() if value is not None})
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"transcoders.{name} must be > 0, got {value}")
         if self.n_latents is not None and self.k > self.n_latents:
             raise ValueError(f"transcoders.k ({self.k}) exceeds n_latents ({self.n_latents})")
-        if self.lr_warmup_steps < 0 or self.auxk_coef < 0:
-            raise ValueError("transcoders.lr_warmup_steps and auxk_coef must be >= 0")
+        if self.lr_warmup_steps < 0 or self.auxk_coef < 0 or (self.lr or 0) < 0:
+            raise ValueError("transcoders.lr, lr_warmup_steps and auxk_coef must be >= 0")
         if not 0 <= self.lr_decay_frac <= 1:
             raise ValueError(
                 f"transcoders.lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}"

@@ -148,7 +148,8 @@ class TopKTranscoder(nn.Module):
             raise ValueError(f"k={k} must be in 1..n_latents={n_latents}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
-        self.d_model, self.n_latents, self.k, self.activation = d_model, n_latents, k, activation
+        self.d_model, self.n_latents, self.k = d_model, n_latents, k
+        self.activation = str(activation)  # a plain str also for a config's enum member
         # Gao et al.: unit-norm decoder rows, encoder initialised as the decoder's transpose
         # (both are stored [F, D], so the same matrix), scaled so that pre-activations of
         # a unit-variance input have about unit variance across latents.
@@ -232,6 +233,9 @@ class TranscoderSet:
     feature_output_hook: str = FEATURE_OUTPUT_HOOK
     files: dict[int, str] = field(default_factory=dict)
     """Per-layer file each transcoder was loaded from (for error messages)."""
+
+    def __post_init__(self) -> None:
+        self.activation = str(self.activation)  # plain str: it is written to config.yaml
 
     def __getitem__(self, layer: int) -> TopKTranscoder:
         return self.transcoders[layer]
