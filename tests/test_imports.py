@@ -63,3 +63,26 @@ def test_only_the_pipeline_reads_manifests():
         if re.search(r"manifest\.json|\bMANIFEST\b(?!_)", path.read_text())
     }
     assert readers <= MANIFEST_READERS, readers - MANIFEST_READERS
+
+
+def test_docs_tree_and_stage_table_match_the_code():
+    """docs/architecture.md names every package and module of crv/, and its stage table
+    has one row per pipeline stage pointing at that stage's runner."""
+    from crv.pipeline import STAGES
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    tree = doc.split("## The tree", 1)[1].split("\n## ", 1)[0]
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            assert path.name in tree, f"{path.relative_to(ROOT)} is not in the docs tree"
+        if path.parent != PACKAGE:
+            assert f"{path.parent.name}/" in tree, f"{path.parent.name}/ is not in the docs tree"
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    for stage in STAGES:
+        [row] = [r for r in rows if r.startswith(f"| `{stage.name}` |") and "run_stage" in r]
+        module, func = stage.runner.split(":")
+        parts = module.split(".")
+        package = "/".join(parts[:-1]) if len(parts) > 2 else module.replace(".", "/") + ".py"
+        assert f"`{package}" in row, (stage.name, package)
+        assert (f"{parts[-1]}.{func}" if len(parts) > 2 else func) in row, (stage.name, row)
+    assert len([r for r in rows if "run_stage" in r]) == len(STAGES)
