@@ -164,3 +164,14 @@ def test_deprecated_names_compose_on_the_command_line():
     job = proc.stdout
     assert "name: SmolLM2-135M-Instruct" in job and "  k: 8" in job
     assert "deprecated, use 'subject=smollm2_135m'" in proc.stderr
+
+
+def test_crv_verify_rejects_a_bad_choice_with_exit_two(tmp_path: Path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = "from crv.cli.main import verify_main; verify_main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "bundle=nowhere", "rank_by=bogus"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "rank_by" in proc.stderr and "bogus" in proc.stderr

@@ -163,9 +163,17 @@ def verify_main() -> None:
     from crv.cli.verify import verify_main as _verify
 
     ConfigStore.instance().store(name="crv_verify", node=VerifyConfig)
+    started = False
 
     def _task(cfg: DictConfig) -> None:
-        sys.exit(_verify(OmegaConf.to_object(cfg)))
+        nonlocal started
+        started = True
+        try:
+            obj = OmegaConf.to_object(cfg)
+        except ValueError as exc:
+            print(f"crv-verify: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(_verify(obj))
 
     # A filter command: no run directory, no log files, stdout kept for the records.
     sys.argv += [
@@ -174,4 +182,9 @@ def verify_main() -> None:
         "hydra/job_logging=disabled",
         "hydra/hydra_logging=disabled",
     ]
-    hydra.main(config_path=None, config_name="crv_verify", version_base="1.3")(_task)()
+    try:
+        hydra.main(config_path=None, config_name="crv_verify", version_base="1.3")(_task)()
+    except SystemExit as exc:
+        if exc.code == 1 and not started:  # Hydra printed its composition error
+            sys.exit(2)  # nothing could run
+        raise
