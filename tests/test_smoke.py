@@ -173,25 +173,75 @@ def test_help_and_cfg():
 
 
 GOLDEN = Path(__file__).parent / "golden" / "smoke.json"
-TOLERANCE = {"auroc": 0.03, "fvu": 0.02, "fixed_step_rate": 0.01}
+TOLERANCE = {
+    "auroc": 0.03,
+    "fvu": 0.02,
+    "fixed_step_rate": 0.01,
+    "ce_loss_recovered": 0.02,
+    "replacement_score": 0.02,
+    "completeness_score": 0.02,
+    "incorrect_steps": 0,
+}
 """Absolute tolerance per kind of headline number: a seeded run repeats exactly on one
 machine; these absorb float differences between machines and library versions, not a
-regression (the smoke run's fixed-step rate moves in steps of 1/4)."""
+regression (the smoke run's fixed-step rate moves in steps of 1/4 or more)."""
 
 
 def headline_numbers(report: dict) -> dict[str, float | None]:
     """The smoke run's headline numbers: CRV and MaxProb test AUROC per task, FVU per
-    transcoder layer, the interventions' fixed-step rate."""
+    transcoder layer, the interventions' fixed-step rate; and, since the smoke preset's test
+    steps may hold no incorrect one (then those AUROCs and the rate are None and pinned as
+    None), the incorrect steps per task, CE loss recovered and the graphs' scores."""
     out: dict[str, float | None] = {}
     for task in ("arithmetic", "boolean"):
         for method in ("crv", "maxprob"):
-            out[f"verifier.{task}.{method}.auroc"] = report["verifier"][task]["methods"][method][
-                "auroc"
-            ]
+            methods = report["verifier"][task]["methods"]
+            out[f"verifier.{task}.{method}.auroc"] = methods[method]["auroc"]
+    for row in report["traces"]["table"]:
+        if row["complexity"] == "all":
+            out[f"traces.{row['task']}.incorrect_steps"] = row["incorrect_steps"]
     for row in report["transcoders"]["layers"]:
         out[f"transcoders.layer{row['layer']}.fvu"] = row["fvu"]
+    out["transcoders.ce_loss_recovered"] = report["transcoders"]["ce_loss_recovered"]
+    for key in ("replacement_score", "completeness_score"):
+        out[f"graphs.{key}"] = report["graphs"][key]
     out["interventions.fixed_step_rate"] = report["interventions"]["fixed_step_rate"]
     return out
+
+
+def golden_differences(
+    expected: dict[str, float | None], got: dict[str, float | None]
+) -> dict[str, tuple]:
+    """key -> (golden, now) for every headline number outside its tolerance; a number that
+    appears, disappears (None) or turns NaN differs too."""
+    off: dict[str, tuple] = {}
+    for key in sorted(set(expected) | set(got)):
+        if key not in expected or key not in got:
+            off[key] = (expected.get(key, "absent"), got.get(key, "absent"))
+            continue
+        want, have = expected[key], got[key]
+        if want is None or have is None or math.isnan(want) or math.isnan(have):
+            same = repr(want) == repr(have)
+        else:
+            same = abs(have - want) <= TOLERANCE[key.rsplit(".", 1)[-1]]
+        if not same:
+            off[key] = (want, have)
+    return off
+
+
+def test_golden_comparison_catches_a_halved_auroc():
+    golden = {"verifier.arithmetic.crv.auroc": 0.9, "transcoders.layer0.fvu": 0.1}
+    assert golden_differences(golden, dict(golden)) == {}
+    assert golden_differences(golden, {**golden, "transcoders.layer0.fvu": 0.115}) == {}
+    assert golden_differences(golden, {**golden, "verifier.arithmetic.crv.auroc": 0.45}) == {
+        "verifier.arithmetic.crv.auroc": (0.9, 0.45)
+    }
+    assert golden_differences({**golden, "interventions.fixed_step_rate": None}, golden) == {
+        "interventions.fixed_step_rate": (None, "absent")
+    }
+    nan = {"verifier.arithmetic.crv.auroc": float("nan")}
+    assert golden_differences(nan, nan) == {}
+    assert golden_differences(nan, {"verifier.arithmetic.crv.auroc": 0.9})
 
 
 def test_headline_numbers_match_the_golden_values(smoke_run: Path):
@@ -203,16 +253,5 @@ def test_headline_numbers_match_the_golden_values(smoke_run: Path):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
         pytest.skip(f"wrote {GOLDEN}")
-    expected = json.loads(GOLDEN.read_text())
-    assert set(got) == set(expected), "headline keys changed: update the golden file"
-    off = {}
-    for key, want in expected.items():
-        tol = TOLERANCE[key.rsplit(".", 1)[-1]]
-        have = got[key]
-        if want is None or have is None or math.isnan(want) or math.isnan(have):
-            same = repr(want) == repr(have)  # None or NaN (a class missing) must stay so
-        else:
-            same = abs(have - want) <= tol
-        if not same:
-            off[key] = (want, have)
+    off = golden_differences(json.loads(GOLDEN.read_text()), got)
     assert not off, f"headline numbers moved (golden, now): {off}"
