@@ -18,16 +18,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ACTIVATIONS = ("topk", "relu_topk")
+TRAINED_ACTIVATIONS = ("topk", "relu_topk")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
+BUFFER_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
 class TranscodersConfig:
     """Hyperparameters of per-layer TopK transcoders (MLP in -> MLP out)."""
 
+    pretrained: str | None = None
+    """A published transcoder set to evaluate instead of training one: a directory or a hub
+    repo `owner/name[@revision]` in circuit-tracer's layout (`config.yaml` naming per-layer
+    safetensors by path or `hf://owner/name[@revision]/file` URI). Hub files come from
+    huggingface_hub's cache (offline once cached)."""
+
     k: int = 32
-    """Number of latents kept per token by TopK (the L0 of every transcoder)."""
+    """Number of latents kept per token by TopK (the L0 of every transcoder); for a
+    pretrained set whose config names no k, its k (TopK) or the cap on active latents kept
+    per token (ReLU, JumpReLU: the rest goes to the error term)."""
 
     expansion: int = 16
     """Latents per model dimension; ignored when `n_latents` is set."""
@@ -95,7 +104,19 @@ class TranscodersConfig:
     """Sequences per subject-model forward pass when collecting activations."""
 
     shuffle_buffer_tokens: int = 262_144
-    """Tokens held in the shuffle buffer that decorrelates batches from sequences."""
+    """Most tokens held in the shuffle buffer that decorrelates batches from sequences."""
+
+    buffer_mb: int = 2048
+    """Memory of the shuffle buffer in MiB (MLP in and out of every layer trained in a pass,
+    plus room for one model batch); fewer tokens are held when they do not fit."""
+
+    buffer_dtype: str = "auto"
+    """`float32`, `bfloat16`, or `auto`: float32 when `shuffle_buffer_tokens` of all layers
+    fit in `buffer_mb` that way, else bfloat16 (training always computes in float32)."""
+
+    min_shuffle_tokens: int = 65_536
+    """Fewest tokens the buffer may hold; when all layers would leave it fewer, layers are
+    trained in groups, one pass over the corpus per group."""
 
     cache_activations: bool = False
     """Cache the activations on disk as safetensors shards (reused across transcoder settings:
@@ -114,8 +135,14 @@ class TranscodersConfig:
     """Log per-layer metrics every this many steps."""
 
     def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, not {self.activation!r}")
+        if self.activation not in TRAINED_ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {TRAINED_ACTIVATIONS}, not {self.activation!r}"
+            )
+        if self.buffer_dtype not in BUFFER_DTYPES:
+            raise ValueError(
+                f"buffer_dtype must be one of {BUFFER_DTYPES}, not {self.buffer_dtype!r}"
+            )
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, not {self.cache_dtype!r}")
 
