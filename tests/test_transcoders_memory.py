@@ -6,6 +6,7 @@ import pytest
 import torch
 from factories import tiny_llama
 
+from crv.errors import ConfigError
 from crv.models.adapter import ArchAdapter
 from crv.transcoders.activations import (
     BufferPlan,
@@ -52,7 +53,7 @@ def test_large_models_get_bf16_and_layer_groups() -> None:
         plan = buffer_plan(cfg, len(group), 896)
         assert plan.tokens >= cfg.min_shuffle_tokens
         assert plan.nbytes(len(group), 896) <= 2048 << 20
-    with pytest.raises(ValueError, match="buffer_mb=64 .* needs 1280 MiB"):
+    with pytest.raises(ConfigError, match="buffer_mb=64 .* needs 1280 MiB"):
         layer_groups(TranscodersConfig(buffer_mb=64), range(32), 4096)
 
 

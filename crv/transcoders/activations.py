@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from crv.errors import ConfigError
 from crv.io import atomic_write, atomic_write_json
 from crv.transcoders.config import TranscodersConfig
 
@@ -83,7 +84,7 @@ def layer_groups(cfg: TranscodersConfig, layers: Sequence[int], d_model: int) ->
     """`layers` split into the fewest near-equal groups whose buffer holds at least
     `min_shuffle_tokens` (or all it is asked to hold) within `buffer_mb`.
 
-    Raises ValueError when even one layer does not fit.
+    Raises ConfigError when even one layer does not fit.
     """
     floor = min(
         max(cfg.shuffle_buffer_tokens, 2 * cfg.batch_tokens),
@@ -98,7 +99,7 @@ def layer_groups(cfg: TranscodersConfig, layers: Sequence[int], d_model: int) ->
     one_layer_mb = BufferPlan(floor, cfg.model_batch_seqs * cfg.max_seq_len, dtype).nbytes(
         1, d_model
     )
-    raise ValueError(
+    raise ConfigError(
         f"transcoders.buffer_mb={cfg.buffer_mb} holds less than min_shuffle_tokens="
         f"{floor} tokens of one layer (d_model {d_model}, plus one model batch of "
         f"model_batch_seqs x max_seq_len tokens): needs {-(-one_layer_mb >> 20)} MiB"

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -115,7 +116,7 @@ def _hub_file(repo: str, filename: str) -> Path:
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear message
         raise FileNotFoundError(
             f"cannot get {filename!r} of hub repo {repo!r} (not in the huggingface_hub cache "
-            f"and the hub is unreachable): {err}"
+            f"and the hub is unreachable): {(str(err) or type(err).__name__).splitlines()[0]}"
         ) from None
 
 
@@ -140,7 +141,10 @@ def _locate(source: str | Path) -> tuple[Path, str | None]:
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no transcoder set at {path.parent}: {CONFIG_NAME} missing")
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(cfg, dict) or cfg.get("model_kind") != "transcoder_set":
         raise ValueError(f"{path}: model_kind must be 'transcoder_set'")
     if not isinstance(cfg.get("transcoders"), list) or not cfg["transcoders"]:
@@ -227,7 +231,10 @@ def load_transcoder_set(
         path = _resolve_file(entry, config_path, repo)
         if not path.is_file():
             raise FileNotFoundError(f"{config_path}: field 'transcoders' names {entry}, missing")
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except SafetensorError as exc:
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
         layer_act = activation or ("jumprelu" if THRESHOLD in tensors else "relu")
         n_latents = tensors["W_enc"].shape[0] if "W_enc" in tensors else 0
         tc = _transcoder_from(tensors, int(k or n_latents), layer_act, f"{path}: layer {layer}")

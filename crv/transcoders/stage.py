@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from crv.errors import CRVError
 from crv.io import atomic_write_json
 from crv.transcoders.activations import ActivationCache, cache_key, load_token_sequences
 from crv.transcoders.config import TranscodersConfig
@@ -34,15 +35,19 @@ from crv.transcoders.train import train_transcoders
 
 
 def load_pretrained(cfg: TranscodersConfig, adapter: Any, device: str) -> TranscoderSet:
-    """The published set `cfg.pretrained`, checked against the subject model: ValueError
-    naming the file and field when it lacks layers or has another width."""
-    tset = load_transcoder_set(cfg.pretrained, device, k=cfg.k)
-    tset.check_compatible(adapter)
+    """The published set `cfg.pretrained`, checked against the subject model: a CRVError
+    naming the file and field when it cannot be read, lacks layers or has another width."""
+    try:
+        tset = load_transcoder_set(cfg.pretrained, device, k=cfg.k)
+        tset.check_compatible(adapter)
+    except (ValueError, OSError) as exc:
+        raise CRVError(f"transcoders.pretrained: {exc}") from None
     missing = sorted(set(range(adapter.n_layers)) - set(tset.layers))
     if missing:
-        raise ValueError(
-            f"{cfg.pretrained}/{CONFIG_NAME}: field 'transcoders' covers layers {tset.layers}, "
-            f"but the subject has {adapter.n_layers} layers (missing {missing})"
+        raise CRVError(
+            f"transcoders.pretrained: {cfg.pretrained}/{CONFIG_NAME}: field 'transcoders' "
+            f"covers layers {tset.layers}, but the subject has {adapter.n_layers} layers "
+            f"(missing {missing})"
         )
     return tset
 
