@@ -171,9 +171,6 @@ def test_bad_sets_name_file_and_field(tmp_path: Path) -> None:
         load_transcoder_set(tmp_path / "skip")
     with pytest.raises(FileNotFoundError, match="not a directory nor a hub repo"):
         load_transcoder_set(tmp_path / "nowhere" / "x")
-    (tmp_path / "skip" / "layer_0.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ValueError, match=r"layer_0\.safetensors: not a readable safetensors"):
-        load_transcoder_set(tmp_path / "skip")
     (tmp_path / "skip" / "config.yaml").write_text("transcoders: [a, b")
     with pytest.raises(ValueError, match=r"skip/config\.yaml: not valid YAML"):
         load_transcoder_set(tmp_path / "skip")
@@ -187,6 +184,10 @@ def test_pretrained_set_is_checked_against_the_subject(tmp_path: Path) -> None:
     wide = ArchAdapter.for_model(tiny_llama(hidden_size=48))
     with pytest.raises(CRVError, match=r"layer_0\.safetensors: layer 0 W_enc .* d_model is 48"):
         load_pretrained(cfg, wide, "cpu")
+    (tmp_path / "ok" / "layer_1.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CRVError, match=r"^transcoders\.pretrained: .*header"):
+        load_pretrained(cfg, adapter, "cpu")
+    write_set(tmp_path / "ok")
     deep = ArchAdapter.for_model(tiny_llama(num_hidden_layers=3))
     with pytest.raises(CRVError, match=r"ok/config\.yaml: field 'transcoders' .*missing \[2\]"):
         load_pretrained(cfg, deep, "cpu")

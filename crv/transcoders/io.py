@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -231,10 +230,7 @@ def load_transcoder_set(
         path = _resolve_file(entry, config_path, repo)
         if not path.is_file():
             raise FileNotFoundError(f"{config_path}: field 'transcoders' names {entry}, missing")
-        try:
-            tensors = load_file(str(path))
-        except SafetensorError as exc:
-            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+        tensors = load_file(str(path))
         layer_act = activation or ("jumprelu" if THRESHOLD in tensors else "relu")
         n_latents = tensors["W_enc"].shape[0] if "W_enc" in tensors else 0
         tc = _transcoder_from(tensors, int(k or n_latents), layer_act, f"{path}: layer {layer}")

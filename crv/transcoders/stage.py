@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from crv.errors import CRVError
 from crv.io import atomic_write_json
@@ -40,7 +41,7 @@ def load_pretrained(cfg: TranscodersConfig, adapter: Any, device: str) -> Transc
     try:
         tset = load_transcoder_set(cfg.pretrained, device, k=cfg.k)
         tset.check_compatible(adapter)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, SafetensorError) as exc:
         raise CRVError(f"transcoders.pretrained: {exc}") from None
     missing = sorted(set(range(adapter.n_layers)) - set(tset.layers))
     if missing:
