@@ -105,7 +105,8 @@ def hooked(
 def clean_run(
     adapter: ArchAdapter, tset: TranscoderSet, ids: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Layer-0 input [T, D], MLP outputs, TopK codes and errors [L, T, ...] of the clean pass."""
+    """Layer-0 input [T, D], MLP inputs and outputs, TopK codes and errors [L, T, ...] of the
+    clean pass."""
     rec: dict[str, list] = {"h0": [], "out": [], "in": []}
 
     def layer0(_, args, kwargs):
@@ -121,9 +122,13 @@ def clean_run(
     with torch.no_grad(), adapter.frozen(), hooked(adapter, layer0, mlp, lambda *_: None):
         adapter.model(input_ids=ids[None])
     codes = [tset[i].encode(rec["in"][i]) for i in range(adapter.n_layers)]
-    errors = [rec["out"][i] - tset[i].decode(*codes[i]) for i in range(adapter.n_layers)]
+    errors = [
+        rec["out"][i] - tset[i].reconstruct(rec["in"][i], *codes[i])
+        for i in range(adapter.n_layers)
+    ]
     return {
         "h0": rec["h0"][0],
+        "in": torch.stack(rec["in"]),
         "out": torch.stack(rec["out"]),
         "acts": torch.stack([c[0] for c in codes]),
         "idx": torch.stack([c[1] for c in codes]),
@@ -132,11 +137,17 @@ def clean_run(
 
 
 def perturbed_targets(
-    adapter: ArchAdapter, clean: dict[str, torch.Tensor], layer: int, pos: int, vec: torch.Tensor
+    adapter: ArchAdapter,
+    clean: dict[str, torch.Tensor],
+    layer: int,
+    pos: int,
+    vec: torch.Tensor,
+    tset: TranscoderSet,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Changes of every MLP input [L, T, D] and of the final norm output [T, D] per unit
     move of the source vector `vec` at (layer, pos) (layer -1: the layer-0 input), with
-    every MLP output held at its clean constant (forward-mode AD in a scalar eps)."""
+    every MLP output held at its clean constant plus, for skip transcoders, the skip path's
+    change (forward-mode AD in a scalar eps)."""
     shift = torch.zeros(1, T, D)
     shift[0, pos] = vec
 
@@ -152,6 +163,8 @@ def perturbed_targets(
             def hook(_, inputs, out):
                 seen["in"].append(inputs[0][0])
                 const = clean["out"][at][None]
+                if tset[at].W_skip is not None:
+                    const = const + (inputs[0] - clean["in"][at][None]) @ tset[at].W_skip.T
                 return const + eps * shift if at == layer else const
 
             return hook
@@ -210,7 +223,38 @@ def expected_column(
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_edges_equal_perturbation_effects(family: str) -> None:
     # eager: the forward-mode reference cannot run through sdpa kernels
-    adapter, tset, ids = setup(family, "eager")
+    check_edges_are_perturbation_effects(*setup(family, "eager"))
+
+
+def make_published_kind(kind: str) -> TranscoderSet:
+    """Random sets like those published: ReLU (k = F: no cap), JumpReLU (random positive
+    thresholds), TopK, and a ReLU-TopK skip transcoder (random W_skip)."""
+    activation = {"relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}.get(kind, "relu_topk")
+
+    def init(tc: TopKTranscoder, gen: torch.Generator) -> None:
+        tc.requires_grad_(False)
+        tc.b_enc.copy_(0.2 * torch.randn(48, generator=gen))
+        tc.W_dec.mul_(2.0 if kind != "relu" else 0.5)
+        if kind == "jumprelu":
+            tc.threshold.copy_(0.3 * torch.rand(48, generator=gen))
+        if kind == "skip":
+            tc.W_skip = torch.nn.Parameter(
+                0.3 * torch.randn(D, D, generator=gen) / D**0.5, requires_grad=False
+            )
+
+    k = 48 if kind in ("relu", "jumprelu") else 4
+    return random_transcoder_set(D, 48, k, range(N_LAYERS), activation=activation, init=init)
+
+
+@pytest.mark.parametrize("kind", ["relu", "jumprelu", "topk", "skip"])
+def test_edges_equal_perturbation_effects_for_published_kinds(kind: str) -> None:
+    adapter, _, ids = setup("llama", "eager")
+    check_edges_are_perturbation_effects(adapter, make_published_kind(kind), ids)
+
+
+def check_edges_are_perturbation_effects(
+    adapter: ArchAdapter, tset: TranscoderSet, ids: torch.Tensor
+) -> None:
     atts = attribute_trace(adapter, tset, ids, POSITIONS, CFG)
     clean = clean_run(adapter, tset, ids) | {"ids": ids}
     att = atts[-1]  # the last step: sources at every position
@@ -227,7 +271,7 @@ def test_edges_equal_perturbation_effects(family: str) -> None:
     biggest = 0.0
     for j in sources:
         layer, pos, vec = source_vector(att, int(j), clean, tset)
-        tangent_in, tangent_final = perturbed_targets(adapter, clean, layer, pos, vec)
+        tangent_in, tangent_final = perturbed_targets(adapter, clean, layer, pos, vec, tset)
         expected = expected_column(att, tangent_in, tangent_final, adapter, tset)
         got = att.adjacency_RN[:, j]
         torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-4)

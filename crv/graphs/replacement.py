@@ -6,7 +6,8 @@ autograd leaves whose gradients give every attribution row:
 
 - the input of layer 0 (the token nodes' vectors, positional or scaled embeddings included),
 - every MLP's output, replaced by a detached copy of itself (same value, no gradient path
-  back into the MLP), which splits into transcoder features and an error term,
+  back into the MLP), which splits into transcoder features and an error term (a skip
+  transcoder's linear path x @ W_skip.T stays differentiable: a direct path MLP in -> out),
 
 and that keep the tensors targets are read at: every MLP's input (a feature's pre-activation
 is `W_enc[f] . MLP-in`) and the final norm's output (a demeaned logit is
@@ -204,7 +205,11 @@ class ReplacementTrace:
                 self._mlp_in[layer].append(inputs[0])
                 leaf = out.detach().requires_grad_(True)
                 self._mlp_out[layer].append(leaf)
-                return leaf
+                skip = self.tset[layer].skip(inputs[0])
+                if skip is None:
+                    return leaf
+                # A skip transcoder's linear path: same value, gradient MLP out -> MLP in.
+                return leaf + (skip - skip.detach()).to(leaf.dtype)
 
             return hook
 
@@ -232,7 +237,7 @@ class ReplacementTrace:
             acts_PK, idx_PK = tc.encode(x_PD)
             acts.append(acts_PK.float())
             idx.append(idx_PK)
-            errors.append(y_PD - tc.decode(acts_PK, idx_PK).float())
+            errors.append(y_PD - tc.reconstruct(x_PD, acts_PK, idx_PK).float())
         self.acts_PLK = torch.stack(acts, dim=1)
         self.idx_PLK = torch.stack(idx, dim=1)
         self.errors_PLD = torch.stack(errors, dim=1)
@@ -249,8 +254,10 @@ class ReplacementTrace:
         layer's MLP-out leaf are these vectors' dot products with the gradient there."""
         if self._sources_LPJD is not None:
             return self._sources_LPJD[layer][start:end]
-        W_dec = self.tset[layer].W_dec.detach().float()
-        dec_PKD = W_dec[self.idx_PLK[start:end, layer]] * self.acts_PLK[start:end, layer, :, None]
+        W_dec = self.tset[layer].W_dec.detach()  # gather, then float: a bf16 set stays bf16
+        dec_PKD = (
+            W_dec[self.idx_PLK[start:end, layer]].float() * self.acts_PLK[start:end, layer, :, None]
+        )
         return torch.cat([dec_PKD, self.errors_PLD[start:end, layer, None]], dim=1)
 
     def probs(self, pos: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Per-layer TopK transcoders: training, evaluation, on-disk format and splicing.
+"""Per-layer transcoders (trained TopK, or published ReLU / JumpReLU / TopK sets, skip
+transcoders too): training, evaluation, on-disk format and splicing.
 
 Modules: `config` (TranscodersConfig), `module` (TopKTranscoder, TranscoderSet), `train`,
 `activations` (MLP activations from the subject model), `evaluate`, `io` (circuit-tracer

@@ -11,6 +11,12 @@ over the activations. Tokens of one sequence are strongly correlated; the shuffl
 dropped: its MLP activations are outliers that would dominate the variance, and neither
 splicing nor attribution graphs use transcoders there.
 
+Memory is fixed by `buffer_mb`, never by the model or the token budget: the buffer is one
+preallocated [L, tokens, D] pair (`ShuffleBuffer`), float32 when `shuffle_buffer_tokens`
+fit that way (crv-tiny), bfloat16 otherwise, holding fewer tokens when even those do not
+fit. When all layers would leave it fewer than `min_shuffle_tokens`, `layer_groups` splits
+the layers into groups trained one after another, each in its own pass over the corpus.
+
 Optionally the per-epoch activations are written once as safetensors shards into a cache
 keyed by subject, corpus and layers (not by transcoder settings), so a sweep over k,
 width or learning rate reruns no model. A cache directory is valid only once its
@@ -21,18 +27,149 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from crv.errors import ConfigError
 from crv.io import atomic_write, atomic_write_json
 from crv.transcoders.config import TranscodersConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (x_LND, y_LND): MLP in, MLP out of each layer
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """How the shuffle buffer of one pass is sized."""
+
+    tokens: int
+    """Tokens accumulated before half the buffer is emitted as shuffled batches."""
+    chunk_tokens: int
+    """Most tokens one model batch adds (room kept beyond `tokens`)."""
+    dtype: torch.dtype
+
+    def nbytes(self, n_layers: int, d_model: int) -> int:
+        """Bytes of the buffer's storage for `n_layers` layers of width `d_model`."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return (self.tokens + self.chunk_tokens) * n_layers * 2 * d_model * itemsize
+
+
+def _tokens_fitting(cfg: TranscodersConfig, n_layers: int, d_model: int, dtype: torch.dtype) -> int:
+    """Buffer tokens (beyond one model batch) that fit `cfg.buffer_mb` for `n_layers`."""
+    per_token = n_layers * 2 * d_model * torch.empty((), dtype=dtype).element_size()
+    return (cfg.buffer_mb << 20) // per_token - cfg.model_batch_seqs * cfg.max_seq_len
+
+
+def buffer_plan(cfg: TranscodersConfig, n_layers: int, d_model: int) -> BufferPlan:
+    """The buffer of one pass over `n_layers` layers: as many tokens as configured (at
+    least two batches) or as fit `buffer_mb`; float32 unless bfloat16 is needed to fit."""
+    want = max(cfg.shuffle_buffer_tokens, 2 * cfg.batch_tokens)
+    if cfg.buffer_dtype == "auto":
+        fits32 = _tokens_fitting(cfg, n_layers, d_model, torch.float32) >= want
+        dtype = torch.float32 if fits32 else torch.bfloat16
+    else:
+        dtype = getattr(torch, cfg.buffer_dtype)
+    tokens = min(want, _tokens_fitting(cfg, n_layers, d_model, dtype))
+    return BufferPlan(
+        max(tokens, 2 * cfg.batch_tokens), cfg.model_batch_seqs * cfg.max_seq_len, dtype
+    )
+
+
+def layer_groups(cfg: TranscodersConfig, layers: Sequence[int], d_model: int) -> list[list[int]]:
+    """`layers` split into the fewest near-equal groups whose buffer holds at least
+    `min_shuffle_tokens` (or all it is asked to hold) within `buffer_mb`.
+
+    Raises ConfigError when even one layer does not fit.
+    """
+    floor = min(
+        max(cfg.shuffle_buffer_tokens, 2 * cfg.batch_tokens),
+        max(cfg.min_shuffle_tokens, 2 * cfg.batch_tokens),
+    )
+    dtype = torch.float32 if cfg.buffer_dtype == "float32" else torch.bfloat16
+    for n_groups in range(1, len(layers) + 1):
+        size = -(-len(layers) // n_groups)
+        if _tokens_fitting(cfg, size, d_model, dtype) >= floor:
+            bounds = [round(i * len(layers) / n_groups) for i in range(n_groups + 1)]
+            return [list(layers[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    one_layer_mb = BufferPlan(floor, cfg.model_batch_seqs * cfg.max_seq_len, dtype).nbytes(
+        1, d_model
+    )
+    raise ConfigError(
+        f"transcoders.buffer_mb={cfg.buffer_mb} holds less than min_shuffle_tokens="
+        f"{floor} tokens of one layer (d_model {d_model}, plus one model batch of "
+        f"model_batch_seqs x max_seq_len tokens): needs {-(-one_layer_mb >> 20)} MiB"
+    )
+
+
+class ShuffleBuffer:
+    """A preallocated [L, capacity, D] pair of MLP in / out rows, shuffled by index.
+
+    Rows never move: `order` lists the occupied slots in arrival order, a flush permutes
+    it, gathers the first half as batches and frees their slots for the next chunks. The
+    batches equal those of concatenating the chunks and permuting the rows (`peak_bytes`:
+    storage plus the largest batch gathered, what the stream holds at most besides one
+    incoming chunk).
+    """
+
+    def __init__(self, plan: BufferPlan, batch_tokens: int, generator: torch.Generator) -> None:
+        self.plan, self.batch_tokens, self.generator = plan, batch_tokens, generator
+        self.x_LCD: torch.Tensor | None = None
+        self.y_LCD: torch.Tensor | None = None
+        self.order = torch.zeros(0, dtype=torch.long)
+        self.free = torch.zeros(0, dtype=torch.long)
+        self.peak_bytes = 0
+
+    @property
+    def held(self) -> int:
+        return len(self.order)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.x_LCD is None else 2 * self.x_LCD.nbytes
+
+    def add(self, x_LND: torch.Tensor, y_LND: torch.Tensor) -> None:
+        """Store a chunk's rows in free slots (allocating the storage on the first chunk)."""
+        if self.x_LCD is None:
+            L, _, D = x_LND.shape
+            capacity = self.plan.tokens + self.plan.chunk_tokens
+            self.x_LCD = torch.empty(L, capacity, D, dtype=self.plan.dtype, device=x_LND.device)
+            self.y_LCD = torch.empty_like(self.x_LCD)
+            self.free = torch.arange(capacity)
+        n = x_LND.shape[1]
+        if n > len(self.free):
+            raise ValueError(f"a chunk of {n} tokens exceeds the buffer's {len(self.free)} free")
+        slots, self.free = self.free[:n], self.free[n:]
+        index = slots.to(self.x_LCD.device)
+        self.x_LCD[:, index] = x_LND.to(self.plan.dtype)
+        self.y_LCD[:, index] = y_LND.to(self.plan.dtype)
+        self.order = torch.cat([self.order, slots])
+
+    def _gather(self, slots: torch.Tensor) -> Batch:
+        index = slots.to(self.x_LCD.device)
+        batch = self.x_LCD[:, index], self.y_LCD[:, index]
+        self.peak_bytes = max(self.peak_bytes, self.nbytes + 2 * batch[0].nbytes)
+        return batch
+
+    def flush(self) -> Iterator[Batch]:
+        """Emit a random half of the held rows (whole batches) and keep the rest."""
+        rows = self.order[torch.randperm(self.held, generator=self.generator)]
+        n_out = (self.held // 2) // self.batch_tokens * self.batch_tokens
+        self.order, out = rows[n_out:], rows[:n_out]
+        self.free = torch.cat([self.free, out])
+        for start in range(0, n_out, self.batch_tokens):
+            yield self._gather(out[start : start + self.batch_tokens])
+
+    def drain(self) -> Iterator[Batch]:
+        """Emit every held row in random order (the last batch may be partial)."""
+        rows = self.order[torch.randperm(self.held, generator=self.generator)]
+        self.order = self.order[:0]
+        for start in range(0, len(rows), self.batch_tokens):
+            yield self._gather(rows[start : start + self.batch_tokens])
 
 
 def load_token_sequences(
@@ -114,10 +251,11 @@ def model_activations(
     seq_batches: Iterable[Sequence[Sequence[int]]],
     layers: Sequence[int],
     out_device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Iterator[Batch]:
     """(MLP in, MLP out) of `layers` for every non-padding token except position 0.
 
-    Yields one (x_LND, y_LND) float32 pair per batch of sequences.
+    Yields one (x_LND, y_LND) pair in `dtype` per batch of sequences.
     """
     device = next(model.parameters()).device
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -138,43 +276,25 @@ def model_activations(
                 model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
             keep_BT = mask_BT.bool()
             keep_BT[:, 0] = False
-            x_LND = torch.stack([captured[layer][0][keep_BT] for layer in layers]).float()
-            y_LND = torch.stack([captured[layer][1][keep_BT] for layer in layers]).float()
+            x_LND = torch.stack([captured[layer][0][keep_BT] for layer in layers]).to(dtype)
+            y_LND = torch.stack([captured[layer][1][keep_BT] for layer in layers]).to(dtype)
             captured.clear()
             yield x_LND.to(out_device), y_LND.to(out_device)
 
 
-def shuffled_batches(
-    chunks: Iterable[Batch], batch_tokens: int, buffer_tokens: int, generator: torch.Generator
-) -> Iterator[Batch]:
-    """Re-batch a stream of (x_LND, y_LND) chunks into shuffled batches of `batch_tokens`.
+def shuffled_batches(chunks: Iterable[Batch], buffer: ShuffleBuffer) -> Iterator[Batch]:
+    """Re-batch a stream of (x_LND, y_LND) chunks into shuffled batches through `buffer`.
 
-    Chunks accumulate until the buffer holds `buffer_tokens`; then the buffer is permuted
-    and its first half is emitted as batches while the second half stays to mix with
-    later chunks. At the end of the stream the rest is emitted (last partial batch too).
+    Chunks accumulate until the buffer holds `plan.tokens`; then a random half of its rows
+    is emitted as batches while the rest stays to mix with later chunks. At the end of the
+    stream the rest is emitted (last partial batch too).
     """
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-    held = 0
     for x_LND, y_LND in chunks:
-        xs.append(x_LND)
-        ys.append(y_LND)
-        held += x_LND.shape[1]
-        if held < max(buffer_tokens, 2 * batch_tokens):
-            continue
-        x_LND, y_LND = torch.cat(xs, 1), torch.cat(ys, 1)
-        perm = torch.randperm(held, generator=generator).to(x_LND.device)
-        x_LND, y_LND = x_LND[:, perm], y_LND[:, perm]
-        n_out = (held // 2) // batch_tokens * batch_tokens
-        for start in range(0, n_out, batch_tokens):
-            yield x_LND[:, start : start + batch_tokens], y_LND[:, start : start + batch_tokens]
-        xs, ys, held = [x_LND[:, n_out:]], [y_LND[:, n_out:]], held - n_out
-    if held:
-        x_LND, y_LND = torch.cat(xs, 1), torch.cat(ys, 1)
-        perm = torch.randperm(held, generator=generator).to(x_LND.device)
-        for start in range(0, held, batch_tokens):
-            sel = perm[start : start + batch_tokens]
-            yield x_LND[:, sel], y_LND[:, sel]
+        buffer.add(x_LND, y_LND)
+        if buffer.held >= buffer.plan.tokens:
+            yield from buffer.flush()
+    if buffer.held:
+        yield from buffer.drain()
 
 
 def cache_key(
@@ -242,9 +362,14 @@ class ActivationCache:
         return n_tokens
 
     def read(
-        self, generator: torch.Generator | None, device: str | torch.device = "cpu"
+        self,
+        generator: torch.Generator | None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_tokens: int | None = None,
     ) -> Iterator[Batch]:
-        """The shards as float32 chunks, in random order when a generator is given."""
+        """The shards as chunks in `dtype` of at most `max_tokens` tokens, shards in random
+        order when a generator is given."""
         n_shards = json.loads((self.dir / self.COMPLETE).read_text())["n_shards"]
         order = (
             torch.randperm(n_shards, generator=generator).tolist()
@@ -253,7 +378,10 @@ class ActivationCache:
         )
         for i in order:
             tensors = load_file(str(self.dir / f"shard_{i:05d}.safetensors"))
-            yield tensors["x"].float().to(device), tensors["y"].float().to(device)
+            x_LND, y_LND = tensors["x"].to(device, dtype), tensors["y"].to(device, dtype)
+            step = max_tokens or x_LND.shape[1]
+            for start in range(0, x_LND.shape[1], step):
+                yield x_LND[:, start : start + step], y_LND[:, start : start + step]
 
 
 def training_batches(
@@ -265,12 +393,22 @@ def training_batches(
     generator: torch.Generator,
     cache: ActivationCache | None = None,
     device: str | torch.device = "cpu",
+    on_tokens: Callable[[int], object] | None = None,
+    buffer: ShuffleBuffer | None = None,
 ) -> Iterator[Batch]:
     """Shuffled (x_LND, y_LND) batches until `cfg.tokens` tokens, repeating the corpus.
 
     With a cache the model runs once (filling the cache if it is not complete) and later
-    epochs read the shards; without one every epoch reruns the model.
+    epochs read the shards; without one every epoch reruns the model. `on_tokens(n)` is
+    called for every chunk of n activations collected (a progress bar that moves from the
+    first forward pass, long before the buffer is full). `buffer` defaults to one sized
+    by `buffer_plan` for `layers`.
     """
+    if buffer is None:
+        buffer = ShuffleBuffer(
+            buffer_plan(cfg, len(layers), adapter.d_model), cfg.batch_tokens, generator
+        )
+    dtype, chunk_tokens = buffer.plan.dtype, buffer.plan.chunk_tokens
 
     def epoch_chunks() -> Iterator[Batch]:
         if cache is not None:
@@ -280,24 +418,24 @@ def training_batches(
                         model, adapter, batch_sequences(seqs, cfg.model_batch_seqs, None), layers
                     )
                 )
-            yield from cache.read(generator, device)
+            yield from cache.read(generator, device, dtype, chunk_tokens)
         else:
             seq_batches = batch_sequences(seqs, cfg.model_batch_seqs, generator)
-            yield from model_activations(model, adapter, seq_batches, layers, device)
+            yield from model_activations(model, adapter, seq_batches, layers, device, dtype)
 
     def all_epochs() -> Iterator[Batch]:
         while True:
             n_epoch = 0
             for x_LND, y_LND in epoch_chunks():
                 n_epoch += x_LND.shape[1]
+                if on_tokens is not None:
+                    on_tokens(x_LND.shape[1])
                 yield x_LND, y_LND
             if n_epoch == 0:
                 raise ValueError("the corpus yields no tokens (all sequences shorter than 2)")
 
     seen = 0
-    for x_LND, y_LND in shuffled_batches(
-        all_epochs(), cfg.batch_tokens, cfg.shuffle_buffer_tokens, generator
-    ):
+    for x_LND, y_LND in shuffled_batches(all_epochs(), buffer):
         n = min(x_LND.shape[1], cfg.tokens - seen)
         seen += n
         yield x_LND[:, :n], y_LND[:, :n]

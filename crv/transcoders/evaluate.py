@@ -69,7 +69,7 @@ def reconstruction_metrics(
         for i, layer in enumerate(layers):
             tc = tset[layer]
             acts_NK, idx_NK = tc.encode(x_LND[i])
-            y_hat_ND = tc.decode(acts_NK, idx_NK)
+            y_hat_ND = tc.reconstruct(x_LND[i], acts_NK, idx_NK).float()
             y_ND = y_LND[i]
             sum_y_LD[i] += y_ND.sum(0).double()
             sum_y2_LD[i] += y_ND.double().pow(2).sum(0)

@@ -1,14 +1,19 @@
-"""Per-layer TopK transcoders and the set of them for one model.
+"""Per-layer transcoders (sparse codes of at most k latents) and the set of them for one model.
 
 A transcoder is a wide, sparse replacement for one MLP: it reads the MLP's input x and
 predicts the MLP's output y (Dunefsky et al. 2024),
 
     pre = W_enc x + b_enc                    W_enc [F, D], b_enc [F]
-    f   = TopK(pre)                          keep the k largest entries, zero the rest
-                                             (`relu_topk`: ReLU on the kept values)
-    y^  = W_dec^T f + b_dec                  W_dec [F, D], b_dec [D]
+    f   = TopK(act(pre))                     keep the k largest entries, zero the rest
+    y^  = W_dec^T f + b_dec (+ W_skip x)     W_dec [F, D], b_dec [D], W_skip [D, D]
 
-TopK fixes the L0 at k, so there is no sparsity penalty to tune (Gao et al. 2024).
+`act` is the identity (`topk`, what crv trains: TopK fixes the L0 at k, so there is no
+sparsity penalty to tune, Gao et al. 2024), ReLU (`relu_topk`, and `relu` for published
+ReLU sets) or JumpReLU (`jumprelu`: pre where pre > threshold[f], else 0). For ReLU and
+JumpReLU sets k only caps the code: the k most active latents are kept, and whatever the
+rest would add is left to the error term (exact attribution is unaffected; set k to the
+set's largest L0 to keep everything). `W_skip` (skip transcoders) is a linear path from
+MLP input to output outside the latents.
 
 Why the custom autograd function: a dense implementation multiplies by all F latents three
 times in the encoder (forward, input gradient, weight gradient) and three times in the
@@ -35,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crv.transcoders.config import ACTIVATIONS
+ACTIVATIONS = ("topk", "relu_topk", "relu", "jumprelu")
+"""Activations a transcoder can apply; training supports `topk` and `relu_topk`."""
 
 FEATURE_INPUT_HOOK = "mlp.hook_in"
 FEATURE_OUTPUT_HOOK = "mlp.hook_out"
@@ -54,8 +60,11 @@ class _TopKEncode(torch.autograd.Function):
         relu: bool,
         aux_candidates_C: torch.Tensor | None,
         k_aux: int,
+        threshold_F: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         pre_NF = torch.addmm(b_enc_F, x_ND, W_enc_FD.T)
+        if threshold_F is not None:  # JumpReLU, before the selection
+            pre_NF = pre_NF.where(pre_NF > threshold_F, 0.0)
         vals_NK, idx_NK = pre_NF.topk(k, dim=-1, sorted=False)
         if aux_candidates_C is not None and k_aux > 0:
             aux_vals_NA, pos_NA = pre_NF[:, aux_candidates_C].topk(k_aux, dim=-1, sorted=False)
@@ -66,7 +75,7 @@ class _TopKEncode(torch.autograd.Function):
         if relu:
             vals_NK, aux_vals_NA = vals_NK.clamp_min(0), aux_vals_NA.clamp_min(0)
         ctx.save_for_backward(x_ND, W_enc_FD, idx_NK, aux_idx_NA, vals_NK, aux_vals_NA)
-        ctx.relu = relu
+        ctx.gated = relu or threshold_F is not None
         ctx.mark_non_differentiable(idx_NK, aux_idx_NA)
         return vals_NK, idx_NK, aux_vals_NA, aux_idx_NA
 
@@ -81,8 +90,8 @@ class _TopKEncode(torch.autograd.Function):
         x_ND, W_enc_FD, idx_NK, aux_idx_NA, vals_NK, aux_vals_NA = ctx.saved_tensors
         g_NS = torch.cat([g_acts_NK, g_aux_NA], dim=1)  # S = K + A selected latents
         idx_NS = torch.cat([idx_NK, aux_idx_NA], dim=1)
-        if ctx.relu:  # ReLU passes gradient only where the kept value was positive
-            g_NS = g_NS * (torch.cat([vals_NK, aux_vals_NA], dim=1) > 0)
+        if ctx.gated:  # (Jump)ReLU passes gradient only where the kept value is non-zero
+            g_NS = g_NS * (torch.cat([vals_NK, aux_vals_NA], dim=1) != 0)
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx_NS, W_enc_FD, per_sample_weights=g_NS, mode="sum")
@@ -100,7 +109,7 @@ class _TopKEncode(torch.autograd.Function):
                 grad_W = torch.sparse.mm(g_FN, x_ND)
             if ctx.needs_input_grad[2]:
                 grad_b = g_NS.new_zeros(W_enc_FD.shape[0]).index_add_(0, rows, g_NS.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None, None
 
 
 def topk_encode(
@@ -111,14 +120,16 @@ def topk_encode(
     relu: bool,
     aux_candidates_C: torch.Tensor | None = None,
     k_aux: int = 0,
+    threshold_F: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """TopK encoding with a sparse backward; also the AuxK selection among candidates.
 
     Returns `acts_NK, idx_NK, aux_acts_NA, aux_idx_NA`: the k kept activations and their
     latent indices, and the top `k_aux` activations among the latents `aux_candidates_C`
     (empty [N, 0] when none are given). `k_aux` must not exceed the number of candidates.
+    `threshold_F` (JumpReLU) zeroes pre-activations at or below it before the selection.
     """
-    return _TopKEncode.apply(x_ND, W_enc_FD, b_enc_F, k, relu, aux_candidates_C, k_aux)
+    return _TopKEncode.apply(x_ND, W_enc_FD, b_enc_F, k, relu, aux_candidates_C, k_aux, threshold_F)
 
 
 def sparse_decode(
@@ -132,8 +143,12 @@ class TopKTranscoder(nn.Module):
     """One layer's transcoder: MLP in [..., D] -> MLP out [..., D] through k of F latents.
 
     Inputs of any leading shape are flattened to tokens and computed in the parameters'
-    dtype; outputs come back in the input's shape and dtype.
+    dtype; outputs come back in the input's shape and dtype. `threshold` ([F], JumpReLU)
+    and `W_skip` ([D, D]) exist only where the activation or the set has them (None else).
     """
+
+    threshold: torch.Tensor | None
+    W_skip: torch.Tensor | None
 
     def __init__(
         self,
@@ -142,6 +157,7 @@ class TopKTranscoder(nn.Module):
         k: int,
         activation: str = "relu_topk",
         generator: torch.Generator | None = None,
+        skip: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < k <= n_latents:
@@ -159,10 +175,15 @@ class TopKTranscoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(dirs_FD.clone())
         self.b_dec = nn.Parameter(torch.zeros(d_model))
+        jump = activation == "jumprelu"
+        self.register_parameter("threshold", nn.Parameter(torch.zeros(n_latents)) if jump else None)
+        self.register_parameter(
+            "W_skip", nn.Parameter(torch.zeros(d_model, d_model)) if skip else None
+        )
 
     @property
     def relu(self) -> bool:
-        return self.activation == "relu_topk"
+        return self.activation in ("relu_topk", "relu")
 
     def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Dense pre-activations x @ W_enc.T + b_enc; [N, F]."""
@@ -172,7 +193,9 @@ class TopKTranscoder(nn.Module):
         """The k kept activations and their latent indices, each [..., K]."""
         lead = x_ND.shape[:-1]
         x_flat = x_ND.reshape(-1, self.d_model).to(self.W_enc.dtype)
-        acts_NK, idx_NK, _, _ = topk_encode(x_flat, self.W_enc, self.b_enc, self.k, self.relu)
+        acts_NK, idx_NK, _, _ = topk_encode(
+            x_flat, self.W_enc, self.b_enc, self.k, self.relu, threshold_F=self.threshold
+        )
         return acts_NK.reshape(*lead, self.k), idx_NK.reshape(*lead, self.k)
 
     def decode(self, acts_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
@@ -182,8 +205,22 @@ class TopKTranscoder(nn.Module):
         y_ND = sparse_decode(acts_NK.reshape(-1, k), idx_NK.reshape(-1, k), self.W_dec) + self.b_dec
         return y_ND.reshape(*lead, self.d_model)
 
+    def skip(self, x_ND: torch.Tensor) -> torch.Tensor | None:
+        """The skip path x @ W_skip.T ([..., D], parameters' dtype); None without W_skip."""
+        if self.W_skip is None:
+            return None
+        return F.linear(x_ND.to(self.W_skip.dtype), self.W_skip)
+
+    def reconstruct(
+        self, x_ND: torch.Tensor, acts_NK: torch.Tensor, idx_NK: torch.Tensor
+    ) -> torch.Tensor:
+        """The transcoder's output for input `x_ND` with code (acts, idx): decode + skip."""
+        y_ND = self.decode(acts_NK, idx_NK)
+        skip_ND = self.skip(x_ND)
+        return y_ND if skip_ND is None else y_ND + skip_ND
+
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return self.decode(*self.encode(x_ND)).to(x_ND.dtype)
+        return self.reconstruct(x_ND, *self.encode(x_ND)).to(x_ND.dtype)
 
     @torch.no_grad()
     def init_from_data(self, x_ND: torch.Tensor, y_ND: torch.Tensor) -> None:

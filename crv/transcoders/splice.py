@@ -187,7 +187,7 @@ def _splice_hook(
         positions_T = tracker.positions(x_BTD.shape[1], x_BTD.device)
         with torch.autocast(device_type=x_BTD.device.type, enabled=False):
             acts_BTK, idx_BTK = tc.encode(x_BTD)
-            recon_BTD = tc.decode(acts_BTK, idx_BTK)
+            recon_BTD = tc.reconstruct(x_BTD, acts_BTK, idx_BTK)
             error_BTD = (y_BTD.float() - recon_BTD).detach()
             out_BTD = recon_BTD
             if add_error:

@@ -1,10 +1,14 @@
-"""The `transcoders` stage: train one TopK transcoder per layer, evaluate, save the set.
+"""The `transcoders` stage: train one transcoder per layer (or take a published set),
+evaluate, save the set.
 
-Reads the subject model and the traces through their public loaders, trains on the
-traces' train split (or the configured corpus), evaluates on the test split and writes
-the transcoder set (circuit-tracer layout, see `io.py`) plus `eval.json` and
-`train_history.json` into the artifact. Returns the evaluation, which the pipeline reports
-under `transcoders`.
+Reads the subject model and the traces through their public loaders. Without
+`pretrained` it trains on the traces' train split (or the configured corpus), in as many
+passes as the shuffle buffer needs, and writes the set (circuit-tracer layout, see `io.py`)
+and `train_history.json`. With `pretrained` it loads the named set, checks it against the
+subject (a transcoder for every layer, the model's width) and writes only a `config.yaml`
+naming the set's files where they are, so a large published set is never copied. Either
+way it evaluates the set on the test split and writes `eval.json`; the evaluation is what
+the pipeline reports under `transcoders`.
 """
 
 from __future__ import annotations
@@ -14,19 +18,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
+from crv.errors import CRVError
 from crv.io import atomic_write_json
 from crv.pipeline import StageContext
-from crv.transcoders.activations import (
-    ActivationCache,
-    cache_key,
-    load_token_sequences,
-    training_batches,
-)
+from crv.transcoders.activations import ActivationCache, cache_key, load_token_sequences
 from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.evaluate import evaluate_transcoders, take_tokens
-from crv.transcoders.io import save_transcoder_set
-from crv.transcoders.train import TranscoderTrainer
+from crv.transcoders.io import (
+    CONFIG_NAME,
+    load_transcoder_set,
+    save_transcoder_set,
+    write_set_config,
+)
+from crv.transcoders.module import TranscoderSet
+from crv.transcoders.train import train_transcoders
+
+
+def load_pretrained(cfg: TranscodersConfig, adapter: Any, device: str) -> TranscoderSet:
+    """The published set `cfg.pretrained`, checked against the subject model: a CRVError
+    naming the file and field when it cannot be read, lacks layers or has another width."""
+    try:
+        tset = load_transcoder_set(cfg.pretrained, device, k=cfg.k)
+        tset.check_compatible(adapter)
+    except (ValueError, OSError, SafetensorError) as exc:
+        raise CRVError(f"transcoders.pretrained: {exc}") from None
+    missing = sorted(set(range(adapter.n_layers)) - set(tset.layers))
+    if missing:
+        raise CRVError(
+            f"transcoders.pretrained: {cfg.pretrained}/{CONFIG_NAME}: field 'transcoders' "
+            f"covers layers {tset.layers}, but the subject has {adapter.n_layers} layers "
+            f"(missing {missing})"
+        )
+    return tset
 
 
 def run_stage(ctx: StageContext[TranscodersConfig]) -> dict[str, Any]:
@@ -40,34 +65,22 @@ def run_stage(ctx: StageContext[TranscodersConfig]) -> dict[str, Any]:
     model, tokenizer = load_subject(ctx.inputs["subject"], device)
     model.eval().requires_grad_(False)
     adapter = ArchAdapter.for_model(model)
-    layers = list(cfg.layers) if cfg.layers is not None else list(range(adapter.n_layers))
-
     traces_dir = ctx.inputs.get("traces")
-    train_seqs = load_token_sequences(cfg, traces_dir, tokenizer, "train")
-    cache = None
-    if cfg.cache_activations:
-        root = (
-            Path(cfg.cache_dir) if cfg.cache_dir else Path(ctx.scratch).parent / "activation_cache"
+
+    if cfg.pretrained:
+        tset = load_pretrained(cfg, adapter, device)
+        ctx.log.info(
+            "pretrained set %s: %d layers, %d latents, %s, k=%d",
+            cfg.pretrained,
+            len(tset),
+            tset[tset.layers[0]].n_latents,
+            tset.activation,
+            tset.k,
         )
-        cache = ActivationCache(
-            root / cache_key(ctx.inputs["subject"], traces_dir, cfg, layers), cfg.cache_dtype
-        )
-    trainer = TranscoderTrainer(cfg, adapter.d_model, layers, device, seed)
-    ctx.log.info(
-        "training %d transcoders: %d latents, k=%d, lr=%.2e, %d tokens from %d sequences",
-        len(layers),
-        trainer.n_latents,
-        cfg.k,
-        trainer.lr,
-        cfg.tokens,
-        len(train_seqs),
-    )
-    generator = torch.Generator().manual_seed(seed)
-    batches = training_batches(cfg, model, adapter, train_seqs, layers, generator, cache, device)
-    history = trainer.train(batches, ctx.log)
-    tset = trainer.transcoder_set()
-    save_transcoder_set(tset, ctx.out)
-    atomic_write_json(ctx.out / "train_history.json", history.as_dict())
+        write_set_config(tset, ctx.out)
+        train_report = {"pretrained": str(cfg.pretrained)}
+    else:
+        tset, train_report = _train(ctx, cfg, model, adapter, tokenizer, device, seed)
 
     # Evaluation always uses the traces' held-out problems, whatever the training corpus.
     eval_cfg = dataclasses.replace(cfg, corpus="traces")
@@ -75,11 +88,7 @@ def run_stage(ctx: StageContext[TranscodersConfig]) -> dict[str, Any]:
         load_token_sequences(eval_cfg, traces_dir, tokenizer, "test"), cfg.eval_tokens
     )
     report = evaluate_transcoders(model, adapter, tset, test_seqs, cfg.model_batch_seqs)
-    report["train"] = {
-        "tokens_per_s": history.tokens_per_s,
-        "seconds": history.seconds,
-        "lr": trainer.lr,
-    }
+    report["train"] = train_report
     atomic_write_json(ctx.out / "eval.json", report)
     for row in report["layers"]:
         ctx.log.info(
@@ -100,3 +109,47 @@ def run_stage(ctx: StageContext[TranscodersConfig]) -> dict[str, Any]:
         report["kl_spliced"],
     )
     return report
+
+
+def _train(
+    ctx: Any,
+    cfg: TranscodersConfig,
+    model: torch.nn.Module,
+    adapter: Any,
+    tokenizer: Any,
+    device: str,
+    seed: int,
+) -> tuple[TranscoderSet, dict[str, Any]]:
+    """Train, save the set and its history; returns the set and the report's `train`."""
+    layers = list(cfg.layers) if cfg.layers is not None else list(range(adapter.n_layers))
+    traces_dir = ctx.inputs.get("traces")
+    train_seqs = load_token_sequences(cfg, traces_dir, tokenizer, "train")
+    root = Path(cfg.cache_dir) if cfg.cache_dir else Path(ctx.scratch).parent / "activation_cache"
+
+    def cache_for(group: list[int]) -> ActivationCache | None:
+        if not cfg.cache_activations:
+            return None
+        key = cache_key(ctx.inputs["subject"], traces_dir, cfg, group)
+        return ActivationCache(root / key, cfg.cache_dtype)
+
+    ctx.log.info(
+        "training %d transcoders: %d latents, k=%d, lr=%.2e, %d tokens from %d sequences",
+        len(layers),
+        cfg.latents(adapter.d_model),
+        cfg.k,
+        cfg.learning_rate(adapter.d_model),
+        cfg.tokens,
+        len(train_seqs),
+    )
+    tset, history = train_transcoders(
+        cfg, model, adapter, train_seqs, layers, device, seed, cache_for, ctx.log
+    )
+    save_transcoder_set(tset, ctx.out)
+    atomic_write_json(ctx.out / "train_history.json", history.as_dict())
+    report = {
+        "tokens_per_s": history.tokens_per_s,
+        "seconds": history.seconds,
+        "lr": cfg.learning_rate(adapter.d_model),
+        "passes": history.passes,
+    }
+    return tset, report

@@ -24,7 +24,9 @@ b_enc = -W_enc mean x), decoder rows are kept at unit norm with the gradient com
 along each row removed before the step, Adam with the learning rate scaled as
 1/sqrt(F / 2^14), linear warmup and a linear decay to zero over the last steps. All layers
 are updated from the same batch with one optimizer; their losses are independent, so
-summing them before the backward pass changes nothing per layer.
+summing them before the backward pass changes nothing per layer. When the shuffle buffer
+cannot hold all layers (`activations.layer_groups`), `train_transcoders` trains the groups
+one after another, each from its own pass over the corpus.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from crv.transcoders.activations import ActivationCache, layer_groups, training_batches
 from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.module import TopKTranscoder, TranscoderSet, sparse_decode, topk_encode
 
@@ -106,6 +110,16 @@ class TrainHistory:
     dead_frac: dict[int, list[float]] = field(default_factory=dict)
     tokens_per_s: float = 0.0
     seconds: float = 0.0
+    passes: int = 1
+
+    def add_pass(self, other: TrainHistory) -> None:
+        """Fold in the history of another layer group (same step schedule)."""
+        for name in ("fvu", "auxk", "dead_frac"):
+            getattr(self, name).update(getattr(other, name))
+        tokens = self.tokens_per_s * self.seconds + other.tokens_per_s * other.seconds
+        self.seconds += other.seconds
+        self.tokens_per_s = tokens / max(self.seconds, 1e-9)
+        self.passes += 1
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -116,6 +130,7 @@ class TrainHistory:
             "dead_frac": {str(k): v for k, v in self.dead_frac.items()},
             "tokens_per_s": self.tokens_per_s,
             "seconds": self.seconds,
+            "passes": self.passes,
         }
 
 
@@ -282,3 +297,39 @@ class TranscoderTrainer:
                 for layer in self.layers
             ),
         )
+
+
+def train_transcoders(
+    cfg: TranscodersConfig,
+    model: torch.nn.Module,
+    adapter: Any,
+    seqs: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    device: str | torch.device,
+    seed: int,
+    cache_for: Callable[[list[int]], ActivationCache | None] = lambda _: None,
+    log: logging.Logger | None = None,
+    progress: bool = True,
+) -> tuple[TranscoderSet, TrainHistory]:
+    """Train transcoders for `layers` in as many passes as the buffer needs
+    (`layer_groups`); the first pass is seeded exactly as a single pass would be.
+
+    `cache_for(group)` gives the activation cache of a group (None: no cache).
+    """
+    groups = layer_groups(cfg, layers, adapter.d_model)
+    parts: list[tuple[TranscoderSet, TrainHistory]] = []
+    for g, group in enumerate(groups):
+        trainer = TranscoderTrainer(cfg, adapter.d_model, group, device, seed + g)
+        generator = torch.Generator().manual_seed(seed + g)
+        desc = "activations" if len(groups) == 1 else f"activations {g + 1}/{len(groups)}"
+        with tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
+            batches = training_batches(
+                cfg, model, adapter, seqs, group, generator, cache_for(group), device, bar.update
+            )
+            part = trainer.train(batches, log, progress)
+        parts.append((trainer.transcoder_set(), part))
+    tset, history = parts[0]
+    for group_set, part in parts[1:]:
+        tset.transcoders.update(group_set.transcoders)
+        history.add_pass(part)
+    return tset, history
