@@ -24,7 +24,17 @@ class TracesConfig:
     gsm8k_limit: int | None = None
     """Read at most this many GSM8K records."""
     few_shot: int = 0
-    """Solved examples in the canonical format prepended to each prompt (for pretrained chat models)."""
+    """Solved 3-operator examples in the canonical format before each problem (chat turns
+    in the chat style); 0 for crv-tiny, which knows the format."""
+    prompt_style: str = "auto"
+    """plain (`Q: ...` text) | chat (system instruction stating the step format, examples as
+    chat turns, the tokenizer's chat template) | auto (chat when the tokenizer has one)."""
+    labels: str = "strict"
+    """strict (the canonical step form, for crv-tiny) | semantic (every stated computation
+    true and the restated expression's value kept; real-model subject presets pick it)."""
+    stop: list[str] = field(default_factory=lambda: [r"^Answer:[^\n]*\n", r"^####[^\n]*\n"])
+    """Stop patterns (regexes over the completion, multiline): generation ends once one
+    matches, so a completion ends with its answer line instead of running into a new `Q:`."""
     max_new_tokens_factor: float = 1.5
     """Token cap per problem = factor x tokens of its canonical solution + 16 (stops runaways)."""
     runtime_batch_size: int = 64
