@@ -11,7 +11,7 @@ batch ends as soon as every sequence has hit eos or its cap.
 A pretrained model does not stop after its answer: it goes on with a new `Q:` up to the cap.
 Stop patterns (regexes, `re.MULTILINE`, over the decoded completion) end a sequence as soon
 as one matches, keeping every token generated so far, so the text still decodes from the
-ids; the default ends a completion with its `Answer:` line. The stop ids (eos and, for chat
+ids (`traces.stop` ends a completion with its `Answer:` line). The stop ids (eos and, for chat
 models, the generation config's other end tokens such as `<|im_end|>`) end it as well.
 
 Left padding keeps the newest token of every sequence in the last column, so one forward
@@ -44,10 +44,6 @@ class GenerationResult:
     """`completion_ids` decoded (special tokens skipped)."""
     stopped_at_eos: bool
     """False when the token cap ended the generation (a stop id or pattern counts as eos)."""
-
-
-ANSWER_LINE_STOP = r"^Answer:[^\n]*\n"
-"""Stop pattern that ends a completion with its complete `Answer:` line."""
 
 
 def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

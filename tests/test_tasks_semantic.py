@@ -60,6 +60,12 @@ OK = (True, "ok", True)
         ),
         (BOOL, "Step 1: False and False=True, so True or True\n", [(False, "wrong_result", True)]),
         (BOOL, "Step 1: not True=False, so False\n", [(False, "wrong_value", True)]),
+        # `so` between computations, `is` for `=`, `so Answer: v` restates v
+        (TIMES, "Step 1: 5+9=14, so 14+7=21, so 7*21\n", [OK]),
+        (TIMES, "Step 1: 5+9=14, so 14+7=22, so 7*22\n", [(False, "wrong_result", True)]),
+        (BOOL, "Step 1: True or (False and False) is True, so True\n", [OK]),
+        (ARITH, "Step 1: 9-1=8, so 7+8\nStep 2: 7+8=15, so Answer: 15\n", [OK, OK]),
+        (ARITH, "Step 1: 7+(9-1)=16, so Answer: 16\n", [(False, "wrong_result", True)]),
         # a bare chain from the whole expression restates its last side
         (ARITH, "Step 1: 7+(9-1)=7+8=15\n", [OK]),
         (ARITH, "Step 1: 7+(9-1)=7+8\nStep 2: 7+8=16\n", [OK, (False, "wrong_result", True)]),

@@ -8,7 +8,10 @@ is computed but the expression is restated whole), `True or (False and False)=Tr
 
     Step k: <computations>, so <expression>
 
-when
+(`so` may also separate computations, the last part being the restatement; without `so`,
+a bare chain `Step k: <whole expression>=...=<expression>` whose first side has the value
+of the expression before the step restates its last side; `a is b` reads as `a=b` and
+`so Answer: 21` as `so 21`) when
 
 1. every computation it states is true: the computations are separated by `,`, `;`,
    `then` (and `and` where `and` is not an operator of the task); each is a chain
@@ -34,6 +37,8 @@ from crv.tasks.expr import ExprError, Language, Node, evaluate, parse
 
 HEAD_RE = re.compile(r"\s*Step\s*\d+\s*:\s*(?P<body>.*\S)\s*")
 SO_RE = re.compile(r"\s*(?:,\s*|\s)so\s+")
+IS_RE = re.compile(r"\s+is\s+")
+ANSWER_RE = re.compile(r"^\s*Answer:\s*")
 
 
 def _separator(lang: Language) -> re.Pattern[str]:
@@ -60,12 +65,15 @@ def _computations_hold(text: str, lang: Language) -> bool:
 
 def _split(body: str, state: Node, lang: Language) -> tuple[str, str] | None:
     """`(computations, restated chain)` of a step body, None when it has neither shape:
-    `<computations>, so <expression>`, or a bare chain `<expression>=...=<expression>` that
-    starts from an expression of the state's value (the whole state, restated at its end)."""
+    `<computations>, so <computations>, so <expression>`, or a bare chain
+    `<expression>=...=<expression>` that starts from an expression of the state's value
+    (the whole state, restated at its end). `a is b` reads as `a=b`, and a restatement
+    `so Answer: 21` as `so 21`."""
+    body = IS_RE.sub("=", body)
     parts = SO_RE.split(body)
-    if len(parts) == 2:
-        return parts[0], parts[1].rstrip(" .")
-    if len(parts) == 1 and "=" in body:
+    if len(parts) >= 2:
+        return ", ".join(parts[:-1]), ANSWER_RE.sub("", parts[-1]).rstrip(" .")
+    if "=" in body:
         try:
             first = evaluate(parse(body.split("=", 1)[0], lang), lang)
         except (ExprError, RecursionError):
