@@ -1,7 +1,10 @@
 """Exact step checker for the synthetic tasks (programmatic state verification).
 
-The checker replays a completion against the problem's expression. The state starts as the
-problem's expression; a step `Step k: <op>=<value>, so <rest>` is correct when
+The checker replays a completion against the problem's expression, judging each step with
+a `Judge`: the strict one here (the canonical form, for crv-tiny) or the semantic one of
+`crv.tasks.semantic` (true statements in any form, for pretrained models). The state starts
+as the problem's expression; under the strict judge a step `Step k: <op>=<value>, so <rest>`
+is correct when
 
 1. `<op>` is an innermost operation of the state (operands all literals; any of them, not
    only the leftmost one the canonical solution picks),
