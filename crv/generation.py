@@ -1,4 +1,4 @@
-"""Batched greedy generation with left padding and a per-prompt token cap.
+"""Batched greedy generation with left padding, a per-prompt token cap and stop patterns.
 
 Why a loop of our own instead of `model.generate`: the subject models of crv are small, so the
 per-step overhead of the generic generation machinery (logits processors, stopping criteria,
@@ -8,6 +8,12 @@ size, and a runaway generation that never writes its answer would run to the lar
 the batch; so each prompt gets its own cap, prompts are batched by (cap, prompt length), and a
 batch ends as soon as every sequence has hit eos or its cap.
 
+A pretrained model does not stop after its answer: it goes on with a new `Q:` up to the cap.
+Stop patterns (regexes, `re.MULTILINE`, over the decoded completion) end a sequence as soon
+as one matches, keeping every token generated so far, so the text still decodes from the
+ids (`traces.stop` ends a completion with its `Answer:` line). The stop ids (eos and, for chat
+models, the generation config's other end tokens such as `<|im_end|>`) end it as well.
+
 Left padding keeps the newest token of every sequence in the last column, so one forward
 step serves the whole batch; position ids are counted over real tokens only, which makes a
 padded sequence see exactly the positions it would see alone (tested: batched == unbatched).
@@ -16,6 +22,7 @@ padded sequence see exactly the positions it would see alone (tested: batched ==
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,7 +43,32 @@ class GenerationResult:
     completion: str
     """`completion_ids` decoded (special tokens skipped)."""
     stopped_at_eos: bool
-    """False when the token cap ended the generation."""
+    """False when the token cap ended the generation (a stop id or pattern counts as eos)."""
+
+
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end a generation: the tokenizer's eos and the generation config's
+    eos ids (chat models end a turn with their own token, e.g. Qwen's `<|im_end|>`)."""
+    ids = [tokenizer.eos_token_id]
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += config_eos if isinstance(config_eos, list) else [config_eos]
+    return sorted({i for i in ids if i is not None})
+
+
+def pattern_stop(
+    tokenizer: PreTrainedTokenizerBase, patterns: Sequence[str]
+) -> Callable[[list[int]], bool] | None:
+    """A test `generated ids -> stop now?` that is true once the decoded completion
+    matches one of `patterns`; None for no patterns."""
+    if not patterns:
+        return None
+    compiled = [re.compile(p, re.MULTILINE) for p in patterns]
+
+    def stop(ids: list[int]) -> bool:
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        return any(p.search(text) for p in compiled)
+
+    return stop
 
 
 def token_cap(tokenizer: PreTrainedTokenizerBase, reference: str, factor: float = 1.5) -> int:
@@ -52,12 +84,15 @@ def generate_greedy(
     max_new_tokens: int | Callable[[str], int],
     batch_size: int = 64,
     progress: bool | None = None,
+    stop_patterns: Sequence[str] = (),
+    add_special_tokens: bool = True,
 ) -> list[GenerationResult]:
     """Greedy-decode every prompt; results come back in the order of `prompts`.
 
     `max_new_tokens` is either one cap for all prompts or a function of the prompt text (for
-    example one that grows with the problem's size). `progress=None` shows a bar for more
-    than one batch.
+    example one that grows with the problem's size). `progress=None` shows a bar, moving per
+    finished prompt, for more than one prompt. `add_special_tokens=False` for prompts that
+    already hold them (a rendered chat template).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -65,26 +100,31 @@ def generate_greedy(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     if eos_id is None:
         raise ValueError("the tokenizer has no eos token")
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    eos_ids = stop_ids(model, tokenizer)
+    should_stop = pattern_stop(tokenizer, stop_patterns)
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     caps = [max_new_tokens(p) if callable(max_new_tokens) else max_new_tokens for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (caps[i], len(encoded[i])))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress is None:
-        progress = len(batches) > 1
+        progress = len(prompts) > 1
     device = next(model.parameters()).device
     results: list[GenerationResult | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
     try:
         with torch.inference_mode():
-            for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+            for batch in batches:
                 outs = generate_from_ids(
                     model,
                     [encoded[i] for i in batch],
                     [caps[i] for i in batch],
-                    eos_id,
+                    eos_ids,
                     pad_id,
                     device,
+                    should_stop=should_stop,
+                    on_done=bar.update,
                 )
                 for i, (ids, stopped) in zip(batch, outs, strict=True):
                     results[i] = GenerationResult(
@@ -95,6 +135,7 @@ def generate_greedy(
                         stopped_at_eos=stopped,
                     )
     finally:
+        bar.close()
         model.train(was_training)
     return [r for r in results if r is not None]
 
@@ -103,16 +144,21 @@ def generate_from_ids(
     model: PreTrainedModel,
     prompts: list[list[int]],
     caps: list[int],
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     device: torch.device,
+    should_stop: Callable[[list[int]], bool] | None = None,
+    on_done: Callable[[int], object] | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Greedy-decode token-id prompts as one left-padded batch with a KV cache.
 
-    Returns, per prompt, the generated ids (up to its cap, without eos) and whether eos
-    ended it. Used directly where a prompt is a token prefix that must not be re-tokenised
-    (regenerating a trace from the middle of a step).
+    Returns, per prompt, the generated ids (up to its cap, without the eos id) and whether
+    an eos id or `should_stop` (a test of the ids generated so far, which are all kept)
+    ended it. `on_done(n)` is called as n more sequences finish. Used directly where a
+    prompt is a token prefix that must not be re-tokenised (regenerating a trace from the
+    middle of a step).
     """
+    eos_set = {eos_id} if isinstance(eos_id, int) else set(eos_id)
     n = len(prompts)
     width = max(len(p) for p in prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -128,9 +174,14 @@ def generate_from_ids(
     cache_arg = (
         "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     )
+    eos_t = torch.tensor(sorted(eos_set), device=device)
     generated: list[torch.Tensor] = []
+    rows: list[list[int]] = [[] for _ in range(n)]
     done = cap <= 0
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
+    n_done = int(done.sum())
+    if on_done is not None and n_done:
+        on_done(n_done)
     step_ids = ids
     for step in range(max(caps)):
         if bool(done.all()):
@@ -145,9 +196,18 @@ def generate_from_ids(
         )
         next_ids = out.logits[:, -1, :].argmax(-1)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
-        hit_eos = (next_ids == eos_id) & ~done
+        hit_eos = torch.isin(next_ids, eos_t) & ~done
+        if should_stop is not None:
+            for row, token in enumerate(next_ids.tolist()):
+                if not done[row] and not hit_eos[row]:
+                    rows[row].append(token)
+                    if should_stop(rows[row]):
+                        hit_eos[row] = True
         stopped |= hit_eos
         done = done | hit_eos | (cap <= step + 1)
+        if on_done is not None and int(done.sum()) > n_done:
+            on_done(int(done.sum()) - n_done)
+            n_done = int(done.sum())
         generated.append(next_ids)
         step_ids = next_ids[:, None]
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
@@ -156,7 +216,8 @@ def generate_from_ids(
     results = []
     for row in range(n):
         toks = table[row][: caps[row]]
-        if eos_id in toks:
-            toks = toks[: toks.index(eos_id)]
-        results.append((toks, bool(stopped[row])))
+        ends = [i for i, t in enumerate(toks) if t in eos_set]
+        if should_stop is not None and stopped[row]:
+            ends.append(len(rows[row]))  # a stop pattern: every token up to it is kept
+        results.append((toks[: min(ends)] if ends else toks, bool(stopped[row])))
     return results

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from crv.generation import generate_greedy
+from crv.generation import generate_from_ids, generate_greedy, stop_ids
 from crv.models.tiny import build_tokenizer
 
 PROMPTS = [
@@ -70,9 +72,11 @@ def test_per_prompt_caps(model, tokenizer):
         assert r.completion_ids == f.completion_ids[: caps[p]]
 
 
-def test_stops_at_eos(model, tokenizer):
+def test_stops_at_eos(model, tokenizer, monkeypatch):
     # Make a token the model writes mid-sequence the eos token: every sequence must end
-    # just before its first occurrence, batched or not.
+    # just before its first occurrence, batched or not. The model's generation config's
+    # own end token would stop it too (tested below), so it is cleared here.
+    monkeypatch.setattr(model.generation_config, "eos_token_id", None)
     never = build_tokenizer()
     never.eos_token = "<unk>"  # the model never writes it, see the fixture
     free = generate_greedy(model, never, PROMPTS, 16, batch_size=5)
@@ -89,3 +93,50 @@ def test_stops_at_eos(model, tokenizer):
             assert r.completion_ids == expected
             assert r.stopped_at_eos == (stop_id in ids)
             assert stop_id not in r.completion_ids
+
+
+def test_stop_patterns_end_a_completion_where_they_first_match(model, tokenizer):
+    free = generate_greedy(model, tokenizer, PROMPTS, 16, batch_size=5)
+    text = free[1].completion
+    assert len(text) > 6
+    target = text[3:6]  # stop once this text has been written
+    results = generate_greedy(
+        model, tokenizer, PROMPTS, 16, batch_size=2, stop_patterns=[re.escape(target)]
+    )
+    for f, r in zip(free, results, strict=True):
+        assert r.completion_ids == f.completion_ids[: len(r.completion_ids)]
+        assert r.completion == tokenizer.decode(r.completion_ids, skip_special_tokens=True)
+        if target in f.completion:
+            assert r.stopped_at_eos and target in r.completion
+            shorter = tokenizer.decode(r.completion_ids[:-1], skip_special_tokens=True)
+            assert target not in shorter  # ends at the token that completes the match
+        else:
+            assert r.completion_ids == f.completion_ids
+    assert results[1].stopped_at_eos and len(results[1].completion_ids) < len(
+        free[1].completion_ids
+    )
+
+
+def test_the_generation_configs_end_tokens_stop_too(model, tokenizer, monkeypatch):
+    free = generate_greedy(model, tokenizer, PROMPTS, 16, batch_size=5)
+    stop_id = free[2].completion_ids[3]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, stop_id])
+    assert stop_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, stop_id})
+    results = generate_greedy(model, tokenizer, PROMPTS, 16, batch_size=5)
+    for f, r in zip(free, results, strict=True):
+        ids = f.completion_ids
+        assert r.completion_ids == (ids[: ids.index(stop_id)] if stop_id in ids else ids)
+
+
+def test_progress_moves_per_finished_prompt(model, tokenizer):
+    finished = []
+    generate_from_ids(
+        model,
+        [tokenizer(p)["input_ids"] for p in PROMPTS],
+        [2, 4, 6, 8, 10],
+        tokenizer.unk_token_id,  # never written: every prompt runs to its cap
+        tokenizer.pad_token_id,
+        torch.device("cpu"),
+        on_done=finished.append,
+    )
+    assert finished == [1, 1, 1, 1, 1]

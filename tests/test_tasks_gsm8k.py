@@ -67,15 +67,12 @@ def test_parquet_file(tmp_path: Path) -> None:
     assert records[1]["labels"] == [True, True] and records[0]["labels"] is None
 
 
-def test_free_text_labelling_segments_with_the_given_pattern():
-    from crv.tasks.label import label_free_text, label_steps
+def test_unlabelled_steps_segment_with_the_given_pattern():
+    from crv.tasks.label import unlabelled_steps
     from crv.tasks.segment import CANONICAL_STEP_PATTERN
 
     text = "Step 1: 2+3=5, so 5\nAnswer: 5\n#### 5"
-    steps, final, correct = label_free_text(text, CANONICAL_STEP_PATTERN)
+    steps, final, correct = unlabelled_steps(text, CANONICAL_STEP_PATTERN)
     assert [s["text"] for s in steps] == ["Step 1: 2+3=5, so 5", "#### 5"]
-    assert [s["label"] for s in steps] == [None, None] and (final, correct) == ("5", False)
-    steps, final, correct = label_free_text(text, labels=[True], gold="5")
-    assert [s["label"] for s in steps] == [True, None, None] and correct
-    row = {"task": "gsm8k", "labels": [True], "gold": "5"}
-    assert label_steps(row, text) == (steps, final, correct)  # a GSM8K row: the same path
+    assert [s["label"] for s in steps] == [None, None] and (final, correct) == (None, False)
+    assert text[steps[0]["start_char"] : steps[0]["end_char"]] == steps[0]["text"]

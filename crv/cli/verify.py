@@ -363,7 +363,7 @@ class StepVerifier:
             regenerate_batch,
         )
         from crv.interventions.propose import propose
-        from crv.tasks.label import label_free_text
+        from crv.tasks.label import unlabelled_steps
 
         cfg, b = self.cfg, self.bundle
         span = StepSpan(enc.first_tokens[i], enc.last_tokens[i])
@@ -408,7 +408,7 @@ class StepVerifier:
             n_new,
             proposals[:1],
             [0],
-            label=lambda completion: label_free_text(completion, b.step_pattern),
+            label=lambda completion: unlabelled_steps(completion, b.step_pattern),
         )
         out["regenerated"] = {
             "intervention": 0,

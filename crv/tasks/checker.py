@@ -1,7 +1,10 @@
 """Exact step checker for the synthetic tasks (programmatic state verification).
 
-The checker replays a completion against the problem's expression. The state starts as the
-problem's expression; a step `Step k: <op>=<value>, so <rest>` is correct when
+The checker replays a completion against the problem's expression, judging each step with
+a `Judge`: the strict one here (the canonical form, for crv-tiny) or the semantic one of
+`crv.tasks.semantic` (true statements in any form, for pretrained models). The state starts
+as the problem's expression; under the strict judge a step `Step k: <op>=<value>, so <rest>`
+is correct when
 
 1. `<op>` is an innermost operation of the state (operands all literals; any of them, not
    only the leftmost one the canonical solution picks),
@@ -26,6 +29,7 @@ a part is not an expression of the task), `not_an_operation` (`<op>` is a bare v
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from crv.tasks.expr import (
@@ -74,44 +78,71 @@ class CheckedTrace:
 
 
 @dataclass(frozen=True)
-class _Verdict:
+class Verdict:
+    """A judge's verdict on one step line, before it is placed in the completion."""
+
     parsed: bool
     reason: str
     expected: str
     next_state: Node | None  # set only when the step is correct
 
 
-def _judge(state: Node, text: str, lang: Language) -> _Verdict:
-    """Check one step line against the current state."""
+Judge = Callable[[Node, str, Language], Verdict]
+"""`(state, step line, language) -> Verdict`: the strict judge here, the semantic one in
+`crv.tasks.semantic`."""
+
+
+def canonical_next(state: Node, lang: Language) -> str:
+    """The canonical restatement after `state`'s leftmost innermost operation is reduced."""
     paths = innermost_paths(state)
-    canonical = to_text(reduce_at(state, paths[0], lang) if paths else state, lang)
+    return to_text(reduce_at(state, paths[0], lang) if paths else state, lang)
+
+
+def judge_strict(state: Node, text: str, lang: Language) -> Verdict:
+    """Check one step line against the current state, in the canonical form only."""
+    paths = innermost_paths(state)
+    canonical = canonical_next(state, lang)
     match = STEP_RE.fullmatch(text.strip())
     if match is None:
-        return _Verdict(False, "unparseable", canonical, None)
+        return Verdict(False, "unparseable", canonical, None)
     try:
         op = parse(match["op"], lang)
         value = parse_value(match["value"], lang)
         rest = parse(match["rest"], lang)
     except (ExprError, RecursionError):
-        return _Verdict(False, "unparseable", canonical, None)
+        return Verdict(False, "unparseable", canonical, None)
     if isinstance(op, Atom):
-        return _Verdict(True, "not_an_operation", canonical, None)
+        return Verdict(True, "not_an_operation", canonical, None)
     if not is_innermost(op):
         occurs = any(sub == op for _, sub in walk(state))
-        return _Verdict(True, "not_innermost" if occurs else "not_in_expression", canonical, None)
+        return Verdict(True, "not_innermost" if occurs else "not_in_expression", canonical, None)
     reduced = [reduce_at(state, path, lang) for path in paths if subtree(state, path) == op]
     if not reduced:
-        return _Verdict(True, "not_in_expression", canonical, None)
+        return Verdict(True, "not_in_expression", canonical, None)
     expected = to_text(reduced[0], lang)
     if value != evaluate(op, lang):
-        return _Verdict(True, "wrong_result", expected, None)
+        return Verdict(True, "wrong_result", expected, None)
     if rest not in reduced:
-        return _Verdict(True, "miscopied", expected, None)
-    return _Verdict(True, "ok", to_text(rest, lang), rest)
+        return Verdict(True, "miscopied", expected, None)
+    return Verdict(True, "ok", to_text(rest, lang), rest)
 
 
-def check_completion(problem: Problem, completion: str) -> CheckedTrace:
-    """Label the steps of `completion` for a synthetic `problem`; never raises on bad text."""
+def _same_value(answer: str, gold: str, lang: Language) -> bool:
+    """True when `answer` is `gold`, or reads as the same value of the language."""
+    if answer == gold:
+        return True
+    try:
+        return parse_value(answer.strip().rstrip("."), lang) == parse_value(gold, lang)
+    except (ExprError, RecursionError):
+        return False
+
+
+def check_completion(
+    problem: Problem, completion: str, judge: Judge = judge_strict
+) -> CheckedTrace:
+    """Label the steps of `completion` for a synthetic `problem` with `judge`; never raises
+    on bad text. The final answer is correct when it is the gold text or, parsed as a value
+    of the task, equals the gold value (`Answer: (147)`)."""
     lang = task_spec(problem.task).lang
     answer = ANSWER_RE.search(completion)
     body = completion[: answer.start()] if answer else completion
@@ -119,7 +150,7 @@ def check_completion(problem: Problem, completion: str) -> CheckedTrace:
     steps: list[StepCheck] = []
     for index, (start, end) in enumerate(segment_steps(body, CANONICAL_STEP_PATTERN)):
         text = completion[start:end]
-        verdict = _judge(state, text, lang)
+        verdict = judge(state, text, lang)
         label = verdict.next_state is not None
         steps.append(
             StepCheck(
@@ -133,6 +164,6 @@ def check_completion(problem: Problem, completion: str) -> CheckedTrace:
     return CheckedTrace(
         steps=steps,
         final_answer=final_answer,
-        final_correct=final_answer == problem.gold,
+        final_correct=final_answer is not None and _same_value(final_answer, problem.gold, lang),
         n_unparsed=sum(not step.parsed for step in steps),
     )

@@ -24,15 +24,25 @@ class TracesConfig:
     gsm8k_limit: int | None = None
     """Read at most this many GSM8K records."""
     few_shot: int = 0
-    """Solved examples in the canonical format prepended to each prompt (for pretrained chat models)."""
+    """Solved 3-operator examples in the canonical format before each problem (chat turns
+    in the chat style); 0 for crv-tiny, which knows the format."""
+    prompt_style: str = "auto"
+    """plain (`Q: ...` text) | chat (system instruction stating the step format, examples as
+    chat turns, the tokenizer's chat template) | auto (chat when the tokenizer has one)."""
+    labels: str = "strict"
+    """strict (the canonical step form, for crv-tiny) | semantic (every stated computation
+    true and the restated expression's value kept; real-model subject presets pick it)."""
+    stop: list[str] = field(default_factory=lambda: [r"^Answer:[^\n]*\n", r"^####[^\n]*\n"])
+    """Stop patterns (regexes over the completion, multiline): generation ends once one
+    matches, so a completion ends with its answer line instead of running into a new `Q:`."""
     max_new_tokens_factor: float = 1.5
     """Token cap per problem = factor x tokens of its canonical solution + 16 (stops runaways)."""
     runtime_batch_size: int = 64
     """Prompts per generation batch (memory only; not part of the cache key)."""
 
     def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ValueError("traces.tasks is empty")
+        if not self.tasks and not self.gsm8k_path:
+            raise ValueError("traces.tasks is empty and no traces.gsm8k_path is given")
         if not self.complexities or min(self.complexities) < 1:
             raise ValueError(f"traces.complexities must be >= 1, got {self.complexities}")
         if self.n_per_complexity < 1:

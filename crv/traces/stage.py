@@ -1,11 +1,16 @@
 """The `traces` stage: the subject model's chains of thought, split into labelled steps.
 
-For each problem the subject model greedily writes a completion; the completion is split
-into steps, each step is labelled by the task's exact checker (synthetic tasks) or by the
-labels a file provides (GSM8K format), and the token holding each step's last character is
-located in the exact token sequence the model saw. Steps after the first incorrect one are
-dropped, as in CRV: once a chain has gone wrong, later steps are judged against a wrong
-premise. A step the checker cannot parse is labelled incorrect and counted separately.
+For each problem the subject model greedily writes a completion (prompted as plain `Q:`
+text or through its chat template, `crv.traces.prompts`; stop patterns end it with its
+answer line); the completion is split into steps, each step is labelled by the task's exact
+checker (synthetic tasks: `traces.labels` strict or semantic, `crv.tasks.label`) or by its
+calculations (GSM8K format), and the token holding each step's last character is located in
+the exact token sequence the model saw. A GSM8K-format record that carries its own chain of
+thought is not generated: its steps are teacher-forced (prompt + its steps as the
+completion) and keep their own labels. Steps after the first incorrect one are dropped, as
+in CRV: once a chain has gone wrong, later steps are judged against a wrong premise. A step
+the checker cannot parse is labelled incorrect and counted separately; a free-text step with
+nothing to check is unlabelled (`label` None), left out of the benchmark and counted.
 
 The artifact is a `datasets.Dataset` (`save_to_disk`) with one row per problem; columns are
 listed in docs/architecture.md. Train/test split is by problem (`make_splits`), so no
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,9 @@ from crv.pipeline import StageContext
 from crv.traces.config import TracesConfig
 
 log = logging.getLogger("crv.traces")
+
+PromptFn = Callable[[str, str, list[tuple[str, str]]], str]
+"""`(task, problem, few-shot examples) -> prompt text`."""
 
 
 def load_traces(path: str | Path):
@@ -33,16 +41,15 @@ def load_traces(path: str | Path):
     return load_from_disk(str(Path(path) / "dataset"))
 
 
-def few_shot_prefix(task: str, k: int, seed: int, exclude: set[str]) -> str:
-    """`k` solved 3-operator problems in the canonical format, none of them in `exclude`."""
+def few_shot_examples(task: str, k: int, seed: int, exclude: set[str]) -> list[tuple[str, str]]:
+    """`k` solved 3-operator problems `(expression, canonical solution)`, none in `exclude`."""
     from crv.tasks import generate_problems
 
     pool = generate_problems(task, 3, 50 * k, seed=10_000 + seed, unique=True)
-    shots = [p for p in pool if p.expression not in exclude][:k]
-    return "".join(p.prompt + p.solution() + "\n" for p in shots)
+    return [(p.expression, p.solution()) for p in pool if p.expression not in exclude][:k]
 
 
-def _synthetic_rows(cfg: TracesConfig, seed: int) -> list[dict[str, Any]]:
+def _synthetic_rows(cfg: TracesConfig, seed: int, prompt: PromptFn) -> list[dict[str, Any]]:
     from crv.tasks import make_splits
 
     rows = []
@@ -56,7 +63,7 @@ def _synthetic_rows(cfg: TracesConfig, seed: int) -> list[dict[str, Any]]:
             cfg.n_test_per_complexity.get(task),
         )
         used = {p.expression for p in train + test}
-        prefix = few_shot_prefix(task, cfg.few_shot, seed, used) if cfg.few_shot else ""
+        shots = few_shot_examples(task, cfg.few_shot, seed, used) if cfg.few_shot else []
         for split, problems in (("train", train), ("test", test)):
             for p in problems:
                 rows.append(
@@ -66,15 +73,18 @@ def _synthetic_rows(cfg: TracesConfig, seed: int) -> list[dict[str, Any]]:
                         "complexity": p.complexity,
                         "problem": p.expression,
                         "gold": p.gold,
-                        "prompt": prefix + p.prompt,
+                        "prompt": prompt(task, p.expression, shots),
                         "reference": p.solution(),
+                        "given": None,
                         "split": split,
                     }
                 )
     return rows
 
 
-def _gsm8k_rows(cfg: TracesConfig, seed: int) -> list[dict[str, Any]]:
+def _gsm8k_rows(cfg: TracesConfig, seed: int, prompt: PromptFn) -> list[dict[str, Any]]:
+    """GSM8K-format rows; a record with its own chain of thought carries it as `given`
+    (steps and labels), to be teacher-forced instead of generated."""
     import random
 
     from crv.tasks.gsm8k import load_gsm8k
@@ -86,20 +96,44 @@ def _gsm8k_rows(cfg: TracesConfig, seed: int) -> list[dict[str, Any]]:
     test_ids = set(order[:n_test])
     rows = []
     for i, rec in enumerate(records):
+        steps = rec.get("steps") or []
         rows.append(
             {
                 "id": str(rec.get("id") or f"gsm8k-{i:06d}"),
                 "task": "gsm8k",
-                "complexity": len(rec.get("steps") or []),
+                "complexity": len(steps),
                 "problem": rec["question"],
                 "gold": str(rec["gold"]),
-                "prompt": f"Q: {rec['question']}\n",
-                "reference": "\n".join(rec.get("steps") or []) + "\n",
-                "labels": rec.get("labels"),
+                "prompt": prompt("gsm8k", rec["question"], []),
+                "reference": "\n".join(steps) + "\n",
+                "given": {"steps": steps, "labels": rec.get("labels")}
+                if rec.get("given")
+                else None,
                 "split": "test" if i in test_ids else "train",
             }
         )
     return rows
+
+
+def given_completion(
+    given: dict[str, Any], gold: str
+) -> tuple[str, list[dict[str, Any]], str, bool]:
+    """A record's own chain of thought as a completion (its steps one per line, then
+    `#### <gold>`), with its step dicts: the record's labels, or, where it has none, each
+    step's calculations checked (`crv.tasks.gsm8k.step_label`). Returns the completion,
+    the steps, the final answer and its correctness (the gold, so True)."""
+    from crv.tasks.gsm8k import FINAL_MARKER, free_text_step, step_label
+
+    completion, steps = "", []
+    labels = given["labels"] or [None] * len(given["steps"])
+    for index, (text, label) in enumerate(zip(given["steps"], labels, strict=True)):
+        span = (len(completion), len(completion) + len(text))
+        completion += text + "\n"
+        if given["labels"] is None:
+            label = step_label(text)
+        reason = "given" if given["labels"] is not None else "calculations"
+        steps.append(free_text_step(index, completion, span, label, reason))
+    return completion + f"{FINAL_MARKER} {gold}\n", steps, gold, True
 
 
 def stats_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -114,6 +148,7 @@ def stats_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ):
         steps = [s for r in rs for s in r["steps"]]
         incorrect = sum(s["label"] is False for s in steps)
+        unlabelled = sum(s["label"] is None for s in steps)
         table.append(
             {
                 "task": task,
@@ -122,6 +157,7 @@ def stats_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "steps": len(steps),
                 "incorrect_steps": incorrect,
                 "unparseable_steps": sum(not s["parsed"] for s in steps),
+                "unlabelled_steps": unlabelled,
                 "wellformed_rate": round(sum(s["parsed"] for s in steps) / max(len(steps), 1), 4),
                 "traces_with_error": round(
                     sum(any(s["label"] is False for s in r["steps"]) for r in rs) / max(len(rs), 1),
@@ -136,33 +172,70 @@ def stats_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
-    """Generate, segment and label traces; save the dataset and return its stats table."""
+    """Generate (or teacher-force), segment and label traces; save the dataset and return
+    its stats table."""
+    import functools
+    import time
+
     from datasets import Dataset
 
     from crv.generation import generate_greedy, token_cap
     from crv.io import atomic_write_json
     from crv.models.loading import load_subject
-    from crv.tasks.label import label_steps
+    from crv.tasks.label import judge_for, label_steps
     from crv.tokens import last_token_index, token_char_ends
+    from crv.traces.prompts import build_prompt, resolve_style
 
     cfg: TracesConfig = ctx.cfg
+    judge_for(cfg.labels)  # an unknown label mode fails before the model loads
     model, tokenizer = load_subject(ctx.inputs["subject"], ctx.device)
-    rows = _synthetic_rows(cfg, ctx.seed)
+    style = resolve_style(cfg.prompt_style, tokenizer)
+    prompt = functools.partial(build_prompt, tokenizer, style)
+    rows = _synthetic_rows(cfg, ctx.seed, prompt)
     if cfg.gsm8k_path:
-        rows += _gsm8k_rows(cfg, ctx.seed)
+        rows += _gsm8k_rows(cfg, ctx.seed, prompt)
+    add_special = style == "plain"  # a rendered chat template holds its special tokens
+    todo = [r for r in rows if r["given"] is None]
     caps = {
-        r["prompt"]: token_cap(tokenizer, r["reference"], cfg.max_new_tokens_factor) for r in rows
+        r["prompt"]: token_cap(tokenizer, r["reference"], cfg.max_new_tokens_factor) for r in todo
     }
-    ctx.log.info("generating %d traces", len(rows))
-    results = generate_greedy(
-        model, tokenizer, [r["prompt"] for r in rows], caps.__getitem__, cfg.runtime_batch_size
+    ctx.log.info(
+        "generating %d traces (%s prompts, %s labels); %d given traces teacher-forced",
+        len(todo),
+        style,
+        cfg.labels,
+        len(rows) - len(todo),
     )
+    started = time.perf_counter()
+    generated = generate_greedy(
+        model,
+        tokenizer,
+        [r["prompt"] for r in todo],
+        caps.__getitem__,
+        cfg.runtime_batch_size,
+        stop_patterns=cfg.stop,
+        add_special_tokens=add_special,
+    )
+    seconds = time.perf_counter() - started
+    results = dict(zip((r["id"] for r in todo), generated, strict=True))
 
     out_rows = []
-    for row, res in zip(rows, results, strict=True):
-        steps, final, final_correct = label_steps(row, res.completion)
-        char_ends = token_char_ends(tokenizer, res.completion_ids, res.completion)
-        offset = len(res.prompt_ids)
+    for row in rows:
+        row = {**row, "label_mode": cfg.labels}
+        if row["given"] is None:
+            res = results[row["id"]]
+            prompt_ids, completion_ids, completion = (
+                res.prompt_ids,
+                res.completion_ids,
+                res.completion,
+            )
+            steps, final, final_correct = label_steps(row, completion)
+        else:
+            completion, steps, final, final_correct = given_completion(row["given"], row["gold"])
+            prompt_ids = tokenizer(row["prompt"], add_special_tokens=add_special)["input_ids"]
+            completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        char_ends = token_char_ends(tokenizer, completion_ids, completion)
+        offset = len(prompt_ids)
         for s in steps:
             s["last_token"] = last_token_index(char_ends, s["end_char"], offset)
         out_rows.append(
@@ -173,12 +246,14 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
                 "problem": row["problem"],
                 "gold": row["gold"],
                 "prompt": row["prompt"],
-                "completion": res.completion,
-                "input_ids": res.prompt_ids + res.completion_ids,
+                "completion": completion,
+                "input_ids": prompt_ids + completion_ids,
                 "prompt_len": offset,
                 "steps": steps,
                 "final_answer": final,
                 "final_correct": bool(final_correct),
+                "label_mode": cfg.labels,
+                "teacher_forced": row["given"] is not None,
                 "split": row["split"],
             }
         )
@@ -187,4 +262,13 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
     atomic_write_json(ctx.out / "stats.json", table)
     for line in table:
         ctx.log.info("%s", line)
-    return {"n_traces": len(out_rows), "table": table}
+    per_trace = seconds / max(len(todo), 1)
+    ctx.log.info("generation: %.1f s, %.2f s per generated trace", seconds, per_trace)
+    return {
+        "n_traces": len(out_rows),
+        "prompt_style": style,
+        "labels": cfg.labels,
+        "generation_seconds": round(seconds, 1),
+        "seconds_per_trace": round(per_trace, 2),
+        "table": table,
+    }
