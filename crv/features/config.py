@@ -24,3 +24,9 @@ class FeaturesConfig:
     """Processes computing features (graphs are independent); 1 computes in-process. About
     50 ms per graph of 300 nodes and 2,500 edges in one process; extra processes pay a few
     seconds of start-up and help only on otherwise idle cores."""
+
+    identity: bool = False
+    """Add the feature-identity family: which (layer, feature) nodes and which layers'
+    error nodes carry influence in the step's graph, influence-weighted and sparse
+    (`id_L<l>_F<f>`, `err_L<l>`). Off by default: on a crv-tiny development run it did not
+    raise CRV's validation AUROC (README)."""
