@@ -39,6 +39,8 @@ from collections.abc import Iterator
 import numpy as np
 
 METRICS = ("auroc", "aupr", "fpr95")
+ERROR_KINDS = ("natural", "planted")
+"""Incorrect steps without / with a planted rule (`by_error_kind`)."""
 TPR_TARGET = 0.95
 
 
@@ -233,6 +235,20 @@ def _fmt_diff(entry: dict) -> str:
     return text
 
 
+def _auroc_table(
+    title: str,
+    note: str,
+    counts: dict[str, str],
+    columns: dict[str, dict[str, dict]],
+    methods: list[str],
+) -> list[str]:
+    """A section with one row per method and one AUROC column per named test subset;
+    `note` is followed by the per-task `counts`."""
+    rows = [[m] + [_fmt(col.get(m), "auroc") for col in columns.values()] for m in methods]
+    count_text = ", ".join(f"{t} {c}" for t, c in counts.items())
+    return [f"### {title}\n", f"{note}: {count_text}.\n", _table(["method", *columns], rows)]
+
+
 def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) -> list[str]:
     """Tables of the paired differences, the confident half and the error kinds."""
     parts: list[str] = []
@@ -250,44 +266,26 @@ def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) ->
         ]
     halves = [t for t in tasks if "confident_half" in detection[t]]
     if halves:
-        counts = ", ".join(
-            f"{t} {c['n_test_steps']} ({c['n_test_incorrect']})"
-            for t in halves
-            for c in [detection[t]["confident_half_counts"]]
-        )
-        rows = [
-            [m] + [_fmt(detection[t]["confident_half"].get(m), "auroc") for t in halves]
-            for m in methods
-        ]
-        parts += [
-            "### AUROC on the confident half of the test steps\n",
+        half = {t: detection[t]["confident_half_counts"] for t in halves}
+        parts += _auroc_table(
+            "AUROC on the confident half of the test steps",
             "The half of each task's test steps with the highest mean max-probability; "
-            f"steps (incorrect): {counts}.\n",
-            _table(["method", *(f"{t} AUROC" for t in halves)], rows),
-        ]
+            "steps (incorrect)",
+            {t: f"{c['n_test_steps']} ({c['n_test_incorrect']})" for t, c in half.items()},
+            {f"{t} AUROC": detection[t]["confident_half"] for t in halves},
+            methods,
+        )
     kinds = [t for t in tasks if "by_error_kind" in detection[t]]
     if kinds:
-        counts = ", ".join(
-            f"{t} {n['natural']} natural / {n['planted']} planted"
-            for t in kinds
-            for n in [detection[t]["n_test_incorrect_by_kind"]]
-        )
-        header = ["method"] + [f"{t} {k}" for t in kinds for k in ("natural", "planted")]
-        rows = [
-            [m]
-            + [
-                _fmt(detection[t]["by_error_kind"][k].get(m), "auroc")
-                for t in kinds
-                for k in ("natural", "planted")
-            ]
-            for m in methods
-        ]
-        parts += [
-            "### AUROC by error kind\n",
+        n_kind = {t: detection[t]["n_test_incorrect_by_kind"] for t in kinds}
+        parts += _auroc_table(
+            "AUROC by error kind",
             "Natural errors (no planted rule) or planted errors (a planted rule) against all "
-            f"correct test steps; incorrect test steps: {counts}.\n",
-            _table(header, rows),
-        ]
+            "correct test steps; incorrect test steps",
+            {t: f"{n['natural']} natural / {n['planted']} planted" for t, n in n_kind.items()},
+            {f"{t} {k}": detection[t]["by_error_kind"][k] for t in kinds for k in ERROR_KINDS},
+            methods,
+        )
     return parts
 
 

@@ -53,7 +53,12 @@ from scipy.sparse import csr_matrix
 from crv.features.stage import FAMILIES, family_of
 from crv.verifier.classifier import Matrix, XGBVerifier, feature_matrix
 from crv.verifier.config import VerifierConfig
-from crv.verifier.metrics import evaluate_scores, null_metrics, paired_auroc_difference
+from crv.verifier.metrics import (
+    ERROR_KINDS,
+    evaluate_scores,
+    null_metrics,
+    paired_auroc_difference,
+)
 
 POSITION_COLUMNS = ("step", "n_prefix_tokens", "complexity")
 """The only inputs of the position baseline."""
@@ -63,8 +68,6 @@ CONFIDENCE_COLUMNS = ("maxprob", "perplexity", "entropy", "temperature", "energy
 
 CRV_METHODS = ("crv", "crv+confidence")
 """Methods that read the graph; every other method is a baseline for the paired test."""
-
-ERROR_KINDS = ("natural", "planted")
 
 
 class Scorer(Protocol):
