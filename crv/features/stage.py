@@ -466,10 +466,10 @@ def load_feature_table(path: str | Path, identity: bool = True) -> pd.DataFrame:
 def load_identity(path: str | Path) -> tuple[csr_matrix, list[str]] | None:
     """The identity family of a `features` artifact: sparse matrix [n_steps, n_names]
     (rows aligned with `load_feature_table`) and column names; None when it has none."""
-    names = load_feature_meta(path).get("identity_names") or []
     file = Path(path) / IDENTITY_FILE
-    if not names or not file.is_file():
+    if not file.is_file():
         return None
+    names = load_feature_meta(path).get("identity_names") or []
     matrix = load_npz(file).tocsr()
     if matrix.shape[1] != len(names):
         raise ValueError(
