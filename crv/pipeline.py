@@ -87,7 +87,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("graphs", ("subject", "traces", "transcoders"), "crv.graphs.stage:run_stage"),
     Stage("features", ("traces", "graphs"), "crv.features.stage:run_stage"),
     Stage("baselines", ("subject", "traces"), "crv.baselines.stage:run_stage"),
-    Stage("verifier", ("traces", "features", "baselines"), "crv.verifier.classifier:run_stage"),
+    Stage("verifier", ("traces", "features", "baselines"), "crv.verifier.stage:run_stage"),
     Stage(
         "interventions",
         ("subject", "traces", "transcoders", "graphs", "features", "verifier"),

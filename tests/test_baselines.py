@@ -21,8 +21,8 @@ from crv.baselines.stage import (
     trace_step_scores,
 )
 from crv.features.stage import KEY_COLUMNS
-from crv.verifier.classifier import POSITION_COLUMNS, build_methods, fit_method
 from crv.verifier.config import VerifierConfig
+from crv.verifier.stage import POSITION_COLUMNS, build_methods, fit_method
 
 
 @pytest.fixture(scope="module", name="tiny_llama")

@@ -16,10 +16,10 @@ from crv.verifier.classifier import (
     XGBVerifier,
     choose_threshold,
     load_verifier,
-    run_stage,
     split_train_val,
 )
 from crv.verifier.config import VerifierConfig
+from crv.verifier.stage import run_stage
 
 FAST = VerifierConfig(
     n_estimators=40, early_stopping_rounds=5, n_bootstrap=50, n_threads=1, mlp_probe_max_iter=50
@@ -41,6 +41,7 @@ def synthetic_steps(n_traces=60, n_layers=4, seed=0, tasks=("arithmetic", "boole
                     "task": task,
                     "complexity": int(rng.choice([3, 5])),
                     "split": "test" if i % 5 == 0 else "train",
+                    "planted_rule": "",
                     "n_prefix_tokens": 10 + 8 * step,
                 }
             )
@@ -123,6 +124,8 @@ def test_verifier_stage_end_to_end(tmp_path):
     df, names = synthetic_steps(n_traces=80)
     # boolean test steps are all correct: its metrics must be null, not a crash
     df.loc[(df["task"] == "boolean") & (df["split"] == "test") & (df["label"] == 1), "label"] = 0
+    wrong = df.index[(df["task"] == "arithmetic") & (df["label"] == 1)]
+    df.loc[wrong[::2], "planted_rule"] = "seven_times"
     feat, base = write_inputs(tmp_path, df, names)
     out = tmp_path / "out"
     out.mkdir()
@@ -137,14 +140,34 @@ def test_verifier_stage_end_to_end(tmp_path):
         logging.getLogger("t"),
     )
     det = run_stage(ctx)
-    methods = ["crv", "position", "maxprob", "energy", "lr_probe", "mlp_probe"]
+    methods = ["crv", "crv+confidence", "position", "maxprob", "energy", "lr_probe", "mlp_probe"]
     ari = det["arithmetic"]
     assert list(ari["methods"]) == methods
+    best = max(methods[2:], key=lambda m: ari["methods"][m]["auroc"])
+    for m in ("crv", "crv+confidence"):
+        paired = ari["paired"][m]
+        assert paired["baseline"] == best
+        assert paired["diff"] == pytest.approx(
+            ari["methods"][m]["auroc"] - ari["methods"][best]["auroc"]
+        )
+        assert paired["ci"][0] <= paired["diff"] <= paired["ci"][1]
+    assert set(ari["confident_half"]) == set(methods)
+    assert ari["confident_half_counts"]["n_test_steps"] == ari["n_test_steps"] // 2
+    n_kind = ari["n_test_incorrect_by_kind"]
+    assert n_kind["natural"] + n_kind["planted"] == ari["n_test_incorrect"]
+    assert n_kind["planted"] > 0 and n_kind["natural"] > 0
+    for kind in ("natural", "planted"):
+        assert set(ari["by_error_kind"][kind]) == set(methods)
+        assert ari["by_error_kind"][kind]["crv"]["auroc_ci"] is not None
+    # no planted rule among boolean steps: that kind is skipped with its reason
+    planted_bool = det["boolean"]["by_error_kind"]["planted"]["maxprob"]
+    assert planted_bool["auroc"] is None and "planted" in planted_bool["reason"]
     assert ari["methods"]["crv"]["auroc"] > 0.75
     assert ari["methods"]["crv"]["auroc_ci"][0] <= ari["methods"]["crv"]["auroc"]
     assert det["boolean"]["methods"]["crv"]["auroc"] is None
     assert "reason" in det["boolean"]["methods"]["crv"]
     assert set(det["per_complexity"]["arithmetic"]) == {"3", "5"}
+    assert det["n_identity_features"] == 0
     assert list(det["ablation"]["arithmetic"]) == [
         "all",
         "without_global",

@@ -62,7 +62,7 @@ def test_feature_names_and_families():
     assert len(feature_names(32)) == 55
     assert len(feature_names(4)) == 27
     assert len(set(feature_names(4))) == 27
-    assert {family_of(n) for n in feature_names(4)} == set(FAMILIES)
+    assert {family_of(n) for n in feature_names(4)} == set(FAMILIES) - {"identity"}
     assert family_of("layer_hist_3") == "node"
     assert sum(family_of(n) == "node" for n in feature_names(4)) == 6 + 4
     assert set(graph_features(chain(), 4)) == set(feature_names(4))
@@ -234,3 +234,84 @@ def test_features_stage_writes_table(tmp_path, monkeypatch):
         load_feature_meta(out)["seed"] == 0
         and load_feature_meta(out)["config"]["betweenness_k"] == 32
     )
+
+
+def identity_graph(trace_id="t0", step=0, position=9):
+    """[feature L1 F7 @0, feature L1 F7 @3, feature L0 F2, error L1 @0, error L1 @3,
+    error L0 (zero influence), token, logit]."""
+    g = make_graph(
+        kind=[0, 0, 0, 1, 1, 1, 2, 3],
+        layer=[1, 1, 0, 1, 1, 0, -1, 4],
+        activation=[1.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.9],
+        influence=[0.25, 0.5, 0.125, 0.0625, 0.1875, 0.0, 0.3, 0.9],
+        edges=[(6, 2, 1.0), (2, 0, 1.0), (0, 7, 1.0), (1, 7, 1.0), (3, 7, 1.0)],
+        trace_id=trace_id,
+        step=step,
+        position=position,
+    )
+    g.feature[:] = [7, 7, 2, -1, -1, -1, 11, 12]
+    return g
+
+
+def test_identity_features_by_hand():
+    from crv.features.stage import identity_features, identity_matrix
+
+    ident = identity_features(identity_graph())
+    # features summed over positions, errors summed by layer, zero influence left out
+    assert ident == {"id_L1_F7": 0.75, "id_L0_F2": 0.125, "err_L1": 0.25}
+    assert all(family_of(n) == "identity" for n in ident)
+    other = {"id_L3_F1630": 2.0, "err_L1": 1.0}
+    m, names = identity_matrix([ident, {}, other])
+    assert names == ["id_L0_F2", "id_L1_F7", "id_L3_F1630", "err_L1"]
+    assert m.format == "csr" and m.shape == (3, 4) and m.nnz == 5  # absent entries not stored
+    np.testing.assert_array_equal(
+        m.toarray(), [[0.125, 0.75, 0, 0.25], [0, 0, 0, 0], [0, 0, 2.0, 1.0]]
+    )
+    with_id = graph_features(identity_graph(), 4, FeaturesConfig(identity=True))
+    assert set(with_id) == set(feature_names(4)) | set(ident)
+    assert set(graph_features(identity_graph(), 4)) == set(feature_names(4))
+
+
+def test_feature_table_identity_block_and_planted_rule(tmp_path):
+    from datasets import Dataset
+
+    from crv.features.stage import load_feature_table, load_identity, split_identity
+
+    steps = [
+        {"index": i, "text": "", "label": i != 1, "planted_rule": r, "last_token": 5 + i}
+        for i, r in enumerate(["", "seven_times", ""])
+    ]
+    row = {"id": "t0", "task": "arithmetic", "complexity": 3, "split": "train", "prompt_len": 3}
+    keys = step_key_table(Dataset.from_list([{**row, "steps": steps}]))
+    assert keys["planted_rule"].tolist() == ["", "seven_times", ""]
+    graphs = [identity_graph(step=2), chain(), identity_graph(step=1)]
+    table = feature_table(graphs, keys, 4, FeaturesConfig(identity=True), seed=0)
+    dense, m, names = split_identity(table)
+    assert list(dense.columns) == [*KEY_COLUMNS, *feature_names(4)]
+    assert dense["planted_rule"].tolist() == ["", "seven_times", ""]
+    assert names == ["id_L0_F0", "id_L0_F2", "id_L1_F7", "id_L2_F0", "err_L1"]
+    expected = np.array(
+        [[0.5, 0, 0, 0.8, 0.3], [0, 0.125, 0.75, 0, 0.25], [0, 0.125, 0.75, 0, 0.25]]
+    )
+    np.testing.assert_allclose(m.toarray(), expected, rtol=1e-6)  # rows in table order
+    # the stage's files: dense Parquet + sparse npz, read back as sparse columns
+    import crv.features.stage as fs
+    from crv.io import atomic_write, atomic_write_json
+
+    atomic_write(tmp_path / fs.TABLE_FILE, lambda p: dense.to_parquet(p, index=False))
+    atomic_write(tmp_path / fs.IDENTITY_FILE, lambda p: fs._save_sparse(p, m))
+    atomic_write_json(tmp_path / fs.META_FILE, {"feature_names": [], "identity_names": names})
+    back, back_names = load_identity(tmp_path)
+    assert back_names == names and (back != m).nnz == 0
+    loaded = load_feature_table(tmp_path)
+    assert list(loaded.columns[-5:]) == names and loaded[names[2]].dtype.kind == "f"
+    np.testing.assert_allclose(loaded[names].sparse.to_dense().to_numpy(), expected, rtol=1e-6)
+
+
+def test_step_key_table_without_planted_rule_field():
+    from datasets import Dataset
+
+    steps = [{"index": 0, "text": "", "label": False, "last_token": 4}]
+    row = {"id": "t", "task": "boolean", "complexity": 3, "split": "test", "prompt_len": 2}
+    keys = step_key_table(Dataset.from_list([{**row, "steps": steps}]))
+    assert keys["planted_rule"].tolist() == [""]

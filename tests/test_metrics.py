@@ -59,8 +59,16 @@ def test_detection_markdown_renders_all_tables():
     entry = evaluate_scores(np.r_[0, 1, 0, 1, 0], np.r_[0.1, 0.9, 0.2, 0.3, 0.5], 20, 0)
     null = evaluate_scores(np.zeros(3, int), np.zeros(3), 20, 0)
     task = {"n_test_steps": 5, "n_test_incorrect": 2, "methods": {"crv": entry, "maxprob": null}}
+    reported = {
+        **task,
+        "paired": {"crv": {"diff": 0.0312, "ci": [-0.01, 0.07], "baseline": "maxprob"}},
+        "confident_half_counts": {"n_test_steps": 2, "n_test_incorrect": 1},
+        "confident_half": {"crv": entry, "maxprob": null},
+        "n_test_incorrect_by_kind": {"natural": 2, "planted": 0},
+        "by_error_kind": {"natural": {"crv": entry}, "planted": {"crv": null}},
+    }
     detection = {
-        "arithmetic": task,
+        "arithmetic": reported,
         "boolean": task,
         "per_complexity": {"arithmetic": {"3": task}},
         "ablation": {"arithmetic": {"all": entry, "without_global": entry}},
@@ -76,5 +84,11 @@ def test_detection_markdown_renders_all_tables():
         "without_global",
         "all tasks",
         "n/a",
+        "| arithmetic | crv | maxprob | +3.1 [-1.0, +7.0] |",
+        "confident half",
+        "arithmetic 2 (1)",
+        "arithmetic natural | arithmetic planted",
+        "2 natural / 0 planted",
     ):
         assert text in md
+    assert "boolean natural" not in md  # tasks without the new entries are left out

@@ -24,6 +24,12 @@ class FeaturesConfig:
     """Processes computing features (graphs are independent); 1 computes in-process. Extra
     processes pay a start-up cost and help only on otherwise idle cores."""
 
+    identity: bool = False
+    """Add the feature-identity family: which (layer, feature) nodes and which layers'
+    error nodes carry influence in the step's graph, influence-weighted and sparse
+    (`id_L<l>_F<f>`, `err_L<l>`). Off by default: on a crv-tiny development run it did not
+    raise CRV's validation AUROC (README)."""
+
     def __post_init__(self) -> None:
         if self.n_layers is not None and self.n_layers < 1:
             raise ValueError(f"features.n_layers must be >= 1 or None, got {self.n_layers}")

@@ -45,12 +45,23 @@ probability of a graph without logit nodes) are NaN, which xgboost treats as mis
   from any input-token node to any logit node; -1 if no logit is reachable from a token.
 
 Edges of weight exactly 0 carry no effect and are left out of the topology.
+
+**identity** (optional, `features.identity`) - *which* features carry the step's
+computation, not just how many: `id_L<l>_F<f>` is the summed influence of the kept nodes of
+transcoder feature f of layer l (over positions) and `err_L<l>` the summed influence of the
+kept error nodes of layer l. A node absent from the graph (or of zero influence) is
+*missing*, not 0: the family is stored as a sparse matrix (`identity.npz`, rows aligned with
+the feature table, columns named in `features.json`'s `identity_names`, the union over all
+step graphs) and xgboost treats entries a sparse matrix does not store as missing. A model
+with 100k features per layer gives a long, very sparse vocabulary; thousands of Parquet
+columns would not do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import time
 from collections.abc import Iterable, Iterator
 from multiprocessing import get_context
@@ -60,7 +71,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import pandas as pd
-from scipy.sparse import csr_matrix
+from scipy.sparse import csr_matrix, load_npz, save_npz
 from scipy.sparse.csgraph import shortest_path
 
 from crv.features.config import FeaturesConfig
@@ -76,10 +87,11 @@ KEY_COLUMNS = (
     "complexity",
     "split",
     "label",
+    "planted_rule",
     "n_prefix_tokens",
 )
 """Columns identifying a step in the feature and baseline tables (label: 1 incorrect,
-0 correct, -1 unknown)."""
+0 correct, -1 unknown; planted_rule: the planted bug the step exercises, "" for none)."""
 
 HIST_PREFIX = "layer_hist_"
 
@@ -112,10 +124,14 @@ FEATURE_FAMILIES: dict[str, str] = {
 """Family of every feature; the per-layer histogram columns `layer_hist_0`, `layer_hist_1`,
 ... all share the entry `layer_hist_<l>` (use `family_of`)."""
 
-FAMILIES = ("global", "node", "topology")
+FAMILIES = ("global", "node", "topology", "identity")
+
+IDENTITY_NAME = re.compile(r"^(id_L\d+_F\d+|err_L\d+)$")
+"""Names of the identity family's columns."""
 
 TABLE_FILE = "features.parquet"
 META_FILE = "features.json"
+IDENTITY_FILE = "identity.npz"
 
 
 def feature_names(n_layers: int) -> list[str]:
@@ -130,21 +146,69 @@ def feature_names(n_layers: int) -> list[str]:
 
 
 def family_of(name: str) -> str:
-    """The family (`global`, `node` or `topology`) of a feature column."""
+    """The family (`global`, `node`, `topology` or `identity`) of a feature column."""
     if name.startswith(HIST_PREFIX) and name[len(HIST_PREFIX) :].isdigit():
         return FEATURE_FAMILIES[HIST_PREFIX + "<l>"]
+    if IDENTITY_NAME.match(name):
+        return "identity"
     return FEATURE_FAMILIES[name]
 
 
 def graph_features(
     g: StepGraph, n_layers: int, cfg: FeaturesConfig | None = None, seed: int = 0
 ) -> dict[str, float]:
-    """All features of one step graph, keyed by `feature_names(n_layers)`."""
+    """All features of one step graph: `feature_names(n_layers)` and, when `cfg.identity`,
+    the identity entries of the nodes in the graph (`identity_features`)."""
     cfg = cfg or FeaturesConfig()
+    out = _aggregate_features(g, n_layers, cfg, seed)
+    if cfg.identity:
+        out.update(identity_features(g))
+    return out
+
+
+def _aggregate_features(
+    g: StepGraph, n_layers: int, cfg: FeaturesConfig, seed: int
+) -> dict[str, float]:
     out = _global_features(g)
     out.update(_node_features(g, n_layers))
     out.update(_topology_features(g, cfg, seed))
     return out
+
+
+def identity_features(g: StepGraph) -> dict[str, float]:
+    """Summed influence of each (layer, feature) node (`id_L<l>_F<f>`) and of the error
+    nodes of each layer (`err_L<l>`) in the graph; zero sums are left out (missing)."""
+    out: dict[str, float] = {}
+    columns = (g.kind, g.layer, g.feature, g.influence)
+    for kind, layer, feature, influence in zip(*(c.tolist() for c in columns), strict=True):
+        if kind == FEATURE:
+            name = f"id_L{layer}_F{feature}"
+        elif kind == ERROR:
+            name = f"err_L{layer}"
+        else:
+            continue
+        out[name] = out.get(name, 0.0) + influence
+    return {n: v for n, v in out.items() if v != 0}
+
+
+def _identity_order(name: str) -> tuple[int, int, int]:
+    """Sort key of identity names: features by (layer, feature), then error layers."""
+    numbers = [int(x) for x in re.findall(r"\d+", name)]
+    return (0, *numbers) if name.startswith("id_") else (1, numbers[0], 0)
+
+
+def identity_matrix(rows: list[dict[str, float]]) -> tuple[csr_matrix, list[str]]:
+    """The identity family of `rows` (one dict per step, from `identity_features`) as a
+    sparse matrix [n_rows, n_names] storing only the present entries, and its column
+    names (the union of the rows' names, features by layer and index, then errors)."""
+    names = sorted({n for r in rows for n in r}, key=_identity_order)
+    col = {n: j for j, n in enumerate(names)}
+    indptr = np.cumsum([0, *(len(r) for r in rows)])
+    indices = np.fromiter((col[n] for r in rows for n in r), dtype=np.int64, count=indptr[-1])
+    data = np.fromiter((v for r in rows for v in r.values()), dtype=np.float64, count=indptr[-1])
+    m = csr_matrix((data, indices, indptr), shape=(len(rows), len(names)))
+    m.sort_indices()
+    return m, names
 
 
 def _global_features(g: StepGraph) -> dict[str, float]:
@@ -240,8 +304,9 @@ def label_code(label: bool | None) -> int:
 
 def step_key_table(traces) -> pd.DataFrame:
     """One row per step of every trace with the `KEY_COLUMNS` (n_prefix_tokens = the
-    step's last token index + 1) plus `last_token` and `prev_last_token` (the previous
-    step's last token, or prompt_len - 1 for the first step)."""
+    step's last token index + 1; planted_rule "" where the step has no such field) plus
+    `last_token` and `prev_last_token` (the previous step's last token, or prompt_len - 1
+    for the first step)."""
     rows = []
     cols = ["id", "task", "complexity", "split", "prompt_len", "steps"]
     for tr in traces.select_columns(cols):
@@ -257,6 +322,7 @@ def step_key_table(traces) -> pd.DataFrame:
                     "complexity": int(tr["complexity"]),
                     "split": tr["split"],
                     "label": label_code(st["label"]),
+                    "planted_rule": st.get("planted_rule") or "",
                     "n_prefix_tokens": last + 1,
                     "last_token": last,
                     "prev_last_token": prev,
@@ -266,9 +332,12 @@ def step_key_table(traces) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*KEY_COLUMNS, "last_token", "prev_last_token"])
 
 
-def _features_job(args: tuple[StepGraph, int, FeaturesConfig, int]) -> tuple[str, int, int, dict]:
+def _features_job(
+    args: tuple[StepGraph, int, FeaturesConfig, int],
+) -> tuple[str, dict[str, float], dict[str, float] | None]:
     g, n_layers, cfg, seed = args
-    return g.trace_id, int(g.step), int(g.position), graph_features(g, n_layers, cfg, seed)
+    dense = {"n_prefix_tokens": int(g.position) + 1, **_aggregate_features(g, n_layers, cfg, seed)}
+    return f"{g.trace_id}:{int(g.step)}", dense, identity_features(g) if cfg.identity else None
 
 
 def feature_table(
@@ -280,7 +349,8 @@ def feature_table(
 ) -> pd.DataFrame:
     """The feature table: `KEY_COLUMNS` (from `keys`, n_prefix_tokens = position + 1)
     followed by `feature_names(n_layers)`, one row per graph (every graph's step must be in
-    `keys`)."""
+    `keys`); when `cfg.identity`, then the identity family as pandas sparse columns
+    (`identity_matrix`; absent entries are missing)."""
     jobs = ((g, n_layers, cfg, seed) for g in graphs)
     if cfg.n_workers > 1:
         with get_context("spawn").Pool(cfg.n_workers) as pool:
@@ -289,10 +359,7 @@ def feature_table(
         results = [_features_job(j) for j in jobs]
     names = feature_names(n_layers)
     feats = pd.DataFrame(
-        [
-            {"step_id": f"{t}:{step}", "n_prefix_tokens": pos + 1, **f}
-            for t, step, pos, f in results
-        ],
+        [{"step_id": step_id, **f} for step_id, f, _ in results],
         columns=["step_id", "n_prefix_tokens", *names],
     )
     unknown = feats.loc[~feats["step_id"].isin(keys["step_id"]), "step_id"]
@@ -301,7 +368,27 @@ def feature_table(
     key_cols = [c for c in KEY_COLUMNS if c != "n_prefix_tokens"]
     table = keys[key_cols].merge(feats, on="step_id", how="inner", validate="one_to_one")
     table = table[[*KEY_COLUMNS, *names]].astype({n: np.float64 for n in names})
-    return table.sort_values(["trace_id", "step"], kind="stable").reset_index(drop=True)
+    table = table.sort_values(["trace_id", "step"], kind="stable").reset_index(drop=True)
+    if not cfg.identity:
+        return table
+    identity_of = {step_id: ident for step_id, _, ident in results}
+    matrix, id_names = identity_matrix([identity_of[s] for s in table["step_id"]])
+    return with_identity(table, matrix, id_names)
+
+
+def with_identity(table: pd.DataFrame, matrix: csr_matrix, names: list[str]) -> pd.DataFrame:
+    """`table` with the identity block [n_rows, n_names] appended as sparse columns."""
+    sparse = pd.DataFrame.sparse.from_spmatrix(matrix, index=table.index, columns=names)
+    return pd.concat([table, sparse], axis=1)
+
+
+def split_identity(table: pd.DataFrame) -> tuple[pd.DataFrame, csr_matrix, list[str]]:
+    """(the table without identity columns, the identity block as CSR, its names)."""
+    names = [c for c in table.columns if IDENTITY_NAME.match(c)]
+    dense = table.drop(columns=names)
+    if not names:
+        return dense, csr_matrix((len(table), 0)), names
+    return dense, table[names].sparse.to_coo().tocsr(), names
 
 
 def _infer_n_layers(graphs: Iterator[StepGraph]) -> tuple[int, Iterator[StepGraph]]:
@@ -315,7 +402,7 @@ def _infer_n_layers(graphs: Iterator[StepGraph]) -> tuple[int, Iterator[StepGrap
 
 
 def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
-    """`features` stage: one row of graph features per step graph."""
+    """`features` stage: one row of graph features per step graph (+ the identity block)."""
     from crv.graphs.store import iter_step_graphs
     from crv.traces.stage import load_traces
 
@@ -327,8 +414,12 @@ def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
         n_layers, graphs = _infer_n_layers(graphs)
     else:
         n_layers = cfg.n_layers
-    table = feature_table(graphs, keys, n_layers, cfg, ctx.seed)
+    table, matrix, identity_names = split_identity(
+        feature_table(graphs, keys, n_layers, cfg, ctx.seed)
+    )
     atomic_write(ctx.out / TABLE_FILE, lambda p: table.to_parquet(p, index=False))
+    if cfg.identity:
+        atomic_write(ctx.out / IDENTITY_FILE, lambda p: _save_sparse(p, matrix))
     names = feature_names(n_layers)
     atomic_write_json(
         ctx.out / META_FILE,
@@ -336,6 +427,7 @@ def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
             "n_layers": n_layers,
             "feature_names": names,
             "families": {n: family_of(n) for n in names},
+            "identity_names": identity_names,
             "config": dataclasses.asdict(cfg),
             "seed": ctx.seed,
         },
@@ -343,7 +435,7 @@ def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     labelled = table[table["label"] >= 0]
     ctx.log.info("features: %d step graphs, %d features, %.1f s", len(table), len(names), seconds)
-    return {
+    out = {
         "n_steps": len(table),
         "n_labelled": len(labelled),
         "n_incorrect": int((labelled["label"] == 1).sum()),
@@ -351,15 +443,46 @@ def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
         "n_layers": n_layers,
         "seconds_per_graph": seconds / max(len(table), 1),
     }
+    if cfg.identity:
+        out["n_identity_columns"] = len(identity_names)
+        out["identity_entries_per_step"] = matrix.nnz / max(len(table), 1)
+    return out
 
 
-def load_feature_table(path: str | Path) -> pd.DataFrame:
-    """The feature table written by the `features` stage (`KEY_COLUMNS` + features)."""
-    return pd.read_parquet(Path(path) / TABLE_FILE)
+def _save_sparse(path: Path, matrix: csr_matrix) -> None:
+    with open(path, "wb") as f:
+        save_npz(f, matrix, compressed=True)
+
+
+def load_feature_table(path: str | Path, identity: bool = True) -> pd.DataFrame:
+    """The feature table written by the `features` stage (`KEY_COLUMNS` + features); with
+    `identity`, and when the artifact has the identity family, its columns are appended as
+    pandas sparse columns (absent entries = missing)."""
+    table = pd.read_parquet(Path(path) / TABLE_FILE)
+    if "planted_rule" not in table.columns:  # artifacts from before the column existed
+        table.insert(table.columns.get_loc("label") + 1, "planted_rule", "")
+    block = load_identity(path) if identity else None
+    return table if block is None else with_identity(table, *block)
+
+
+def load_identity(path: str | Path) -> tuple[csr_matrix, list[str]] | None:
+    """The identity family of a `features` artifact: sparse matrix [n_steps, n_names]
+    (rows aligned with `load_feature_table`) and column names; None when it has none."""
+    file = Path(path) / IDENTITY_FILE
+    if not file.is_file():
+        return None
+    names = load_feature_meta(path).get("identity_names") or []
+    matrix = load_npz(file).tocsr()
+    if matrix.shape[1] != len(names):
+        raise ValueError(
+            f"{file}: {matrix.shape[1]} identity columns, but {len(names)} names in {META_FILE}"
+        )
+    return matrix, names
 
 
 def load_feature_names(path: str | Path) -> list[str]:
-    """Feature columns of a `features` artifact, in table order."""
+    """Aggregate feature columns of a `features` artifact, in table order (the identity
+    family's names come with `load_identity`)."""
     return list(load_feature_meta(path)["feature_names"])
 
 

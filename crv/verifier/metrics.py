@@ -24,13 +24,23 @@ Confidence intervals: percentile bootstrap over steps (resampling test steps wit
 replacement, seeded), 2.5% and 97.5% quantiles; resamples without a positive or without a
 negative step are skipped. Steps of one trace are correlated, so these intervals are
 somewhat optimistic; they describe the test set's sampling noise, not the training noise.
+
+Paired differences (`paired_auroc_difference`, "is method A better than method B?")
+resample *groups* (traces): a resample draws traces with replacement and takes every step
+of a drawn trace, as often as the trace was drawn, so the correlation of a trace's steps
+widens the interval as it should. Both methods are scored on the same resamples and the
+interval is that of the per-resample difference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 METRICS = ("auroc", "aupr", "fpr95")
+ERROR_KINDS = ("natural", "planted")
+"""Incorrect steps without / with a planted rule (`by_error_kind`)."""
 TPR_TARGET = 0.95
 
 
@@ -117,6 +127,46 @@ def bootstrap_intervals(
     return out
 
 
+def group_weights(
+    groups: np.ndarray, n_bootstrap: int, seed: int, chunk: int = 200
+) -> Iterator[np.ndarray]:
+    """Multiplicities [b, n] of the n steps in bootstrap resamples of their groups (whole
+    groups drawn with replacement), `n_bootstrap` rows in all, in chunks of `chunk`."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if len(inverse) else 0
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - start)
+        idx = rng.integers(0, n_groups, size=(b, n_groups)) + (np.arange(b) * n_groups)[:, None]
+        counts = np.bincount(idx.ravel(), minlength=b * n_groups).reshape(b, n_groups)
+        yield counts[:, inverse].astype(float)
+
+
+def paired_auroc_difference(
+    y_true: np.ndarray,
+    scores_a: np.ndarray,
+    scores_b: np.ndarray,
+    groups: np.ndarray,
+    n_bootstrap: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict[str, object]:
+    """AUROC(a) - AUROC(b) on the same steps, with a percentile interval from a bootstrap
+    that resamples `groups` (traces): `{diff, ci: [low, high]}`; None where undefined."""
+    y = np.asarray(y_true, dtype=float)
+    sorted_ = [_sort_by_score(np.asarray(s, dtype=float)) for s in (scores_a, scores_b)]
+    point = [_metrics_from_weights(y[o], st, np.ones((1, len(y))))["auroc"][0] for o, st in sorted_]
+    draws = [np.zeros(0)]
+    for w in group_weights(groups, n_bootstrap, seed) if len(y) else ():
+        a, b = (_metrics_from_weights(y[o], st, w[:, o])["auroc"] for o, st in sorted_)
+        draws.append(a - b)
+    d = np.concatenate(draws)
+    d = d[np.isfinite(d)]
+    alpha = (1 - level) / 2
+    ci = [float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha))] if len(d) else None
+    return {"diff": _none_if_nan(float(point[0] - point[1])) if len(y) else None, "ci": ci}
+
+
 def evaluate_scores(
     y_true: np.ndarray, scores: np.ndarray, n_bootstrap: int, seed: int
 ) -> dict[str, object]:
@@ -175,9 +225,74 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt_diff(entry: dict) -> str:
+    """A paired difference in AUROC points with its interval, or why it is missing."""
+    if entry.get("diff") is None:
+        return f"n/a ({entry.get('reason', 'undefined')})"
+    text = f"{100 * entry['diff']:+.1f}"
+    if entry.get("ci"):
+        text += f" [{100 * entry['ci'][0]:+.1f}, {100 * entry['ci'][1]:+.1f}]"
+    return text
+
+
+def _auroc_table(
+    title: str,
+    note: str,
+    counts: dict[str, str],
+    columns: dict[str, dict[str, dict]],
+    methods: list[str],
+) -> list[str]:
+    """A section with one row per method and one AUROC column per named test subset;
+    `note` is followed by the per-task `counts`."""
+    rows = [[m] + [_fmt(col.get(m), "auroc") for col in columns.values()] for m in methods]
+    count_text = ", ".join(f"{t} {c}" for t, c in counts.items())
+    return [f"### {title}\n", f"{note}: {count_text}.\n", _table(["method", *columns], rows)]
+
+
+def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) -> list[str]:
+    """Tables of the paired differences, the confident half and the error kinds."""
+    parts: list[str] = []
+    rows = [
+        [t, m, e.get("baseline") or "n/a", _fmt_diff(e)]
+        for t in tasks
+        for m, e in detection[t].get("paired", {}).items()
+    ]
+    if rows:
+        parts += [
+            "### Paired AUROC difference against the best baseline\n",
+            "AUROC points, method minus the baseline with the highest test AUROC; 95% "
+            "interval from a bootstrap resampling test traces (same resamples for both).\n",
+            _table(["task", "method", "best baseline", "difference"], rows),
+        ]
+    halves = [t for t in tasks if "confident_half" in detection[t]]
+    if halves:
+        half = {t: detection[t]["confident_half_counts"] for t in halves}
+        parts += _auroc_table(
+            "AUROC on the confident half of the test steps",
+            "The half of each task's test steps with the highest mean max-probability; "
+            "steps (incorrect)",
+            {t: f"{c['n_test_steps']} ({c['n_test_incorrect']})" for t, c in half.items()},
+            {f"{t} AUROC": detection[t]["confident_half"] for t in halves},
+            methods,
+        )
+    kinds = [t for t in tasks if "by_error_kind" in detection[t]]
+    if kinds:
+        n_kind = {t: detection[t]["n_test_incorrect_by_kind"] for t in kinds}
+        parts += _auroc_table(
+            "AUROC by error kind",
+            "Natural errors (no planted rule) or planted errors (a planted rule) against all "
+            "correct test steps; incorrect test steps",
+            {t: f"{n['natural']} natural / {n['planted']} planted" for t, n in n_kind.items()},
+            {f"{t} {k}": detection[t]["by_error_kind"][k] for t in kinds for k in ERROR_KINDS},
+            methods,
+        )
+    return parts
+
+
 def detection_markdown(detection: dict) -> str:
     """Markdown tables of the verifier stage's report: the method comparison per task
-    (AUROC, AUPR, FPR@95 in %, 95% bootstrap intervals), per complexity (AUROC), the
+    (AUROC, AUPR, FPR@95 in %, 95% bootstrap intervals), the paired differences against
+    the best baseline, the confident half, the error kinds, per complexity (AUROC), the
     leave-one-family-out ablation, and the transfer matrix with training on all tasks."""
     tasks = [t for t, v in detection.items() if isinstance(v, dict) and "methods" in v]
     if not tasks:
@@ -200,6 +315,7 @@ def detection_markdown(detection: dict) -> str:
         for m in methods
     ]
     parts += ["### Methods\n", _table(header, rows)]
+    parts += _new_keys_markdown(detection, tasks, methods)
 
     per_c = detection.get("per_complexity", {})
     rows = [

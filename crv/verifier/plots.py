@@ -20,7 +20,12 @@ from crv.features.stage import family_of  # noqa: E402
 from crv.io import atomic_write  # noqa: E402
 from crv.verifier.metrics import detection_metrics  # noqa: E402
 
-FAMILY_COLOURS = {"global": "tab:blue", "node": "tab:orange", "topology": "tab:green"}
+FAMILY_COLOURS = {
+    "global": "tab:blue",
+    "node": "tab:orange",
+    "topology": "tab:green",
+    "identity": "tab:purple",
+}
 
 
 def plot_roc(y: np.ndarray, scores: dict[str, np.ndarray], title: str, path: str | Path) -> None:
