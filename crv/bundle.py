@@ -12,6 +12,7 @@ Layout (the bundle is the stage's artifact directory)::
     subject/           the subject model (HF directory), when embedded (small models)
     transcoders/       the transcoder set (circuit-tracer layout, safetensors)
     verifier/          model.json (xgboost JSON) + verifier.json (feature names, threshold)
+    cards/             the feature cards (`crv.cards`), for naming features; optional
 
 `bundle.json` is written last, so a directory without it is not a bundle. A large subject
 model is not copied: the manifest records its name, source settings (hub name, GGUF file),
@@ -41,7 +42,12 @@ from crv.tasks.segment import CANONICAL_STEP_PATTERN
 MANIFEST_FILE = "bundle.json"
 FORMAT_NAME = "crv-bundle"
 FORMAT_VERSION = 1
-SUBJECT_DIR, TRANSCODERS_DIR, VERIFIER_DIR = "subject", "transcoders", "verifier"
+SUBJECT_DIR, TRANSCODERS_DIR, VERIFIER_DIR, CARDS_DIR = (
+    "subject",
+    "transcoders",
+    "verifier",
+    "cards",
+)
 
 VOLATILE_CONFIG_KEYS = frozenset(
     {"transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype"}
@@ -148,6 +154,7 @@ def export_bundle(
     n_layers: int,
     seed: int,
     subject_source: dict[str, Any] | None = None,
+    cards_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write a bundle into `out` (created; must not already hold one); returns the manifest.
 
@@ -155,6 +162,7 @@ def export_bundle(
     verifier's training graphs and features were computed with; `n_layers` and `seed` are
     the feature computation's layer-histogram size and seed. `subject_source` is the
     subject's model config section (name, GGUF file, ...), recorded for provenance.
+    `cards_dir`, a `cards` artifact, is copied so that crv-verify can label features.
     The subject is checked against the transcoders before anything is written.
     """
     from crv.models.adapter import ArchAdapter
@@ -183,6 +191,10 @@ def export_bundle(
         )
     save_transcoder_set(tset, out / TRANSCODERS_DIR)
     verifier.save(out / VERIFIER_DIR)
+    if cards_dir is not None:
+        from crv.cards.stage import copy_cards
+
+        copy_cards(cards_dir, out / CARDS_DIR)
     first = tset[tset.layers[0]]
     manifest = {
         "format": FORMAT_NAME,
@@ -211,6 +223,7 @@ def export_bundle(
         "attribution": attribution,
         "features": {"config": features, "n_layers": int(n_layers), "seed": int(seed)},
         "step_pattern": cfg.step_pattern,
+        "cards": {"dir": CARDS_DIR} if cards_dir is not None else None,
     }
     atomic_write_json(out / MANIFEST_FILE, manifest)
     return manifest
@@ -235,6 +248,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         n_layers=int(read_json(Path(ctx.inputs["features"]) / META_FILE)["n_layers"]),
         seed=ctx.seed,
         subject_source=config_of("subject"),
+        cards_dir=ctx.inputs.get("cards"),
     )
     ctx.log.info("bundle exported (subject embedded: %s)", manifest["subject"]["embedded"])
     return {
@@ -260,6 +274,8 @@ class Bundle:
     """`crv.graphs.config.GraphsConfig` the training graphs were built with."""
     features: Any
     """`crv.verifier.config.FeaturesConfig` the training features were computed with."""
+    cards: Any = None
+    """`crv.cards.stage.FeatureCards` of the transcoders (None in a bundle without cards)."""
 
     @property
     def threshold(self) -> float:
@@ -359,6 +375,16 @@ def _settings(cls: type, values: dict[str, Any], section: str) -> Any:
         raise BundleError(f"bundle {section} settings are invalid: {exc}") from None
 
 
+def _load_cards(path: Path, manifest: dict[str, Any]) -> Any:
+    """The bundle's feature cards, or None for a bundle exported without them."""
+    entry = manifest.get("cards")
+    if not entry:
+        return None
+    from crv.cards.stage import load_feature_cards
+
+    return load_feature_cards(path / entry["dir"])
+
+
 def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None = None) -> Bundle:
     """Load a bundle for verification, checking the subject model against it.
 
@@ -386,6 +412,7 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
         tset = load_transcoder_set(path / manifest["transcoders"]["dir"], device)
         tset.check_compatible(adapter)
         verifier = load_verifier(path / manifest["verifier"]["dir"])
+        cards = _load_cards(path, manifest)
     except (OSError, ValueError, KeyError) as exc:
         raise BundleError(f"bundle {path} is damaged: {exc}") from None
     if list(verifier.feature_names) != list(manifest["verifier"]["feature_names"]):
@@ -403,4 +430,5 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
         verifier=verifier,
         attribution=_settings(GraphsConfig, manifest["attribution"], "attribution"),
         features=_settings(FeaturesConfig, manifest["features"]["config"], "features"),
+        cards=cards,
     )
