@@ -2,7 +2,7 @@
 
 Each stage returns what it measured; this module only gathers those dicts under the
 stages' names, adds per-stage timings and peak memory, and renders Markdown. The
-renderers of the verifier and intervention sections live with those stages.
+renderers of the verifier, mechanisms and intervention sections live with those stages.
 """
 
 from __future__ import annotations

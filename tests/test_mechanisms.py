@@ -9,14 +9,20 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import sparse
-from scipy.stats import fisher_exact
+from scipy.stats import fisher_exact, mannwhitneyu
 
 from crv.graphs.graph import ERROR, FEATURE, LOGIT, StepGraph
 from crv.mechanisms.config import MechanismsConfig
 from crv.mechanisms.planted import points_at, recover_rule
 from crv.mechanisms.render import mechanisms_markdown
 from crv.mechanisms.stage import graph_units, mechanisms
-from crv.mechanisms.stats import add_fdr, fisher_greater, log_odds_ratio, unit_tests
+from crv.mechanisms.stats import (
+    add_fdr,
+    fisher_greater,
+    influence_test,
+    log_odds_ratio,
+    unit_tests,
+)
 
 
 def test_fisher_greater_equals_scipy():
@@ -63,20 +69,30 @@ def test_an_over_represented_feature_is_found_and_a_null_table_finds_nothing():
     top = table.iloc[0]  # ranked first
     assert top["unit"] == 7
     assert top["rate_incorrect"] == pytest.approx(present[:40, 7].sum() / 40)
-    assert top["log_odds_ratio"] > 1.5 and top["auc_influence"] > 0.7
+    assert top["log_odds_ratio"] > 1.5 and top["auc_influence"] > 0.5
     null = add_fdr(unit_tests(*planted_matrices(1, {})), 0.05)
     assert not null["significant"].any()
 
 
-def test_influence_auc_is_the_pairwise_win_rate():
+def test_influence_is_compared_among_the_graphs_that_contain_the_unit():
     present, influence, incorrect = planted_matrices(2, {3: 0.6}, n_units=5)
     table = unit_tests(present, influence, incorrect)
-    dense = influence.toarray()
+    has, dense = present.toarray() > 0, influence.toarray()
     for u in range(5):
-        x, y = dense[incorrect, u], dense[~incorrect, u]
+        x, y = dense[incorrect & has[:, u], u], dense[~incorrect & has[:, u], u]
         wins = (x[:, None] > y[None, :]).mean() + 0.5 * (x[:, None] == y[None, :]).mean()
         assert table["auc_influence"][u] == pytest.approx(wins)
-        assert table["present_incorrect"][u] == int((dense[incorrect, u] > 0).sum())
+        assert table["mean_influence_incorrect"][u] == pytest.approx(x.mean())
+        assert table["present_incorrect"][u] == len(x)
+        expected = mannwhitneyu(x, y, alternative="greater", method="asymptotic").pvalue
+        assert table["p_mwu"][u] == pytest.approx(expected)
+
+
+def test_influence_test_is_exact_for_small_groups_and_empty_groups_are_untested():
+    p, auc = influence_test(np.array([5.0, 6.0]), np.array([1.0, 2.0, 3.0]))
+    assert auc == 1.0 and p == pytest.approx(1 / 10)  # 1 of C(5, 2) orderings
+    p, auc = influence_test(np.zeros(0), np.array([1.0]))
+    assert p == 1.0 and np.isnan(auc)
 
 
 @dataclass(frozen=True)

@@ -58,10 +58,10 @@ class CardArrays:
     top_value: np.ndarray  # float32 [F, n]: activations, best first (-inf: empty slot)
     top_row: np.ndarray  # int32 [F, n]: trace row of each context (-1: empty)
     top_pos: np.ndarray  # int32 [F, n]: token position in that trace
-    top_window: np.ndarray  # int32 [F, n, W]: token ids around it (-1: outside the trace)
-    promote_id: np.ndarray  # int32 [F, m]
+    top_window: np.ndarray  # int [F, n, W]: token ids around it (-1: outside the trace)
+    promote_id: np.ndarray  # int [F, m] (token ids: int16 for vocabularies that fit, else int32)
     promote_value: np.ndarray  # float32 [F, m]
-    suppress_id: np.ndarray  # int32 [F, m]
+    suppress_id: np.ndarray  # int [F, m]
     suppress_value: np.ndarray  # float32 [F, m]
 
 
@@ -151,17 +151,23 @@ def compute_cards(
         row0 += len(batch)
         n_tokens += len(payload_NP)
     W_U_VD = adapter.unembed_weight.detach()
+    id_dtype = np.int16 if W_U_VD.shape[0] <= np.iinfo(np.int16).max else np.int32
     cards = {}
     for layer in layers:
         tracker = trackers[layer]
-        effects = logit_effects(tset[layer].W_dec.detach(), W_U_VD, cfg.n_logit_tokens)
+        up_id, up_value, down_id, down_value = logit_effects(
+            tset[layer].W_dec.detach(), W_U_VD, cfg.n_logit_tokens
+        )
         cards[layer] = CardArrays(
             counts[layer],
             tracker.values_FN,
             tracker.payload_FNP[:, :, _ROW].astype(np.int32),
             tracker.payload_FNP[:, :, _POS].astype(np.int32),
-            tracker.payload_FNP[:, :, 2:].astype(np.int32),
-            *effects,
+            tracker.payload_FNP[:, :, 2:].astype(id_dtype),
+            up_id.astype(id_dtype),
+            up_value,
+            down_id.astype(id_dtype),
+            down_value,
         )
     return cards, n_tokens
 

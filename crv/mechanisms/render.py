@@ -80,7 +80,8 @@ def mechanisms_markdown(section: dict[str, Any]) -> str:
     parts = [
         "Test steps only, per task: features of the step graphs that are over-represented "
         "in incorrect steps' graphs (one-sided Fisher's exact test on presence, one-sided "
-        "Mann-Whitney U on summed influence, Benjamini-Hochberg over both tests of every "
+        "Mann-Whitney U on summed influence in the graphs that contain the unit (influence "
+        "AUC: its effect size), Benjamini-Hochberg over both tests of every "
         f"tested unit at FDR {fdr}; features in at least {section.get('min_steps')} graphs "
         "are tested). log OR: log odds ratio of presence (+0.5 per cell). Ranked by the "
         "smaller q; the full table is the artifact's `mechanisms.parquet`.\n"

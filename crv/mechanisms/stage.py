@@ -3,8 +3,9 @@
 On the test steps of each task (labelled, with a graph), every unit of the step graphs (a
 transcoder feature, a layer's feature nodes, a layer's error nodes; see `stats`) is tested
 for over-representation in incorrect steps: Fisher's exact test on presence, Mann-Whitney U
-on summed influence, Benjamini-Hochberg over both, with the log odds ratio, presence rates
-and influence AUC as effect sizes and the feature's card label. Features are tested when
+on summed influence in the graphs that contain it, Benjamini-Hochberg over both, with the
+log odds ratio, presence rates and influence AUC as effect sizes and the feature's card
+label. Features are tested when
 they appear in at least `min_steps` of the task's test graphs; layers and error nodes
 always. With planted rules (`crv.tasks.bugs`) and a `planted_rule` step column, the same
 test per rule measures whether the top features point at the rule's triggers (`planted`).
