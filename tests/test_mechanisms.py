@@ -13,7 +13,7 @@ from scipy.stats import fisher_exact, mannwhitneyu
 
 from crv.graphs.graph import ERROR, FEATURE, LOGIT, StepGraph
 from crv.mechanisms.config import MechanismsConfig
-from crv.mechanisms.planted import points_at, recover_rule
+from crv.mechanisms.planted import BUGS_MODULE, load_rules, points_at, recover_rule
 from crv.mechanisms.render import mechanisms_markdown
 from crv.mechanisms.stage import graph_units, mechanisms
 from crv.mechanisms.stats import (
@@ -231,3 +231,29 @@ def test_mechanisms_says_plainly_when_nothing_survives():
     assert section["planted"] == {}
     assert section["planted_skipped"] == "the traces carry no planted_rule column"
     assert "**Nothing survives the correction**" in mechanisms_markdown(section)
+
+
+def test_mechanisms_measures_each_planted_rule_from_the_step_column():
+    steps, graphs = step_graphs(0, planted=True)
+    steps["planted_rule"] = np.where(steps["label"] == 1, "times7", "")
+    cards = FakeCards({(1, 7): ["7", "7"]})
+    rules = (Rule("times7", "", "arithmetic", ("7",)), Rule("not_or", "", "boolean", ("not",)))
+    _, section = mechanisms(steps, graphs, cards, MechanismsConfig(planted_top_k=1), rules)
+    times7 = section["planted"]["times7"]
+    assert times7["precision"] == 1.0 and times7["features"][0]["feature"] == 7
+    assert section["planted"]["not_or"]["precision"] is None
+    assert "planted_skipped" not in section
+    md = mechanisms_markdown(section)
+    assert "**times7**" in md and "precision 1.00" in md and "not measured" in md
+
+
+def test_load_rules_reads_the_bugs_module_when_there_is_one(monkeypatch: pytest.MonkeyPatch):
+    import sys
+    import types
+
+    fake = types.ModuleType(BUGS_MODULE)
+    fake.RULES = (Rule("times7", "", "arithmetic", ("7",)),)
+    monkeypatch.setitem(sys.modules, BUGS_MODULE, fake)
+    assert load_rules() == fake.RULES
+    monkeypatch.setitem(sys.modules, BUGS_MODULE, None)  # import of it fails: no rules
+    assert load_rules() is None
