@@ -12,6 +12,7 @@ Layout (the bundle is the stage's artifact directory)::
     subject/           the subject model (HF directory), when embedded (small models)
     transcoders/       the transcoder set (circuit-tracer layout, safetensors)
     verifier/          model.json (xgboost JSON) + verifier.json (feature names, threshold)
+    cards/             the feature cards (`crv.cards`), for naming features; optional
 
 `bundle.json` is written last, so a directory without it is not a bundle. A large subject
 model is not copied: the manifest records its name, source settings (hub name, GGUF file),
@@ -43,6 +44,7 @@ from crv.tasks.segment import CANONICAL_STEP_PATTERN
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from crv.cards.stage import FeatureCards
     from crv.features.config import FeaturesConfig
     from crv.graphs.config import GraphsConfig
     from crv.models.adapter import ArchAdapter
@@ -53,7 +55,12 @@ if TYPE_CHECKING:
 MANIFEST_FILE = "bundle.json"
 FORMAT_NAME = "crv-bundle"
 FORMAT_VERSION = 1
-SUBJECT_DIR, TRANSCODERS_DIR, VERIFIER_DIR = "subject", "transcoders", "verifier"
+SUBJECT_DIR, TRANSCODERS_DIR, VERIFIER_DIR, CARDS_DIR = (
+    "subject",
+    "transcoders",
+    "verifier",
+    "cards",
+)
 
 VOLATILE_CONFIG_KEYS = frozenset(
     {"transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype"}
@@ -172,6 +179,7 @@ def export_bundle(
     n_layers: int,
     seed: int,
     subject_source: dict[str, Any] | None = None,
+    cards_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write a bundle into `out` (created; must not already hold one); returns the manifest.
 
@@ -179,6 +187,7 @@ def export_bundle(
     verifier's training graphs and features were computed with; `n_layers` and `seed` are
     the feature computation's layer-histogram size and seed. `subject_source` is the
     subject's model config section (name, GGUF file, ...), recorded for provenance.
+    `cards_dir`, a `cards` artifact, is copied so that crv-verify can label features.
     The subject is checked against the transcoders before anything is written.
     """
     from crv.pipeline import PIPELINE_FILES, library_versions
@@ -203,6 +212,10 @@ def export_bundle(
         )
     save_transcoder_set(tset, out / TRANSCODERS_DIR)
     verifier.save(out / VERIFIER_DIR)
+    if cards_dir is not None:
+        from crv.cards.stage import copy_cards
+
+        copy_cards(cards_dir, out / CARDS_DIR)
     first = tset[tset.layers[0]]
     manifest = {
         "format": FORMAT_NAME,
@@ -231,6 +244,7 @@ def export_bundle(
         "attribution": graphs,
         "features": {"config": features, "n_layers": int(n_layers), "seed": int(seed)},
         "step_pattern": cfg.step_pattern,
+        "cards": {"dir": CARDS_DIR} if cards_dir is not None else None,
     }
     atomic_write_json(out / MANIFEST_FILE, manifest)
     return manifest
@@ -252,6 +266,7 @@ def run_stage(ctx: StageContext[BundleConfig]) -> dict[str, Any]:
         n_layers=int(load_feature_meta(ctx.inputs["features"])["n_layers"]),
         seed=ctx.seed,
         subject_source=artifact_config(ctx.inputs["subject"]),
+        cards_dir=ctx.inputs.get("cards"),
     )
     ctx.log.info("bundle exported (subject embedded: %s)", manifest["subject"]["embedded"])
     return {
@@ -277,6 +292,8 @@ class Bundle:
     """Settings the training graphs were built with (the manifest's `attribution`)."""
     features: FeaturesConfig
     """Settings the training features were computed with."""
+    cards: FeatureCards | None = None
+    """Feature cards of the transcoders (None in a bundle exported without them)."""
 
     @property
     def threshold(self) -> float:
@@ -376,6 +393,16 @@ def _settings(cls: type, values: dict[str, Any], section: str) -> Any:
         raise BundleError(f"bundle {section} settings are invalid: {exc}") from None
 
 
+def _load_cards(path: Path, manifest: dict[str, Any]) -> FeatureCards | None:
+    """The bundle's feature cards, or None for a bundle exported without them."""
+    entry = manifest.get("cards")
+    if not entry:
+        return None
+    from crv.cards.stage import load_feature_cards
+
+    return load_feature_cards(path / entry["dir"])
+
+
 def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None = None) -> Bundle:
     """Load a bundle for verification, checking the subject model against it.
 
@@ -401,6 +428,7 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
             subject_dir, path / manifest["transcoders"]["dir"], device, check
         )
         verifier = load_verifier(path / manifest["verifier"]["dir"])
+        cards = _load_cards(path, manifest)
     except BundleError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -421,4 +449,5 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
         verifier=verifier,
         graphs=_settings(GraphsConfig, manifest["attribution"], "attribution"),
         features=_settings(FeaturesConfig, manifest["features"]["config"], "features"),
+        cards=cards,
     )

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 from crv.baselines.config import BaselinesConfig
 from crv.bundle import BundleConfig
+from crv.cards.config import CardsConfig
 from crv.features.config import FeaturesConfig
 from crv.graphs.config import GraphsConfig
 from crv.interventions import InterventionsConfig
+from crv.mechanisms.config import MechanismsConfig
 from crv.options import Choice
 from crv.subject.config import SubjectConfig
 from crv.traces.config import TracesConfig
@@ -27,10 +29,12 @@ ALL_STAGES = [
     "subject",
     "traces",
     "transcoders",
+    "cards",
     "graphs",
     "features",
     "baselines",
     "verifier",
+    "mechanisms",
     "interventions",
     "bundle",
 ]
@@ -62,10 +66,12 @@ class CRVConfig:
     subject: SubjectConfig = field(default_factory=SubjectConfig)
     traces: TracesConfig = field(default_factory=TracesConfig)
     transcoders: TranscodersConfig = field(default_factory=TranscodersConfig)
+    cards: CardsConfig = field(default_factory=CardsConfig)
     graphs: GraphsConfig = field(default_factory=GraphsConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    mechanisms: MechanismsConfig = field(default_factory=MechanismsConfig)
     interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

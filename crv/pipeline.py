@@ -84,10 +84,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("subject", (), "crv.subject.stage:run_stage"),
     Stage("traces", ("subject",), "crv.traces.stage:run_stage"),
     Stage("transcoders", ("subject", "traces"), "crv.transcoders.stage:run_stage"),
+    Stage("cards", ("subject", "traces", "transcoders"), "crv.cards.stage:run_stage"),
     Stage("graphs", ("subject", "traces", "transcoders"), "crv.graphs.stage:run_stage"),
     Stage("features", ("traces", "graphs"), "crv.features.stage:run_stage"),
     Stage("baselines", ("subject", "traces"), "crv.baselines.stage:run_stage"),
     Stage("verifier", ("traces", "features", "baselines"), "crv.verifier.stage:run_stage"),
+    Stage("mechanisms", ("traces", "graphs", "cards"), "crv.mechanisms.stage:run_stage"),
     Stage(
         "interventions",
         ("subject", "traces", "transcoders", "graphs", "features", "verifier"),
@@ -95,7 +97,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "bundle",
-        ("subject", "transcoders", "graphs", "features", "verifier"),
+        ("subject", "transcoders", "cards", "graphs", "features", "verifier"),
         "crv.bundle:run_stage",
     ),
 )

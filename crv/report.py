@@ -2,7 +2,7 @@
 
 Each stage returns what it measured; this module only gathers those dicts under the
 stages' names, adds per-stage timings and peak memory, and renders Markdown. The
-renderers of the verifier and intervention sections live with those stages.
+renderers of the verifier, mechanisms and intervention sections live with those stages.
 """
 
 from __future__ import annotations
@@ -61,12 +61,19 @@ def render_markdown(report: dict[str, Any], plots: Sequence[str]) -> str:
         tc = report["transcoders"]
         parts += ["## Transcoders\n", markdown_table(tc.get("layers", []))]
         parts.append(markdown_table(_scalars(tc)))
+    if "cards" in report:
+        parts += ["## Feature cards\n", markdown_table(report["cards"].get("layers", []))]
+        parts.append(markdown_table(_scalars(report["cards"])))
     if "graphs" in report:
         parts += ["## Attribution graphs\n", markdown_table(_scalars(report["graphs"]))]
     if "verifier" in report:
         from crv.verifier.metrics import detection_markdown
 
         parts += ["## Error detection\n", detection_markdown(report["verifier"])]
+    if "mechanisms" in report:
+        from crv.mechanisms.render import mechanisms_markdown
+
+        parts += ["## Error mechanisms\n", mechanisms_markdown(report["mechanisms"])]
     if "interventions" in report:
         from crv.interventions import interventions_markdown
 

@@ -71,10 +71,14 @@ def test_report_has_every_stage_and_key(smoke_run: Path):
         "verifier",
         "interventions",
         "bundle",
+        "cards",
+        "mechanisms",
         "timings",
         "peak_memory_mb",
     ):
         assert key in report, key
+    assert report["cards"]["n_tokens"] > 0
+    assert set(report["mechanisms"]["tasks"]) == {"arithmetic", "boolean"}
     tc = report["transcoders"]
     for key in ("layers", "ce_clean", "ce_spliced", "ce_zero", "ce_loss_recovered", "kl_spliced"):
         assert key in tc
@@ -118,7 +122,7 @@ def test_report_has_every_stage_and_key(smoke_run: Path):
     }
     assert all(Path(p).is_absolute() and Path(p).is_dir() for p in artifacts.values())
     md = (smoke_run / "run" / "report.md").read_text()
-    assert "Error detection" in md and "plots/" in md
+    assert "Error detection" in md and "Error mechanisms" in md and "plots/" in md
 
 
 def test_rerun_reuses_cached_stages(smoke_run: Path):
@@ -161,6 +165,8 @@ def test_crv_verify_on_the_smoke_bundle(smoke_run: Path, tmp_path: Path):
     assert [r["id"] for r in records[:2]] == ["good", "bad"]
     assert records[0]["error"] is None and len(records[0]["steps"]) == 2
     assert all(0.0 <= s["score"] <= 1.0 for r in records[:2] for s in r["steps"])
+    labels = [f["label"] for r in records[:2] for s in r["steps"] for f in s["top_features"]]
+    assert labels and all(isinstance(label, str) and label for label in labels)
     assert "line 3" in records[2]["error"]
 
 

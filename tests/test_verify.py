@@ -114,7 +114,7 @@ def test_end_to_end_steps_and_completion_score_alike_and_order_is_kept(
     for step in a:
         assert 0.0 <= step["score"] <= 1.0
         assert step["flagged"] == (step["score"] >= threshold)
-        assert set(step["top_features"][0]) == {"layer", "feature", "influence"}
+        assert set(step["top_features"][0]) == {"layer", "feature", "label", "influence"}
 
 
 @pytest.mark.parametrize("rank_by", ["influence", "margin"])

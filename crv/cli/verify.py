@@ -17,14 +17,15 @@ were tokenised for training. Blank lines are skipped; every other line gets one 
 **Output**: JSONL, one record per input line, in input order::
 
     {"id", "line", "steps": [{"index", "text", "score", "flagged", "top_features":
-     [{"layer", "feature", "influence"}], "interventions": [{"layer", "feature", "action",
+     [{"layer", "feature", "label", "influence"}], "interventions": [{"layer", "feature", "action",
      "scale"}]}], "error": null}
 
 `id` echoes the input's (null when absent or unreadable) and `line` is the 1-based input
 line number. `score` is the verifier's probability that the step is incorrect; `flagged` is
 `score >= threshold` (the threshold chosen on validation data, stored in the bundle).
 `top_features` are the transcoder features of the step's attribution graph with the most
-influence on the explained prediction; `interventions` (flagged steps only) are the
+influence on the explained prediction, each with its feature card's short `label` (null for
+a bundle without cards); `interventions` (flagged steps only) are the
 single-feature edits `crv.interventions.propose` ranks first (`scale` multiplies the
 activation: 0 suppresses). With `intervene=true` every step also gets `regenerated`: null
 for an unflagged step (or one without proposals), else `{"intervention": 0, "step": the regenerated step's text (null
@@ -307,6 +308,11 @@ class StepVerifier:
         rows = [graph_features(g, b.n_layers_features, b.features, b.feature_seed) for g in graphs]
         return pd.DataFrame(rows, columns=b.feature_names).astype("float64")
 
+    def label(self, layer: int, feature: int) -> str | None:
+        """The feature card's label, None when the bundle has no cards."""
+        cards = self.bundle.cards
+        return cards.label(layer, feature) if cards is not None else None
+
     def score_graph(self, graph: StepGraph) -> float:
         """P(incorrect) of one graph (used to rank interventions by verifier effect)."""
         return float(self.bundle.verifier.predict_proba(self.feature_frame([graph]))[0])
@@ -331,7 +337,12 @@ class StepVerifier:
                 "score": float(score),
                 "flagged": flagged,
                 "top_features": [
-                    {"layer": layer, "feature": feature, "influence": influence[layer, feature]}
+                    {
+                        "layer": layer,
+                        "feature": feature,
+                        "label": self.label(layer, feature),
+                        "influence": influence[layer, feature],
+                    }
                     for layer, feature in top
                 ],
                 "interventions": [],
