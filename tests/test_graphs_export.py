@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fixtures_bundle import PROMPT, STEPS, bundle_parts_fixture, tiny_bundle_fixture  # noqa: F401
 from test_attribution_stage import CFG, context, make_artifacts
 
 from crv.cli.graphs import ExportConfig, export_run, main, run_export
@@ -340,3 +341,25 @@ def test_bad_run_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     atomic_write_json(tmp_path / "artifacts.json", {"subject": str(tmp_path)})
     assert run_export(ExportConfig(run=str(tmp_path), out=str(tmp_path / "o"))) == 2
     assert "no 'traces' artifact" in capsys.readouterr().err
+
+
+def test_crv_verify_exports_every_step(tiny_bundle: Path, tmp_path: Path) -> None:
+    from crv.cli.verify import VerifyConfig, verify_main
+
+    lines = [
+        {"id": "mine", "prompt": PROMPT, "steps": STEPS},
+        {"prompt": PROMPT, "steps": STEPS[:1]},
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    cfg = VerifyConfig(
+        bundle=str(tiny_bundle),
+        input=str(tmp_path / "in.jsonl"),
+        output=str(tmp_path / "out.jsonl"),
+        export_graphs=str(tmp_path / "view"),
+        quiet=True,
+    )
+    assert verify_main(cfg) == 0
+    graphs = check_export_dir(tmp_path / "view")
+    slugs = ["mine-step0", "mine-step1", "mine-step2", "line2-step0"]
+    assert [g["metadata"]["slug"] for g in graphs] == slugs
+    assert graphs[0]["metadata"]["prompt"].startswith(PROMPT)
