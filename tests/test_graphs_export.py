@@ -205,7 +205,7 @@ class FakeCards:
             "frequency": 0.01 * (layer + 1),
             "top_contexts": [
                 {"text": "3+4=7", "token": "4", "token_start": 2, "activation": 2.5},
-                {"text": "9*1", "token": "9", "activation": 1.0},
+                {"text": "\n9*1", "token": "9", "activation": 1.0},
             ],
             "promotes": [{"token": "7", "value": 1.2}],
             "suppresses": [{"token": "8", "value": -0.7}],
@@ -313,8 +313,9 @@ def test_cards_label_nodes_and_fill_feature_files(
     assert features and all(n["clerp"].startswith("card ") for n in features)
     files = sorted(tmp_path.glob("features/*/*.json"))
     assert {int(p.stem) for p in files} == {n["feature"] for n in features}
-    example = json.loads(files[0].read_text())["examples_quantiles"][0]["examples"][0]
-    assert example["tokens"] == ["3+", "4", "=7"] and example["tokens_acts_list"][1] == 2.5
+    first, second = json.loads(files[0].read_text())["examples_quantiles"][0]["examples"]
+    assert first["tokens"] == ["3+", "4", "=7"] and first["tokens_acts_list"] == [0, 2.5, 0]
+    assert second["tokens"] == ["⏎", "9", "*1"] and second["train_token_ind"] == 1
 
 
 def test_cli_exports_incorrect_steps_first(

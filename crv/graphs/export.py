@@ -224,7 +224,8 @@ def feature_json(card: dict[str, Any], layer: int, feature: int, name: str) -> d
     """A feature card in the viewer's feature-file fields (`frontend/feature_models.py`).
 
     Each top context becomes one example of up to three pieces (text before, the activating
-    token, text after) with the activation on the token. The cards hold no activation
+    token, text after; newlines shown as "⏎", as circuit-tracer shows them) with the
+    activation on the token. The cards hold no activation
     distribution, so `quantile_values` and `histogram` are empty.
     """
     examples = []
@@ -239,7 +240,7 @@ def feature_json(card: dict[str, Any], layer: int, feature: int, name: str) -> d
                 "tokens_acts_list": [acts[i] for i in keep],
                 "train_token_ind": keep.index(1),
                 "is_repeated_datapoint": False,
-                "tokens": [pieces[i] for i in keep],
+                "tokens": [pieces[i].replace("\n", "⏎") for i in keep],
             }
         )
     top = max((float(c["activation"]) for c in card["top_contexts"]), default=0.0)
