@@ -21,14 +21,22 @@ position 0 excluded), one torch thread each, fp32 on the CPU:
   files, so the set is read with the same loader (`load_transcoder_from_hub` on the absolute
   directory, no hub call), each layer's activation replaced by its `TopK(k)`, and passed to
   `from_pretrained_and_transcoders` (what `from_pretrained` does inside).
-Timings: seconds per graph, the median of `--repeats` graphs after one warm-up graph, model
-loading excluded. `ct_ratio` = crv graphs/s over circuit-tracer graphs/s.
+With `--run RUN_DIR` both sides instead use a crv run's subject (crv-tiny), its trained
+transcoders (activation `topk`) and its real test traces: the `--graphs` test steps whose
+explained prediction was least confident (lowest top-logit probability, where the influence
+ranking is least one-sided), each prompt cut after the explained position, at the run's graph
+settings (`--max-feature-nodes` etc. override them). The subject and transcoders are copied
+to a temporary directory in the layout circuit-tracer reads.
+Timings: seconds per graph, the median of `--repeats` graphs per prompt after one warm-up
+graph, model loading excluded. `ct_ratio` = crv graphs/s over circuit-tracer graphs/s.
 Agreement: nodes are matched by (layer, pos, latent) for features, (layer, pos) for errors,
 pos for tokens and token id for logits (circuit-tracer orders them [selected features |
 errors of every (layer, pos) incl. pos 0 | tokens | logits]; both use the demeaned
 unembedding W_U[t] - mean_v W_U[v]). Over the target rows and source columns present in both
 graphs, `edge_agreement_max_rel` = max |a - b| / max(|b|, 1e-6) over edges with |b| above 1%
-of the largest |b| (a = crv, b = circuit-tracer).
+of the largest |b| (a = crv, b = circuit-tracer). Both graphs hold the BOS token node
+(position 0); the line per graph gives its largest |edge| over the graph's largest.
+`same_selected_features` counts the graphs where both sides select exactly the same features.
 
     python3 -m venv /tmp/ctvenv && /tmp/ctvenv/bin/pip install torch==2.13.0 \\
         circuit-tracer==0.5.0 "transformers<=4.57.3" "nnsight>=0.6,<0.7"
@@ -46,6 +54,21 @@ median of 3 graphs each; circuit-tracer 0.5.0 + nnsight 0.6.3 + transformers 4.5
     edge_agreement_max_rel: 3.64e-06
 
 Both sides pick the same 128 features and 10 logits; the edges agree to float32 rounding.
+Rerun 2026-11-30 (machine heavily shared, so slower on both sides), BOS column compared too:
+crv 0.543 s, circuit-tracer 4.285 s per graph, `ct_ratio: 7.89`, 128 shared features,
+`edge_agreement_max_rel: 3.28e-06`.
+
+On real traces (2026-11-30; `--run` on a `crv experiment=smoke` run: crv-tiny, its trained
+512-latent k=16 topk transcoders; 30 least confident test steps of 21-133 tokens; the run's
+graph settings but `--max-feature-nodes 128 --batch-size 32`, `--repeats 1`):
+`same_selected_features: 30/30` (128 of 128 in each, the same logit sets),
+`edge_agreement_max_rel: 1.02e-05` (max abs diff 1.5e-05 on edges up to 57), the BOS token
+node's largest edge 4.5-100% (median 13%) of the graph's largest; 30/30 too at the run's own
+24 feature nodes (10 graphs). crv's code before it kept the BOS token node also selected the
+same features on these 30 graphs (its graphs simply lacked the BOS column), so this set does
+not show the disagreement issue #13 measured with the default run's 2,048-latent
+transcoders (127 of 128 shared in two of three graphs); the default run was not available to
+rerun here.
 ct_ratio varies with the load on the shared cores: 7.47-8.55 over three runs on 2026-11-25
 (crv 0.150-0.176 s, circuit-tracer 1.21-1.34 s per graph, before crv's shorter forward
 segments).
