@@ -259,13 +259,19 @@ def check_edges_are_perturbation_effects(
     clean = clean_run(adapter, tset, ids) | {"ids": ids}
     att = atts[-1]  # the last step: sources at every position
     n = att.counts
-    assert n.n_errors == N_LAYERS * POSITIONS[-1] and n.n_tokens == POSITIONS[-1]
+    # errors at positions 1..p; tokens at 0..p: BOS is a source (as in circuit-tracer)
+    assert n.n_errors == N_LAYERS * POSITIONS[-1] and n.n_tokens == POSITIONS[-1] + 1
     assert n.n_features > 20  # every active feature with a path to the logits is expanded
+    assert att.nodes["pos"][att.nodes["kind"] != TOKEN].min() >= 1
     rng = np.random.default_rng(0)
+    bos = np.flatnonzero((att.nodes["kind"] == TOKEN) & (att.nodes["pos"] == 0))
     sources = np.concatenate(
         [
-            rng.choice(np.flatnonzero(att.nodes["kind"] == kind), 3, replace=False)
-            for kind in (FEATURE, ERROR, TOKEN)
+            bos,
+            *(
+                rng.choice(np.flatnonzero(att.nodes["kind"] == kind), 3, replace=False)
+                for kind in (FEATURE, ERROR, TOKEN)
+            ),
         ]
     )
     biggest = 0.0
@@ -277,6 +283,20 @@ def check_edges_are_perturbation_effects(
         torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-4)
         biggest = max(biggest, float(expected.abs().max()))
     assert biggest > 0.05  # the comparison is not between near-zero numbers
+
+
+def test_bos_token_node_has_edges() -> None:
+    """The BOS token node (position 0) reaches later positions through attention: it has
+    edges in the unpruned graph and keeps some after pruning, like circuit-tracer's."""
+    adapter, tset, ids = setup("llama")
+    att = attribute_trace(adapter, tset, ids, POSITIONS[-1:], CFG)[0]
+    (bos,) = np.flatnonzero((att.nodes["kind"] == TOKEN) & (att.nodes["pos"] == 0))
+    column = att.adjacency_RN[:, bos].abs()
+    assert int((column > 1e-3).sum()) > 5
+    assert float(column.max()) > 0.01 * float(att.adjacency_RN.abs().max())
+    g = att.pruned(0.8, 0.98)
+    (kept,) = np.flatnonzero((g.kind == TOKEN) & (g.pos == 0))
+    assert (g.src == kept).any()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -3,6 +3,7 @@
 Usage (Hydra overrides)::
 
     crv-verify bundle=PATH input=traces.jsonl output=scores.jsonl [intervene=true] [format=table]
+        [export_graphs=DIR]
 
 `input=-` reads standard input and `output=-` writes standard output.
 
@@ -141,6 +142,10 @@ class VerifyConfig:
     quiet: bool = False
     """No table and no progress bar on stderr."""
 
+    export_graphs: str | None = None
+    """Also write every step's graph into this directory as circuit-tracer graph JSON, for
+    circuit-tracer's viewer (see `crv-graphs export`); slugs `<id or lineN>-step<i>`."""
+
     def __post_init__(self) -> None:
         check_choices(self, "")
 
@@ -256,6 +261,19 @@ class StepVerifier:
         self.graphs_cfg = bundle.graphs
         if cfg.batch_size is not None:
             self.graphs_cfg = dataclasses.replace(self.graphs_cfg, batch_size=cfg.batch_size)
+        self.exporter = None
+        if cfg.export_graphs is not None:
+            from crv.graphs.export import GraphExporter
+
+            self.exporter = GraphExporter(
+                cfg.export_graphs,
+                bundle.tokenizer,
+                bundle.adapter.n_layers,
+                f"crv-{Path(cfg.bundle or 'bundle').name}",
+                self.graphs_cfg.node_threshold,
+                self.graphs_cfg.edge_threshold,
+                bundle.cards,
+            )
 
     def encode(self, trace: Trace) -> Encoded:
         """Token ids of prompt + completion and each step's token span; TraceError when the
@@ -283,8 +301,9 @@ class StepVerifier:
         return Encoded(ids, offset, first[:n_fit], last[:n_fit], n_fit, warnings)
 
     def graphs(self, trace: Trace, enc: Encoded) -> list[StepGraph]:
-        """The pruned step graphs of all steps of a trace, from one shared forward pass."""
-        from crv.graphs.attribute import explained_positions, trace_graphs
+        """The pruned step graphs of all steps of a trace, from one shared forward pass
+        (written for the viewer too with `export_graphs`)."""
+        from crv.graphs.attribute import attribute_trace, explained_positions
 
         b, cfg = self.bundle, self.graphs_cfg
         steps = [{"last_token": t} for t in enc.last_tokens]
@@ -296,7 +315,11 @@ class StepVerifier:
                 f"line {trace.line}: the prompt is empty; step 0 has no token before it"
             )
         trace_id = trace.id or f"line{trace.line}"
-        return trace_graphs(b.adapter, b.transcoders, enc.input_ids, positions, cfg, trace_id)
+        atts = attribute_trace(b.adapter, b.transcoders, enc.input_ids, positions, cfg, trace_id)
+        if self.exporter is not None:
+            for att in atts:
+                self.exporter.add(att, enc.input_ids, f"{trace_id}-step{att.step}")
+        return [att.pruned(cfg.node_threshold, cfg.edge_threshold) for att in atts]
 
     def feature_frame(self, graphs: list[StepGraph]) -> pd.DataFrame:
         """The verifier's input rows (one per graph) in the bundle's feature order."""
@@ -615,6 +638,11 @@ def verify_main(cfg: VerifyConfig) -> int:
         verifier = StepVerifier(bundle, cfg)
         lines = list(iter_lines(data))
         records = _write_output(cfg.output, lambda sink: run_verify(cfg, verifier, lines, sink))
+        if verifier.exporter is not None:
+            try:
+                verifier.exporter.finish()
+            except OSError as exc:
+                raise _Failure(f"cannot write graphs to {cfg.export_graphs}: {exc}") from None
     except _Failure as exc:
         print(f"crv-verify: error: {exc}", file=sys.stderr)
         return 2

@@ -5,5 +5,6 @@
 - `prune.py`: influence on the logits, pruning, replacement and completeness scores.
 - `graph.py`: `StepGraph`, the pruned graph of one step as columnar arrays.
 - `store.py`: one file per trace; `load_step_graphs(dir, trace_id)`, `iter_step_graphs(dir)`.
-- `stage.py`: `run_stage(ctx)`; `config.py`: `GraphsConfig`; `render.py`: HTML view.
+- `stage.py`: `run_stage(ctx)`; `config.py`: `GraphsConfig`.
+- `export.py`: graphs as circuit-tracer graph JSON for its viewer (`crv-graphs export`).
 """

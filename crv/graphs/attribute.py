@@ -7,7 +7,12 @@ step's last token with `position="after"`). Its nodes are the active transcoder 
 positions 1..p (layer, position, latent, activation), one error node per (layer, position)
 (the MLP output minus its transcoder's reconstruction), one token node per position (the
 input of layer 0, so positional or scaled embeddings are part of it) and the top next-token
-logits at p (up to `max_logits`, until `logit_cum_prob`). Position 0 (BOS) is no source.
+logits at p (up to `max_logits`, until `logit_cum_prob`). At position 0 (BOS) only the token
+node is a source (no features, no error node), as in circuit-tracer 0.5.0, whose token nodes
+include BOS. Its edges matter: on 30 least-confident crv-tiny test steps its largest edge is
+4.5-100% (median 13%) of the graph's largest, and it enters every row's normalisation, so the
+influence ranking needs it to select the same features as circuit-tracer
+(`benchmarks/attribution_circuit_tracer.py --run`).
 The weight of an edge source -> target is the direct linear effect of the source on the
 target's pre-activation: the encoder pre-activation `W_enc[f] . MLP-in` for a feature, the
 demeaned logit `(W_U[t] - mean_v W_U[v]) . final-norm-out` for a logit.
@@ -366,7 +371,7 @@ class TraceAttributor:
         err_layer, err_pos = (
             a.ravel() for a in np.meshgrid(np.arange(L), np.arange(1, position + 1), indexing="ij")
         )
-        tok_pos = np.arange(1, position + 1)
+        tok_pos = np.arange(position + 1)  # BOS (position 0) included
         src_cols = np.concatenate(
             [c_col[feat], layout.error_col(err_pos, err_layer), layout.token_col(tok_pos)]
         )

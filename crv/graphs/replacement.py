@@ -25,7 +25,10 @@ so smaller segments skip most of the masked upper triangle (for a prefix attribu
 one segment otherwise). This changes no value, only the cost.
 
 A row is a dense float32 vector over the source columns of positions 0..q, laid out
-position-major by `SourceLayout`; position 0 (BOS) is never a source and stays zero.
+position-major by `SourceLayout`. At position 0 (BOS) only the token node is a source: its
+features and error columns stay zero, as in circuit-tracer (BOS activations are outliers that
+transcoders are not trained on), while the BOS embedding's effect on later positions through
+attention is kept, so the influence ranking sees the same sources as circuit-tracer's.
 """
 
 from __future__ import annotations
@@ -329,5 +332,5 @@ class ReplacementTrace:
                             grad[:, 0].float(),
                             self._layer_sources(start, end, layer),
                         )
-            row_BPS[:, 0] = 0.0  # BOS is not a source
+            row_BPS[:, 0, :-1] = 0.0  # BOS: its token node is a source, not its features/error
         return [row_BPS[b, : pos_B[b] + 1].reshape(-1).clone() for b in range(B)]
