@@ -1,5 +1,5 @@
 """Interventions: exact no-op regeneration, local feature edits, deterministic proposals,
-the matched random control, and the rates with their intervals."""
+the random, margin-matched and second-choice controls, and the rates with their intervals."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ from crv.graphs.graph import FEATURE, LOGIT, TOKEN, StepGraph
 from crv.interventions import InterventionsConfig, interventions_markdown
 from crv.interventions.apply import (
     Outcome,
+    SecondChoice,
     StepSpan,
     active_features,
     margin_drops,
     regenerate_batch,
+    regenerate_second_choices,
+    second_choice_token,
     step_span,
     to_intervention,
 )
@@ -31,6 +34,7 @@ from crv.interventions.measure import (
 from crv.interventions.propose import (
     Proposal,
     drop_nodes,
+    margin_matched_control,
     propose,
     random_control,
     rank_candidates,
@@ -262,6 +266,108 @@ def test_random_control_matches_layers_and_count():
         assert c.positions == active[(c.layer, c.feature)]
 
 
+def test_margin_matched_control_draws_at_the_pool_layers_and_positions():
+    def cand(layer: int, feature: int, positions: tuple[int, ...]) -> Proposal:
+        return Proposal(layer, feature, "suppress", 0.0, "step", 9, positions, 0.5, "graph")
+
+    pool = [cand(0, 1, (9,)), cand(1, 2, (10, 11)), cand(1, 3, (12,)), cand(2, 4, (9,))]
+    proposals = [pool[0], pool[1], pool[3]]
+    active = {
+        (0, 1): (9,),
+        (0, 50): (9, 10),
+        (0, 51): (10,),
+        (0, 52): (9,),
+        (1, 2): (10, 11),
+        (1, 3): (12,),
+        (1, 60): (11,),
+        (1, 61): (9,),
+        (1, 62): (12,),
+        (1, 63): (10, 12),
+        (2, 4): (9,),
+        (2, 70): (12,),  # layer 2: no unproposed feature active at 9
+    }
+    eligible = {0: {(0, 50), (0, 52)}, 1: {(1, 60), (1, 63)}, 2: {(1, 62), (1, 63), (1, 3)}}
+    drop_of = {key: float(key[1] % 7) for key in active}
+    measured: list[list[Proposal]] = []
+
+    def drops(ps: list[Proposal]) -> list[float]:
+        measured.append(ps)
+        return [drop_of[(p.layer, p.feature)] for p in ps]
+
+    for seed in range(8):
+        measured.clear()
+        got = margin_matched_control(pool, proposals, active, 2, step_rng(seed, "t:1"), drops)
+        [drawn] = measured  # every draw measured in one call, in pool order
+        assert [d.layer for d in drawn] == [0, 1, 1]  # pool[3]'s layer had no eligible feature
+        keys = [(d.layer, d.feature) for d in drawn]
+        assert len(set(keys)) == 3 and not set(keys) & {(0, 1), (1, 2), (2, 4)}
+        assert all(key in eligible[i] for i, key in enumerate(keys))
+        for d in drawn:
+            assert d.positions == active[(d.layer, d.feature)] and d.source == "margin_matched"
+            assert (d.action, d.value, d.scope, d.start) == ("suppress", 0.0, "step", 9)
+        best = sorted(keys, key=lambda k: (-drop_of[k], k))[:2]
+        assert [(g.layer, g.feature) for g in got] == best
+        assert [g.score for g in got] == [drop_of[k] for k in best]
+    again = margin_matched_control(pool, proposals, active, 2, step_rng(3, "t:1"), drops)
+    assert again == margin_matched_control(pool, proposals, active, 2, step_rng(3, "t:1"), drops)
+
+
+def _by_hand(model, eos: int, ids: list[int], position: int, token: int, end: int) -> list[int]:
+    """The trace up to `position`, `token`, then argmax decoding without a cache to `end`."""
+    out = [*ids[: position + 1], token]
+    with torch.no_grad():
+        while len(out) < end:
+            nxt = int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+    return out
+
+
+def test_second_choice_replaces_the_least_confident_token_then_decodes_greedily(subject):
+    from crv.graphs.attribute import next_token_probs, step_positions
+
+    adapter, tokenizer, _ = subject
+    prompts = [PROMPT, "Q: Evaluate (2+3)*4\n"]  # different lengths: the batch is padded
+    todo, expected = [], []
+    for res in generate_greedy(adapter.model, tokenizer, prompts, 30):
+        row = _row(res.prompt_ids, res.completion_ids, res.completion)
+        ids, offset = row["input_ids"], len(res.prompt_ids)
+        span = StepSpan(offset + 4, offset + 12)
+        [position] = step_positions(
+            [{"last_token": span.last_token}],
+            offset + 3,
+            "least_confident",
+            next_token_probs(adapter.model, ids),
+        )
+        assert offset + 3 <= position < span.last_token
+        with torch.no_grad():
+            logits = adapter.model(input_ids=torch.tensor([ids[: position + 1]])).logits[0, -1]
+        first, second = torch.topk(logits, 2).indices.tolist()
+        assert first == ids[position + 1]  # greedy trace: the trace took the first choice
+        assert second_choice_token(adapter.model, ids, position) == second
+        n_new = 20
+        end = span.first_token + n_new
+        by_hand = _by_hand(adapter.model, tokenizer.eos_token_id, ids, position, second, end)
+        start = min(span.first_token, position + 1)
+        todo.append(SecondChoice(row, 0, span, position, n_new))
+        text = tokenizer.decode(by_hand[start:], skip_special_tokens=True)
+        expected.append((text, ids[position + 1], second, position))
+    todo.append(SecondChoice(row, 0, span, len(ids) - 1, 5))  # no token after the position
+
+    for batch_size in (64, 1):
+        *outs, none = regenerate_second_choices(adapter, tokenizer, todo, batch_size)
+        assert none is None
+        for out, (text, original, second, position) in zip(outs, expected, strict=True):
+            assert out.condition == "second_choice" and out.proposal is None and out.changed
+            assert out.regenerated == text
+            assert out.replacement == {
+                "position": position + 1,
+                "original": tokenizer.decode([original]),
+                "replacement": tokenizer.decode([second]),
+            }
+
+
 def test_margin_ranking_measures_each_intervention(subject):
     adapter, tokenizer, tset = subject
     ids = tokenizer(PROMPT + "Step 1: 5+9=14, so 7*(14+7)\n")["input_ids"]
@@ -350,44 +456,64 @@ def test_wilson_and_bootstrap_intervals():
 
 
 def _outcome(
-    proposal: Proposal | None, step_ok: bool, final_ok: bool, changed: bool = True
+    proposal: Proposal | None,
+    step_ok: bool,
+    final_ok: bool,
+    changed: bool = True,
+    condition: str | None = None,
+    text: str = "x",
 ) -> Outcome:
-    source = proposal.source if proposal else "none"
-    return Outcome(source, 0, proposal, "x", changed, "x", step_ok, None, final_ok)
+    source = condition or (proposal.source if proposal else "none")
+    return Outcome(source, 0, proposal, text, changed, text, step_ok, None, final_ok)
+
+
+P = Proposal(2, 5, "suppress", 0.0, "step", 9, (9, 10), 0.4, "graph")
+R = Proposal(2, 101, "suppress", 0.0, "step", 9, (10,), 0.0, "random")
+M = Proposal(1, 7, "suppress", 0.0, "step", 9, (9,), 0.3, "margin_matched")
+
+
+def _attempt(
+    i: int,
+    incorrect: bool,
+    fixes: list[bool],
+    random_fix: list[bool],
+    matched_fix: list[bool],
+    second_fix: list[bool],
+    consistent: bool = True,
+    rule: str = "",
+    texts: tuple[str, str] = ("orig", "x"),
+) -> StepAttempt:
+    """A hand-made attempt: which of each condition's regenerations fix the step."""
+    return StepAttempt(
+        f"t{i}:1",
+        f"t{i}",
+        1,
+        "arithmetic",
+        incorrect,
+        0.9,
+        texts[0],
+        False,
+        StepSpan(10, 14),
+        [P] * len(fixes),
+        [R] * len(random_fix),
+        _outcome(None, False, False, changed=not consistent),
+        graph=[_outcome(P, ok, ok, text=texts[1]) for ok in fixes],
+        random=[_outcome(R, ok, False) for ok in random_fix],
+        margin_matched=[_outcome(M, ok, ok) for ok in matched_fix],
+        second_choice=[_outcome(None, ok, ok, condition="second_choice") for ok in second_fix],
+        planted_rule=rule,
+    )
 
 
 def test_summarize_rates_and_markdown():
-    p = Proposal(2, 5, "suppress", 0.0, "step", 9, (9, 10), 0.4, "graph")
-    r = Proposal(2, 101, "suppress", 0.0, "step", 9, (10,), 0.0, "random")
-    span = StepSpan(10, 14)
-
-    def attempt(
-        i: int, incorrect: bool, fixes: list[bool], random_fix: bool, consistent: bool
-    ) -> StepAttempt:
-        return StepAttempt(
-            f"t{i}:1",
-            f"t{i}",
-            1,
-            "arithmetic",
-            incorrect,
-            0.9,
-            "orig",
-            False,
-            span,
-            [p] * len(fixes),
-            [r],
-            _outcome(None, False, False, changed=not consistent),
-            [_outcome(p, ok, ok) for ok in fixes],
-            [_outcome(r, random_fix, False)],
-        )
-
+    T, F = True, False
     attempts = [
-        attempt(0, True, [False, True], False, True),
-        attempt(1, True, [True, False], True, True),
-        attempt(2, True, [False, False], False, False),
-        attempt(3, True, [False, False], False, True),
-        attempt(4, False, [False], False, True),
-        attempt(5, False, [True], False, True),
+        _attempt(0, T, [F, T], [F], [F, F], [T]),
+        _attempt(1, T, [T, F], [T], [T, F], [F]),
+        _attempt(2, T, [F, F], [F], [F, F], [T], consistent=False),
+        _attempt(3, T, [F, F], [F], [F, T], [T]),
+        _attempt(4, F, [F], [T], [F], [T]),
+        _attempt(5, F, [T], [T], [T], []),
     ]
     out = summarize(attempts, n_flagged=9, n_false_alarms=3, n_examples=2, n_bootstrap=200, seed=0)
     assert (
@@ -401,10 +527,75 @@ def test_summarize_rates_and_markdown():
     for key in ("fixed_step_rate", "consistency_rate", "fixed_minus_random", "broken_correct_rate"):
         low, high = out[f"{key}_ci"]
         assert low <= out[key] <= high
+    assert out["planted"] is None
+
+    # each control: its own rates, and proposals minus control paired over the same steps
+    controls = out["controls"]
+    assert set(controls) == {"random", "margin_matched", "second_choice"}
+    expected = {  # fixed (best), first fixed, final answer, broke, diff, first_diff, broke_diff
+        "random": (0.25, 0.25, 0.0, 0.0, 0.25, 0.0, 0.5),
+        "margin_matched": (0.5, 0.25, 0.5, 0.5, 0.0, 0.0, 0.0),
+        "second_choice": (0.75, 0.75, 0.75, 0.0, -0.25, -0.5, 0.5),
+    }
+    keys = ("fixed_step_rate", "first_fixed_step_rate", "fixed_answer_rate", "broke_rate")
+    for name, values in expected.items():
+        c = controls[name]
+        assert tuple(c[k] for k in (*keys, "diff", "first_diff", "broke_diff")) == values
+        for k in ("diff", "first_diff", "broke_diff"):
+            assert c[f"{k}_ci"][0] <= c[k] <= c[f"{k}_ci"][1]
+    second_fixed = np.array([1, 0, 1, 1], dtype=bool)
+    assert controls["second_choice"]["diff_ci"] == paired_bootstrap_diff(
+        np.array([1, 1, 0, 0], dtype=bool), second_fixed, 200, 0
+    )
+    assert controls["random"]["diff_ci"] == out["fixed_minus_random_ci"]
+
     assert [ex["step_id"] for ex in out["examples"]] == ["t0:1", "t1:1"]
-    assert out["examples"][0]["fixed_step"] and "L2/F5" in out["examples"][0]["intervention"]
+    ex = out["examples"][0]
+    assert ex["fixed_step"] and "L2/F5" in ex["intervention"] and ex["planted_rule"] == ""
+    assert ex["controls"]["margin_matched"]["intervention"].startswith("suppress L1/F7")
     md = interventions_markdown(out)
     assert "0.500 [" in md and "t0:1" in md and "suppress L2/F5" in md
+    assert "| all (4 / 2) | margin-matched random features | 0.500 [" in md
+    assert "| all (4 / 2) | second-choice token (no transcoders) | 0.750 [" in md
+    assert "-0.500 [" in md and "planted" not in md
+
+
+def test_planted_rule_steps_are_compared_on_their_own():
+    T, F = True, False
+    planted = ("7*8=57", "7*8=56")
+    attempts = [
+        _attempt(0, T, [F, T], [F], [F, F], [F], rule="seven_times", texts=planted),
+        _attempt(1, T, [F, F], [F], [T, F], [T], rule="seven_times"),
+        _attempt(2, T, [T, F], [F], [F, F], [F], rule="not_or"),
+        _attempt(3, T, [F, F], [T], [F, F], [T]),
+        _attempt(4, T, [T, T], [T], [T, T], [T]),
+        _attempt(5, F, [F], [F], [T], [T], rule="seven_times"),
+    ]
+    out = summarize(attempts, n_flagged=5, n_false_alarms=1, n_examples=2, n_bootstrap=100, seed=0)
+    assert out["fixed_step_rate"] == 0.6 and out["n_attempted"] == 5
+    p = out["planted"]
+    assert p["n_attempted"] == 3 and p["n_false_alarms_attempted"] == 1
+    assert p["fixed_step_rate"] == pytest.approx(2 / 3, abs=1e-4)
+    assert p["broken_correct_rate"] == 1.0
+    c = p["controls"]
+    assert c["random"]["fixed_step_rate"] == 0.0 and c["random"]["broke_rate"] == 1.0
+    assert c["margin_matched"]["fixed_step_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert c["second_choice"]["diff"] == pytest.approx(1 / 3, abs=1e-4)
+    assert c["second_choice"]["broke_diff"] == 1.0
+    assert set(p["rules"]) == {"seven_times", "not_or"}
+    seven = p["rules"]["seven_times"]
+    assert (seven["n_attempted"], seven["n_false_alarms_attempted"]) == (2, 1)
+    assert seven["fixed_step_rate"] == 0.5 and seven["controls"]["second_choice"]["diff"] == 0.0
+    assert p["rules"]["not_or"]["fixed_step_rate"] == 1.0
+    [example] = seven["examples"]
+    assert (example["original_step"], example["regenerated_step"]) == planted
+    assert example["fixed_step"] and example["step_id"] == "t0:1"
+    # the worked examples give planted steps at least half the places (fixed ones first)
+    assert [ex["step_id"] for ex in out["examples"]] == ["t0:1", "t4:1"]
+    md = interventions_markdown(out)
+    assert "| planted rules (3 / 1) | proposals | 0.667 [" in md
+    assert "| rule `seven_times` (2 / 1) | second-choice token" in md
+    assert "planted rule `seven_times`" in md and "`7*8=56`" in md
 
 
 def test_config_defaults():
@@ -572,9 +763,21 @@ def test_run_stage_end_to_end(subject, tmp_path):
     wrong = next(a for a in saved["attempts"] if a["incorrect"] and a["trace_id"] == rows[0]["id"])
     assert wrong["consistent"]  # the model's own trace comes back without intervention
     conditions = [o["condition"] for o in wrong["outcomes"]]
-    assert (
-        conditions[0] == "none"
-        and conditions.count("graph") == 2
-        and conditions.count("random") == 2
-    )
+    assert conditions[0] == "none"
+    assert [conditions.count(c) for c in ("graph", "random", "margin_matched")] == [2, 2, 2]
+    assert conditions.count("second_choice") == 1 and wrong["planted_rule"] == ""
+    matched = [o["proposal"] for o in wrong["outcomes"] if o["condition"] == "margin_matched"]
+    assert matched[0]["score"] >= matched[1]["score"]  # ranked by measured margin drop
+    false_alarm = next(a for a in saved["attempts"] if not a["incorrect"])
+    assert [o["condition"] for o in false_alarm["outcomes"]] == [
+        "none",
+        "graph",
+        "random",
+        "margin_matched",
+        "second_choice",
+    ]
+    for name in ("random", "margin_matched", "second_choice"):
+        block = result["controls"][name]
+        assert {"fixed_step_rate", "broke_rate", "diff", "diff_ci"} <= set(block)
+        assert block["diff_ci"] is not None
     assert result["examples"] and "## " not in interventions_markdown(result)

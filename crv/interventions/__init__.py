@@ -8,9 +8,19 @@ by graph influence, by how they move the verifier's score, or by layer; each sup
 feature or amplifies it, at the step positions where it was active or from the step
 onward), regenerates the trace from the step's first token with the transcoders spliced in
 and their error added back, so that only the edited feature differs from the original model
-(`apply`; a step's 2N + 1 regenerations run as one batch, one edit per row), relabels the
-regenerated step and the final answer with the task's checker, and compares against a
-matched random control and against no intervention (`measure`).
+(`apply`; a step's feature edits run as one batch, one edit per row), relabels the
+regenerated step and the final answer with the task's checker, and compares against no
+intervention and three controls that can fail (`measure`, `controls.<name>` in the report):
+
+- `random`: a random active feature of each proposal's layer;
+- `margin_matched`: random active features of the same layers and positions as the
+  proposals' candidate pool, ranked by the same measured margin drop, so that the graph's
+  influence ranking is the only difference;
+- `second_choice`: no transcoders at all: the explained token (by default the step's least
+  confident one) replaced by the model's second choice, then greedy decoding.
+
+Steps that exercise a planted rule (crv-tiny-bugs, the step field `planted_rule`) are
+also compared on their own (`planted`, and per rule with a worked example).
 
 Honest limits:
 
@@ -21,8 +31,10 @@ Honest limits:
   second at that prediction, without knowing which is right: it flips uncertain decisions,
   which fixes a wrong step when the runner-up was right and breaks a correct one just as
   readily (`broken_correct_rate`). A changed step can also become correct by chance. The
-  random control (same layers, same action, same number of attempts) is the yardstick;
-  `fixed_minus_random` is the effect.
+  controls are the yardstick: `controls.<name>.diff` (proposals minus control, paired over
+  steps) is the effect, and the strongest control is the one that counts. The
+  second-choice baseline flips the same decision for free: when it fixes as many steps,
+  the graph adds nothing to the fix but the choice of which token to flip.
 - Best of N picks the winner with the task checker, an oracle no deployed system has;
   first of N is the deployable rate.
 - "No intervention" regeneration runs the spliced model (recon + error), which equals the

@@ -7,6 +7,10 @@ intervention changes one feature's activation and, through its decoder row, noth
 that layer. Regeneration keeps the trace's own token ids up to the step's first token (no
 re-tokenisation, so absolute positions match the original trace and its graphs) and decodes
 greedily from there with a KV cache; the splice reads absolute positions from the cache.
+
+The second-choice baseline (`regenerate_second_choices`) runs the original model, no
+splice: it keeps the trace up to the explained token, puts the model's second choice there,
+and decodes greedily to the same end; the stage decodes every step's at once.
 """
 
 from __future__ import annotations
@@ -111,12 +115,14 @@ class Outcome:
     """One regeneration from a step and its relabelling."""
 
     condition: str
-    """`none` (no intervention), `graph` (a proposal) or `random` (the control)."""
+    """`none` (no intervention), `graph` (a proposal), or a control: `random`,
+    `margin_matched` (`Proposal.source`), `second_choice`."""
     rank: int
     """Index of the proposal or control among the step's N (-1 for `none`)."""
     proposal: Proposal | None
     regenerated: str
-    """Decoded text from the step's first token to the end of the regeneration."""
+    """Decoded text from the step's first token (or the replaced token, if earlier) to the
+    end of the regeneration."""
     changed: bool
     """The regenerated tokens differ from the original step's tokens (compared token by
     token over the original step, so a trace cut off by its token cap still compares)."""
@@ -125,6 +131,9 @@ class Outcome:
     step_correct: bool
     final_answer: str | None
     final_correct: bool
+    replacement: dict[str, Any] | None = None
+    """`second_choice` only: {"position", "original", "replacement"}, the replaced token's
+    position in `input_ids` and the two tokens' text."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,7 +146,49 @@ class Outcome:
             "step_correct": self.step_correct,
             "final_answer": self.final_answer,
             "final_correct": self.final_correct,
+            "replacement": self.replacement,
         }
+
+
+def relabel(
+    tokenizer: Any,
+    row: Mapping[str, Any],
+    step_index: int,
+    span: StepSpan,
+    ids: Sequence[int],
+    start: int,
+    label: Callable[[str], Labelled] | None = None,
+) -> dict[str, Any]:
+    """The Outcome fields of a regenerated sequence `ids` (the whole `input_ids`, old prefix
+    included) that may differ from the original trace from position `start` on; `label`
+    (default: `crv.tasks.label.label_steps` for `row`) labels the new completion."""
+    label = label or (lambda completion: label_steps(dict(row), completion))
+    original = list(row["input_ids"][start : span.last_token + 1])
+    offset = int(row["prompt_len"])
+    steps, final_answer, final_correct = label(
+        tokenizer.decode(ids[offset:], skip_special_tokens=True)
+    )
+    step = steps[step_index] if step_index < len(steps) else None
+    return {
+        "regenerated": tokenizer.decode(ids[start:], skip_special_tokens=True),
+        "changed": list(ids[start : start + len(original)]) != original,
+        "step_text": step["text"] if step else None,
+        "step_correct": bool(step and step["label"]),
+        "final_answer": final_answer,
+        "final_correct": bool(final_correct),
+    }
+
+
+def _generate(
+    adapter: Any, tokenizer: Any, prompts: list[list[int]], caps: list[int]
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts as one batch (under whatever splice is on)."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = adapter.unembed_weight.device
+    with torch.inference_mode():
+        generated = generate_from_ids(adapter.model, prompts, caps, eos, pad, device)
+    return [new_ids for new_ids, _ in generated]
 
 
 def regenerate_batch(
@@ -160,40 +211,87 @@ def regenerate_batch(
     the regenerated tokens; `label` (default: `crv.tasks.label.label_steps` for `row`)
     relabels it, and the step at `step_index` is the regenerated step.
     """
-    label = label or (lambda completion: label_steps(dict(row), completion))
     prefix = list(row["input_ids"][: span.first_token])
     end = len(prefix) + max_new_tokens
     interventions = [to_intervention(p, end, b) for b, p in enumerate(proposals) if p is not None]
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    device = adapter.unembed_weight.device
-    with torch.inference_mode(), splice(adapter, tset, add_error=True, interventions=interventions):
-        generated = generate_from_ids(
-            adapter.model,
-            [prefix] * len(proposals),
-            [max_new_tokens] * len(proposals),
-            eos,
-            pad,
-            device,
+    n = len(proposals)
+    with splice(adapter, tset, add_error=True, interventions=interventions):
+        generated = _generate(adapter, tokenizer, [prefix] * n, [max_new_tokens] * n)
+    return [
+        Outcome(
+            condition=proposal.source if proposal else "none",
+            rank=rank,
+            proposal=proposal,
+            **relabel(tokenizer, row, step_index, span, prefix + new_ids, span.first_token, label),
         )
-    original = list(row["input_ids"][span.first_token : span.last_token + 1])
-    offset = int(row["prompt_len"])
-    outcomes = []
-    for proposal, rank, (new_ids, _) in zip(proposals, ranks, generated, strict=True):
-        completion = tokenizer.decode(prefix[offset:] + new_ids, skip_special_tokens=True)
-        steps, final_answer, final_correct = label(completion)
-        step = steps[step_index] if step_index < len(steps) else None
-        outcomes.append(
-            Outcome(
-                condition=proposal.source if proposal else "none",
-                rank=rank,
-                proposal=proposal,
-                regenerated=tokenizer.decode(new_ids, skip_special_tokens=True),
-                changed=new_ids[: len(original)] != original,
-                step_text=step["text"] if step else None,
-                step_correct=bool(step and step["label"]),
-                final_answer=final_answer,
-                final_correct=bool(final_correct),
-            )
+        for proposal, rank, new_ids in zip(proposals, ranks, generated, strict=True)
+    ]
+
+
+@torch.inference_mode()
+def second_choice_token(model: Any, input_ids: Sequence[int], position: int) -> int:
+    """The original model's most likely next token at `position` other than the trace's own
+    token at `position + 1` (its second choice when the trace took its first, as greedy
+    decoding does)."""
+    device = next(model.parameters()).device
+    logits_V = model(input_ids=torch.tensor([list(input_ids[: position + 1])], device=device))
+    first, second = torch.topk(logits_V.logits[0, -1], 2).indices.tolist()
+    return second if first == int(input_ids[position + 1]) else first
+
+
+@dataclass(frozen=True)
+class SecondChoice:
+    """One step's second-choice regeneration to run (see `regenerate_second_choices`)."""
+
+    row: Mapping[str, Any]
+    step_index: int
+    span: StepSpan
+    position: int
+    """The explained position: the token at `position + 1` is replaced."""
+    max_new_tokens: int
+    """As for `regenerate_batch`: the regeneration ends at the step's first token + this."""
+
+
+def regenerate_second_choices(
+    adapter: Any, tokenizer: Any, todo: Sequence[SecondChoice], batch_size: int = 64
+) -> list[Outcome | None]:
+    """The second-choice baseline of several steps: the trace's token at `position + 1`
+    (the prediction the step's graph explains, by default the step's least confident one)
+    replaced by the original model's second choice, then greedy decoding by the original
+    model, no transcoders, to where `regenerate_batch`'s regeneration ends. The steps are
+    decoded together, `batch_size` at a time (left-padded: batched equals alone). None for
+    a step whose trace has no token after `position`."""
+    prefixes: dict[int, list[int]] = {}
+    for i, job in enumerate(todo):
+        ids = list(job.row["input_ids"])
+        if job.position + 1 < len(ids):
+            token = second_choice_token(adapter.model, ids, job.position)
+            prefixes[i] = [*ids[: job.position + 1], token]
+    caps = {
+        i: max(0, todo[i].span.first_token + todo[i].max_new_tokens - len(prefix))
+        for i, prefix in prefixes.items()
+    }
+    order = list(prefixes)
+    generated: dict[int, list[int]] = {}
+    for b in range(0, len(order), batch_size):
+        chunk = order[b : b + batch_size]
+        new = _generate(adapter, tokenizer, [prefixes[i] for i in chunk], [caps[i] for i in chunk])
+        generated.update(zip(chunk, new, strict=True))
+    out: list[Outcome | None] = [None] * len(todo)
+    for i, prefix in prefixes.items():
+        job = todo[i]
+        ids = list(job.row["input_ids"])
+        start = min(job.span.first_token, job.position + 1)
+        fields = relabel(tokenizer, job.row, job.step_index, job.span, prefix + generated[i], start)
+        out[i] = Outcome(
+            condition="second_choice",
+            rank=0,
+            proposal=None,
+            **fields,
+            replacement={
+                "position": job.position + 1,
+                "original": tokenizer.decode([ids[job.position + 1]]),
+                "replacement": tokenizer.decode([prefix[-1]]),
+            },
         )
-    return outcomes
+    return out

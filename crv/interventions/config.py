@@ -1,8 +1,9 @@
 """Configuration of the `interventions` stage (the `interventions` config section).
 
 Every field's docstring is its help text. The defaults are sized for crv's embedded subject
-model on a 2-core CPU: at most 60 flagged incorrect steps with 2N + 1 = 7 regenerations
-each, and 20 false alarms with two each.
+model on a 2-core CPU: at most 60 flagged incorrect steps with 3N + 1 = 10 spliced
+regenerations (one batch) and one plain second-choice regeneration each, and 20 false
+alarms with four and one.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class InterventionsConfig:
 
     candidate_pool: int = 24
     """With rank_by=verifier or margin, only the top features by influence are re-scored
-    (each costs one recomputation of the graph features, or one forward pass)."""
+    (each costs one recomputation of the graph features, or one forward pass row). The
+    margin-matched control draws one random feature per pool feature and measures them all."""
 
     action: Action = Action.suppress
     """`suppress`: clamp the feature's activation to 0; `amplify`: multiply it by
@@ -99,7 +101,8 @@ class InterventionsConfig:
     """Worked examples kept in the report (fixed ones first)."""
 
     n_bootstrap: int = 2000
-    """Paired bootstrap resamples for the confidence interval of `fixed_minus_random`."""
+    """Paired bootstrap resamples for the confidence intervals of the differences proposals
+    minus control (`controls.<name>.diff`, `fixed_minus_random`)."""
 
     def __post_init__(self) -> None:
         check_choices(self, "interventions")

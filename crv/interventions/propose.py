@@ -1,4 +1,4 @@
-"""Proposing feature interventions for a flagged step, and the matched random control.
+"""Proposing feature interventions for a flagged step, and the random feature controls.
 
 The step window `(lo, hi)` holds the positions whose computation can change the step's
 text on regeneration: from the earlier of the token before the step's first token and the
@@ -38,13 +38,20 @@ action, value and scope, from a generator seeded by the run seed and the step id
 matched on layer, count and action, not on activation size or number of active positions:
 graph features tend to be the strongly active ones, so part of any advantage over the
 control may come from editing a bigger activation rather than the right feature.
+
+The margin-matched control (`margin_matched_control`) closes that gap for `rank_by=margin`:
+it replaces each feature of the proposals' candidate pool by a random active feature of the
+same layer and positions, measures every draw's margin drop as the pool's are measured, and
+keeps the top N. Whatever the proposals gain over it comes from the graph's influence
+ranking, which chose the pool; what the measured margin ranking does by itself, it does for
+both.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -75,7 +82,7 @@ class Proposal:
     score: float
     """The ranking score (influence, verifier score change, or layer)."""
     source: str
-    """`graph` for a proposal, `random` for the control."""
+    """`graph` for a proposal, `random` or `margin_matched` for a control."""
 
     def target_positions(self, end: int) -> tuple[int, ...]:
         """The absolute positions to intervene at, for sequences shorter than `end`."""
@@ -215,16 +222,25 @@ def propose(
         if margin_drops is None:
             raise ValueError("rank_by='margin' needs a margin_drops function")
         pool = rank_candidates(graph, window[0], "influence", allowed=allowed)[:candidate_pool]
-        drops = margin_drops([make(key, 0.0) for key, _ in pool])
-        ranked = sorted(
-            ((key, drop) for (key, _), drop in zip(pool, drops, strict=True)),
-            key=lambda kd: (-kd[1], kd[0]),
-        )
-    else:
-        ranked = rank_candidates(
-            graph, window[0], rank_by, action, score_graph, candidate_pool, allowed
-        )
+        return rank_by_margin([make(key, 0.0) for key, _ in pool], margin_drops, n)
+    ranked = rank_candidates(
+        graph, window[0], rank_by, action, score_graph, candidate_pool, allowed
+    )
     return [make(key, score) for key, score in ranked[:n]]
+
+
+def rank_by_margin(
+    candidates: Sequence[Proposal],
+    margin_drops: Callable[[list[Proposal]], list[float]],
+    n: int,
+) -> list[Proposal]:
+    """The `n` candidates whose measured margin drop is largest, best first (ties by
+    (layer, feature)), each scored by its drop."""
+    drops = margin_drops(list(candidates)) if candidates else []
+    ranked = sorted(
+        zip(candidates, drops, strict=True), key=lambda cd: (-cd[1], cd[0].layer, cd[0].feature)
+    )
+    return [replace(c, score=float(drop)) for c, drop in ranked[:n]]
 
 
 def step_rng(seed: int, step_id: str) -> np.random.Generator:
@@ -254,3 +270,38 @@ def random_control(
             )
         )
     return out
+
+
+def margin_matched_control(
+    pool: Sequence[Proposal],
+    proposals: Sequence[Proposal],
+    active: ActiveMap,
+    n: int,
+    rng: np.random.Generator,
+    margin_drops: Callable[[list[Proposal]], list[float]],
+) -> list[Proposal]:
+    """The margin-matched control: for each feature of the proposals' candidate `pool`
+    (the `candidate_pool` most influential, which `rank_by=margin` measures), one random
+    feature of the same layer active at one of its positions (any window position when it
+    has none), never a proposed or an already drawn one; the draws are then ranked by their
+    own measured margin drop as the pool is, and the top `n` kept.
+
+    Pool, layers, positions, action and ranking are the proposals'; only the graph's
+    influence ranking, which chose the pool, is missing. A pool feature whose layer has no
+    eligible feature gets no draw.
+    """
+    taken = {(p.layer, p.feature) for p in proposals}
+    drawn = []
+    for c in pool:
+        where = set(c.positions)
+        options = sorted(
+            key
+            for key, positions in active.items()
+            if key[0] == c.layer and key not in taken and (not where or where & set(positions))
+        )
+        if not options:
+            continue
+        key = options[int(rng.integers(len(options)))]
+        taken.add(key)
+        drawn.append(replace(c, feature=key[1], positions=active[key], source="margin_matched"))
+    return rank_by_margin(drawn, margin_drops, n)

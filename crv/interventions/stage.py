@@ -2,9 +2,10 @@
 
 Flagged steps are the labelled steps of the configured split (tasks with a programmatic
 checker only) whose verifier score reaches the verifier's threshold. Incorrect ones (true
-alarms) get the no-intervention regeneration, N proposals and N random controls; correct
-ones (false alarms) get the no-intervention regeneration and the top proposal. Every
-attempt goes to `interventions.json`; the returned dict is the report section.
+alarms) get the no-intervention regeneration, N proposals, N random and N margin-matched
+controls (one batch per step), and the second-choice regeneration (every step's in one
+batch at the end); correct ones (false alarms) the same with N = 1. Every attempt goes to
+`interventions.json`; the returned dict is the report section.
 """
 
 from __future__ import annotations
@@ -20,14 +21,23 @@ from tqdm.auto import tqdm
 
 from crv.graphs.graph import StepGraph
 from crv.interventions.apply import (
+    Outcome,
+    SecondChoice,
     active_features,
     margin_drops,
     regenerate_batch,
+    regenerate_second_choices,
     step_span,
 )
 from crv.interventions.config import InterventionsConfig
 from crv.interventions.measure import StepAttempt, summarize
-from crv.interventions.propose import propose, random_control, step_rng
+from crv.interventions.propose import (
+    Proposal,
+    margin_matched_control,
+    propose,
+    random_control,
+    step_rng,
+)
 from crv.io import atomic_write_json
 from crv.pipeline import StageContext
 from crv.tasks import TASKS, Problem
@@ -101,41 +111,40 @@ def attempt_step(
     cfg: InterventionsConfig,
     seed: int,
     score_graph: Callable[[StepGraph], float] | None,
-) -> StepAttempt:
-    """All regenerations of one flagged step (`flagged`: its feature-table row + score, a
-    pandas `itertuples` row)."""
+) -> tuple[StepAttempt, SecondChoice]:
+    """The feature-edit regenerations of one flagged step (`flagged`: its feature-table row
+    + score, a pandas `itertuples` row), and its second-choice regeneration still to run
+    (`add_second_choices`)."""
     step = row["steps"][int(flagged.step)]
     span = step_span(row, step, tokenizer)
     window = span.window(graph.position)
     active = active_features(adapter, tset, row["input_ids"], window)
     incorrect = int(flagged.label) == 1
-    proposals = propose(
-        graph,
-        window,
-        active,
-        cfg.n_proposals if incorrect else 1,
-        cfg.rank_by,
-        cfg.action,
-        cfg.amplify_scale,
-        cfg.scope,
-        score_graph,
-        cfg.candidate_pool,
-        lambda ps: margin_drops(adapter, tset, row["input_ids"], graph.position, ps),
-    )
-    controls = (
-        random_control(proposals, active, step_rng(seed, flagged.step_id)) if incorrect else []
-    )
+    n = cfg.n_proposals if incorrect else 1
+
+    def drops(proposals: list[Proposal]) -> list[float]:
+        return margin_drops(adapter, tset, row["input_ids"], graph.position, proposals)
+
+    choice = (cfg.rank_by, cfg.action, cfg.amplify_scale, cfg.scope)
+    proposals = propose(graph, window, active, n, *choice, score_graph, cfg.candidate_pool, drops)
+    rng = step_rng(seed, flagged.step_id)
+    controls = random_control(proposals, active, rng)
+    pool = propose(graph, window, active, cfg.candidate_pool, "influence", *choice[1:])
+    matched = margin_matched_control(pool, proposals, active, n, rng, drops)
     problem = Problem(row["id"], row["task"], row["complexity"], row["problem"], row["gold"])
     canonical = len(tokenizer(problem.solution(), add_special_tokens=False)["input_ids"])
     budget = max(len(row["input_ids"]) - span.first_token, canonical) + cfg.extra_new_tokens
 
-    # all 2N + 1 regenerations of the step as one batch, one intervention per row
-    todo = [None, *proposals, *controls]
-    ranks = [-1, *range(len(proposals)), *range(len(controls))]
+    # every feature edit of the step as one batch, one intervention per row
+    todo = [None, *proposals, *controls, *matched]
+    ranks = [-1, *range(len(proposals)), *range(len(controls)), *range(len(matched))]
     outcomes = regenerate_batch(
         adapter, tset, tokenizer, row, step["index"], span, budget, todo, ranks
     )
-    return StepAttempt(
+    by_condition: dict[str, list[Outcome]] = {}
+    for outcome in outcomes[1:]:
+        by_condition.setdefault(outcome.condition, []).append(outcome)
+    attempt = StepAttempt(
         step_id=flagged.step_id,
         trace_id=row["id"],
         step=int(step["index"]),
@@ -148,9 +157,26 @@ def attempt_step(
         proposals=proposals,
         controls=controls,
         none=outcomes[0],
-        graph=outcomes[1 : 1 + len(proposals)],
-        random=outcomes[1 + len(proposals) :],
+        graph=by_condition.get("graph", []),
+        random=by_condition.get("random", []),
+        margin_matched=by_condition.get("margin_matched", []),
+        planted_rule=str(step.get("planted_rule") or ""),
     )
+    return attempt, SecondChoice(row, step["index"], span, graph.position, budget)
+
+
+def add_second_choices(
+    adapter: ArchAdapter,
+    tokenizer: PreTrainedTokenizerBase,
+    attempts: list[StepAttempt],
+    todo: list[SecondChoice],
+) -> None:
+    """Run the steps' second-choice regenerations as one batch and file each under its
+    attempt."""
+    for attempt, outcome in zip(
+        attempts, regenerate_second_choices(adapter, tokenizer, todo), strict=True
+    ):
+        attempt.second_choice = [outcome] if outcome else []
 
 
 def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
@@ -183,16 +209,20 @@ def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
         len(right),
         len(chosen),
     )
-    attempts = []
+    attempts: list[StepAttempt] = []
+    second_choices: list[SecondChoice] = []
     for flag in tqdm(list(chosen.itertuples(index=False)), desc="interventions", unit="step"):
         row = traces[row_of[flag.trace_id]]
         graph = next(
             g for g in load_step_graphs(ctx.inputs["graphs"], flag.trace_id) if g.step == flag.step
         )
         score_graph = (lambda g, task=row["task"]: scorer(task, g)) if scorer else None
-        attempts.append(
-            attempt_step(adapter, tset, tokenizer, row, flag, graph, cfg, ctx.seed, score_graph)
+        attempt, second = attempt_step(
+            adapter, tset, tokenizer, row, flag, graph, cfg, ctx.seed, score_graph
         )
+        attempts.append(attempt)
+        second_choices.append(second)
+    add_second_choices(adapter, tokenizer, attempts, second_choices)
     atomic_write_json(
         ctx.out / RESULTS_FILE,
         {"config": dataclasses.asdict(cfg), "attempts": [a.to_dict() for a in attempts]},
