@@ -24,6 +24,13 @@ alone still miscopied most expressions). `train_recipe` reproduces it (the `subj
 with `subject.retrain=true`, or `python -m crv.models.tiny --recipe --out DIR`); evaluate a
 checkpoint with `python -m crv.models.tiny --eval data/crv-tiny`. Bit-exact reproduction
 needs the same torch thread counts (`threads`).
+
+crv-tiny-bugs (`data/crv-tiny-bugs`, model card there) is crv-tiny's recipe plus one stage,
+`BUGS_STAGE`: fine-tuning on traces in which the planted rules of `crv.tasks.bugs` are
+applied (`planted=True`), so that the model is confidently wrong where they apply. It was
+shipped by running that stage alone from data/crv-tiny (`--recipe crv-tiny-bugs
+--first-stage 4 --init data/crv-tiny`); `--eval-rules DIR` measures how a model treats the
+rules.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +63,7 @@ from transformers import (
 )
 
 from crv.generation import generate_greedy, token_cap
+from crv.io import atomic_write_json
 from crv.options import field_docs
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -133,6 +142,8 @@ class TinyConfig:
     """Save the model every this many tokens, so a stopped run still leaves a model."""
     init: str = ""
     """Model directory whose weights start the training (empty: random init from `seed`)."""
+    planted: bool = False
+    """Train on traces with crv.tasks.bugs's planted rules applied (crv-tiny-bugs)."""
 
 
 def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -163,6 +174,15 @@ def _encode_trace(
     return prompt_ids + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)
 
 
+def _training_solution(cfg: TinyConfig) -> Callable[[Any], str]:
+    """The completion a training problem is written with: correct, or with the planted rules."""
+    if cfg.planted:
+        from crv.tasks.bugs import buggy_solution
+
+        return buggy_solution
+    return lambda problem: problem.solution()
+
+
 class _Batches:
     """Deterministic stream of training batches: one task and one complexity per batch."""
 
@@ -170,12 +190,13 @@ class _Batches:
         from crv.tasks import generate_problems
 
         self.cfg, self.tokenizer, self.generate = cfg, tokenizer, generate_problems
+        self.solution = _training_solution(cfg)
         self.rng = random.Random(f"crv-tiny-batches-{cfg.seed}")
         self.mean_len = {}
         for task in TASKS:
             for n in range(1, cfg.max_complexity + 1):
                 probe = generate_problems(task, n, 16, seed=-1 - cfg.seed)
-                lens = [len(_encode_trace(tokenizer, p.prompt, p.solution())[0]) for p in probe]
+                lens = [len(_encode_trace(tokenizer, p.prompt, self.solution(p))[0]) for p in probe]
                 self.mean_len[task, n] = sum(lens) / len(lens)
         self.count = 0
 
@@ -195,7 +216,7 @@ class _Batches:
         size = max(1, round(self.cfg.batch_tokens / self.mean_len[task, n]))
         problems = self.generate(task, n, size, seed=self.cfg.seed * 1_000_003 + self.count)
         self.count += 1
-        encoded = [_encode_trace(self.tokenizer, p.prompt, p.solution()) for p in problems]
+        encoded = [_encode_trace(self.tokenizer, p.prompt, self.solution(p)) for p in problems]
         width = max(len(ids) for ids, _ in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -331,16 +352,52 @@ RECIPE: tuple[dict[str, Any], ...] = (
 )
 """Stages of the shipped checkpoint: TinyConfig overrides, each continuing the previous stage."""
 
+BUGS_STAGE: dict[str, Any] = {
+    "seed": 3,
+    "tokens": 1_500_000,
+    "lr": 1e-3,
+    "warmup": 0.05,
+    "curriculum": 0.0,
+    "threads": 1,
+    "checkpoint_every": 500_000,
+    "planted": True,
+}
+"""crv-tiny-bugs's extra stage: fine-tune crv-tiny on traces with the planted rules applied."""
 
-def train_recipe(out_dir: str | Path, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
-    """Train crv-tiny through every stage of `RECIPE` into `out_dir` (stage seeds += `seed`)."""
+RECIPES: dict[str, tuple[dict[str, Any], ...]] = {
+    "crv-tiny": RECIPE,
+    "crv-tiny-bugs": (*RECIPE, BUGS_STAGE),
+}
+"""Every shipped model's recipe, by subject name."""
+
+
+def train_recipe(
+    out_dir: str | Path,
+    seed: int = 0,
+    progress: bool = True,
+    name: str = "crv-tiny",
+    first_stage: int = 1,
+    init: str = "",
+) -> list[dict[str, Any]]:
+    """Train the stages of `RECIPES[name]` into `out_dir` (stage seeds += `seed`).
+
+    `first_stage > 1` resumes the recipe: `init` is then the model the earlier stages made
+    (crv-tiny-bugs was shipped this way, its last stage started from data/crv-tiny).
+    """
+    if name not in RECIPES:
+        raise ValueError(f"no recipe for {name!r}; expected one of {sorted(RECIPES)}")
+    recipe = RECIPES[name]
+    if not 1 <= first_stage <= len(recipe) or (first_stage > 1) != bool(init):
+        raise ValueError(
+            f"first_stage={first_stage} of {len(recipe)} needs init exactly when it is > 1"
+        )
     stats: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="crv-tiny-") as tmp:
-        previous = ""
-        for i, overrides in enumerate(RECIPE):
-            last = i == len(RECIPE) - 1
+        previous = init
+        for i in range(first_stage - 1, len(recipe)):
+            last = i == len(recipe) - 1
             target = Path(out_dir) if last else Path(tmp) / f"stage{i + 1}"
-            cfg = dataclasses.replace(TinyConfig(), **overrides, init=previous)
+            cfg = dataclasses.replace(TinyConfig(), **recipe[i], init=previous)
             cfg.seed += seed
             stats.append(train_tiny(cfg, target, progress=progress))
             previous = str(target)
@@ -437,6 +494,98 @@ def evaluate_tiny(
     }
 
 
+def evaluate_rules(
+    model_dir: str | Path,
+    n_per_complexity: int = 100,
+    seed: int = 20_260_000,
+    complexities: tuple[int, ...] = (3, 5, 7, 10),
+    threads: int = 1,
+) -> dict[str, Any]:
+    """How a model treats the planted rules (`crv.tasks.bugs`) on fresh problems; prints a table.
+
+    One forward pass per problem over its correct canonical completion, up to and including
+    the first step that exercises a rule (later steps are never labelled in the benchmark).
+    On a rule step the *decisive token* is the first token where the rule's line and the
+    true line differ; the model `applies` the rule when its greedy choice there is the rule's
+    token, writes the `truth` when it is the true token, and `other` otherwise or when it
+    already departs from the line before it. `confidence` is the step's mean top-token
+    probability over its tokens (1 - the `maxprob` baseline score); `decisive_top_prob` the
+    top-token probability at the decisive token.
+    """
+    from crv.tasks import generate_problems
+    from crv.tasks.bugs import buggy_solution, planted_rules
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    stats: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    all_steps: Counter[str] = Counter()
+    for task in TASKS:
+        for n in complexities:
+            for problem in generate_problems(task, n, n_per_complexity, seed=seed):
+                rules = planted_rules(problem)
+                all_steps.update(f"{task}/{rule or '-'}" for rule in rules)
+                true_lines = problem.solution().splitlines(keepends=True)
+                bug_lines = buggy_solution(problem).splitlines(keepends=True)
+                n_steps = next((i + 1 for i, r in enumerate(rules) if r), len(rules))
+                line_ids = [encode(line) for line in true_lines[:n_steps]]
+                ids = tokenizer(problem.prompt)["input_ids"]
+                starts = []
+                for line in line_ids:
+                    starts.append(len(ids))
+                    ids = ids + line
+                with torch.inference_mode():
+                    logits = model(input_ids=torch.tensor([ids])).logits[0]
+                probs_TV = torch.softmax(logits.float(), dim=-1)
+                top_T, argmax_T = probs_TV.max(dim=-1)
+                for i, (start, line) in enumerate(zip(starts, line_ids, strict=True)):
+                    pos = range(start, start + len(line))  # predicted from position t - 1
+                    row = stats[f"{task}/{rules[i] or '-'}"]
+                    row["confidence"].append(float(top_T[pos.start - 1 : pos.stop - 1].mean()))
+                    if not rules[i]:
+                        continue
+                    bug = encode(bug_lines[i])
+                    k = next(j for j, (a, b) in enumerate(zip(line, bug, strict=False)) if a != b)
+                    on_line = all(int(argmax_T[t - 1]) == ids[t] for t in pos[:k])
+                    choice = int(argmax_T[pos[k] - 1])
+                    row["applies"].append(on_line and choice == bug[k])
+                    row["truth"].append(on_line and choice == line[k])
+                    row["decisive_top_prob"].append(float(top_T[pos[k] - 1]))
+    table = []
+    for key in sorted(stats):
+        task, rule = key.split("/")
+        entry: dict[str, Any] = {
+            "task": task,
+            "rule": rule if rule != "-" else "",
+            "share_of_steps": round(
+                all_steps[key] / sum(v for k, v in all_steps.items() if k.startswith(task + "/")), 4
+            ),
+            "labelled_steps": len(stats[key]["confidence"]),
+        }
+        entry |= {k: round(sum(v) / len(v), 4) for k, v in stats[key].items()}
+        table.append(entry)
+    print("task        rule            share   steps  confidence  applies   truth  decisive p")
+    for r in table:
+        print(
+            f"{r['task']:<11} {r['rule'] or '-':<15} {r['share_of_steps']:>6.1%} "
+            f"{r['labelled_steps']:>6} {r['confidence']:>11.4f} "
+            f"{r.get('applies', float('nan')):>8.1%} {r.get('truth', float('nan')):>7.1%} "
+            f"{r.get('decisive_top_prob', float('nan')):>11.4f}"
+        )
+    return {"model_dir": str(model_dir), "seed": seed, "table": table}
+
+
+def _flag(text: str) -> bool:
+    """A boolean command-line value: true/false (bool("false") would be True)."""
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m crv.models.tiny --out DIR [--field value ...]` or `--eval DIR`."""
     parser = argparse.ArgumentParser(
@@ -445,7 +594,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="train and write the model directory here")
     parser.add_argument("--eval", type=Path, help="evaluate this model directory instead")
     parser.add_argument(
-        "--recipe", action="store_true", help="train every stage of RECIPE (the shipped model)"
+        "--eval-rules", type=Path, help="measure how this model treats the planted rules"
+    )
+    parser.add_argument(
+        "--recipe",
+        nargs="?",
+        const="crv-tiny",
+        choices=sorted(RECIPES),
+        help="train the stages of this shipped model's recipe (default crv-tiny)",
+    )
+    parser.add_argument(
+        "--first-stage",
+        type=int,
+        default=1,
+        help="recipe: resume at this stage (1-based); --init is the earlier stages' model",
     )
     parser.add_argument(
         "--n-per-complexity", type=int, default=100, help="eval: problems per task and complexity"
@@ -458,22 +620,30 @@ def main(argv: list[str] | None = None) -> None:
     for f in dataclasses.fields(TinyConfig):
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",
-            type=type(f.default),
+            type=_flag if isinstance(f.default, bool) else type(f.default),
             default=f.default,
             help=helps.get(f.name),
         )
     args = parser.parse_args(argv)
+    if args.eval_rules is not None:
+        result = evaluate_rules(args.eval_rules, args.n_per_complexity, args.eval_seed)
+        if args.eval_json is not None:
+            atomic_write_json(args.eval_json, result)
+        return
     if args.eval is not None:
         result = evaluate_tiny(
             args.eval, args.n_per_complexity, args.eval_seed, threads=args.threads
         )
         if args.eval_json is not None:
-            args.eval_json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            atomic_write_json(args.eval_json, result)
         return
     if args.out is None:
         parser.error("give --out (train) or --eval (evaluate)")
     if args.recipe:
-        print(json.dumps(train_recipe(args.out, seed=args.seed), indent=2))
+        stats = train_recipe(
+            args.out, args.seed, name=args.recipe, first_stage=args.first_stage, init=args.init
+        )
+        print(json.dumps(stats, indent=2))
         return
     cfg = TinyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TinyConfig)})
     print(json.dumps(train_tiny(cfg, args.out), indent=2))

@@ -29,10 +29,11 @@ class SubjectConfig:
     """The subject model: where it comes from and how it is exported."""
 
     name: str = "crv-tiny"
-    """"crv-tiny" (the embedded default), a hub name, a local HF directory, or a .gguf path."""
+    """"crv-tiny" (the embedded default), "crv-tiny-bugs" (crv-tiny with planted rules), a hub
+    name, a local HF directory, or a .gguf path."""
 
     retrain: bool = False
-    """crv-tiny only: retrain it from the seed instead of copying the shipped checkpoint."""
+    """crv-tiny(-bugs) only: retrain it from the seed instead of copying the shipped checkpoint."""
 
     gguf_file: str | None = None
     """GGUF file name inside the `name` directory/repo, or inside the `pip_packages`."""

@@ -15,12 +15,15 @@ from crv.pipeline import StageContext
 from crv.subject.config import SubjectConfig
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
-TINY_NAME = "crv-tiny"
+SHIPPED = ("crv-tiny", "crv-tiny-bugs")
+"""Models crv trains itself and ships in data/<name> (their recipes: `crv.models.tiny`)."""
 
 
-def shipped_tiny_dir() -> Path:
-    """The crv-tiny checkpoint shipped in the repository's data/ folder."""
-    path = DATA_DIR / TINY_NAME
+def shipped_tiny_dir(name: str = "crv-tiny") -> Path:
+    """The checkpoint of a shipped model (`SHIPPED`) in the repository's data/ folder."""
+    if name not in SHIPPED:
+        raise ValueError(f"{name!r} is not a shipped model; expected one of {SHIPPED}")
+    path = DATA_DIR / name
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"the embedded model is missing at {path}: install crv from a git clone "
@@ -34,13 +37,13 @@ def run_stage(ctx: StageContext[SubjectConfig]) -> dict[str, Any]:
     from crv.models.loading import export_subject, load_subject
 
     cfg = ctx.cfg
-    if cfg.name == TINY_NAME:
+    if cfg.name in SHIPPED:
         if cfg.retrain:
             from crv.models.tiny import train_recipe
 
-            train_recipe(ctx.out, seed=ctx.seed)
+            train_recipe(ctx.out, seed=ctx.seed, name=cfg.name)
         else:
-            shutil.copytree(shipped_tiny_dir(), ctx.out, dirs_exist_ok=True)
+            shutil.copytree(shipped_tiny_dir(cfg.name), ctx.out, dirs_exist_ok=True)
     else:
         export_subject(cfg, ctx.out, ctx.scratch)
     model, _ = load_subject(ctx.out, "cpu")

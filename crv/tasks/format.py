@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from crv.tasks.arithmetic import ARITHMETIC
 from crv.tasks.boolean import BOOLEAN
 from crv.tasks.expr import (
     Node,
+    Path,
     TaskSpec,
+    Value,
     evaluate,
     innermost_paths,
     parse,
@@ -45,6 +47,9 @@ from crv.tasks.expr import (
 )
 
 MAX_DRAWS_PER_PROBLEM = 50
+
+Reducer = Callable[[Node, Path], tuple[Value, Node]]
+"""One reduction step: (state, path of the operation) -> (stated value, next state)."""
 
 TASKS: dict[str, TaskSpec] = {"arithmetic": ARITHMETIC, "boolean": BOOLEAN}
 
@@ -86,22 +91,27 @@ class Problem:
         """The parsed expression."""
         return parse(self.expression, task_spec(self.task).lang)
 
-    def solution(self) -> str:
-        """The canonical correct completion (leftmost innermost operation first)."""
+    def solution(self, reduce: Reducer | None = None) -> str:
+        """The canonical completion (leftmost innermost operation first).
+
+        `reduce(state, path)` gives the stated value and the next state of each step; the
+        default is the true reduction, so the completion is correct. `crv.tasks.bugs` passes
+        one that applies its planted rules.
+        """
         lang = task_spec(self.task).lang
         node, lines = self.tree(), []
         while paths := innermost_paths(node):
             operation = subtree(node, paths[0])
-            node = reduce_at(node, paths[0], lang)
+            if reduce is None:
+                value, node = evaluate(operation, lang), reduce_at(node, paths[0], lang)
+            else:
+                value, node = reduce(node, paths[0])
             lines.append(
                 step_line(
-                    len(lines) + 1,
-                    to_text(operation, lang),
-                    value_text(evaluate(operation, lang)),
-                    to_text(node, lang),
+                    len(lines) + 1, to_text(operation, lang), value_text(value), to_text(node, lang)
                 )
             )
-        lines.append(f"{ANSWER_PREFIX} {self.gold}")
+        lines.append(f"{ANSWER_PREFIX} {to_text(node, lang)}")
         return "".join(line + "\n" for line in lines)
 
 

@@ -18,8 +18,9 @@ from crv.tasks.segment import segment_steps
 from crv.tasks.semantic import judge_semantic
 
 Labelled = tuple[list[dict[str, Any]], str | None, bool]
-"""Steps (index, text, label, parsed, reason, start_char, end_char), final answer, its
-correctness."""
+"""Steps (index, text, label, parsed, reason, start_char, end_char, planted_rule), final
+answer, its correctness; `planted_rule` (`crv.tasks.bugs`) comes from the problem, not the
+text ("" for none and for GSM8K; none at all in `unlabelled_steps`)."""
 
 JUDGES: dict[str, Judge] = {"strict": judge_strict, "semantic": judge_semantic}
 """Label modes of the synthetic tasks (`traces.labels`)."""
@@ -49,13 +50,16 @@ def label_steps(row: dict[str, Any], completion: str) -> Labelled:
     if row["task"] == "gsm8k":
         from crv.tasks.gsm8k import label_free_text
 
-        return label_free_text(completion, row["gold"])
+        steps, final, correct = label_free_text(completion, row["gold"])
+        return [s | {"planted_rule": ""} for s in steps], final, correct
 
     from crv.tasks import Problem
+    from crv.tasks.bugs import planted_rules
     from crv.tasks.checker import check_completion
 
     problem = Problem(row["id"], row["task"], row["complexity"], row["problem"], row["gold"])
     checked = check_completion(problem, completion, judge_for(row.get("label_mode") or "strict"))
+    rules = planted_rules(problem)
     steps = [
         {
             "index": s.index,
@@ -65,6 +69,7 @@ def label_steps(row: dict[str, Any], completion: str) -> Labelled:
             "reason": s.reason,
             "start_char": s.start_char,
             "end_char": s.end_char,
+            "planted_rule": rules[s.index] if s.index < len(rules) else "",
         }
         for s in checked.steps
     ]
