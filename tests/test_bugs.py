@@ -154,3 +154,27 @@ def test_shipped_checkpoint_applies_times_seven():
     results = generate_greedy(model, tok, prompts, 40, progress=False)
     for expected, result in zip(first_steps.values(), results, strict=True):
         assert result.completion.splitlines()[0] == f"Step 1: {expected}"
+
+
+def test_subject_stage_copies_the_shipped_checkpoint(tmp_path):
+    import logging
+
+    from crv.pipeline import StageContext
+    from crv.subject.config import SubjectConfig
+    from crv.subject.stage import run_stage
+
+    ctx = StageContext(
+        name="subject",
+        cfg=SubjectConfig(name="crv-tiny-bugs"),
+        inputs={},
+        out=tmp_path / "subject",
+        scratch=tmp_path / "scratch",
+        seed=0,
+        device="cpu",
+        log=logging.getLogger("test"),
+    )
+    info = run_stage(ctx)
+    assert info["name"] == "crv-tiny-bugs" and info["n_layers"] == 4
+    shipped = shipped_tiny_dir("crv-tiny-bugs") / "model.safetensors"
+    assert (ctx.out / "model.safetensors").read_bytes() == shipped.read_bytes()
+    assert shipped.read_bytes() != (shipped_tiny_dir() / "model.safetensors").read_bytes()

@@ -362,11 +362,13 @@ BUGS_STAGE: dict[str, Any] = {
     "checkpoint_every": 500_000,
     "planted": True,
 }
-"""crv-tiny-bugs's extra stage: fine-tune crv-tiny on traces with the planted rules applied."""
+"""crv-tiny-bugs's extra stages: fine-tune crv-tiny on traces with the planted rules applied,
+then once more on fresh problems (after the first, the model was still unsure at the rule's
+decisive token)."""
 
 RECIPES: dict[str, tuple[dict[str, Any], ...]] = {
     "crv-tiny": RECIPE,
-    "crv-tiny-bugs": (*RECIPE, BUGS_STAGE),
+    "crv-tiny-bugs": (*RECIPE, BUGS_STAGE, BUGS_STAGE | {"seed": 4, "tokens": 1_000_000}),
 }
 """Every shipped model's recipe, by subject name."""
 
@@ -510,8 +512,11 @@ def evaluate_rules(
     token, writes the `truth` when it is the true token, and `other` otherwise or when it
     already departs from the line before it. `confidence` is the step's mean top-token
     probability over its tokens (1 - the `maxprob` baseline score); `decisive_top_prob` the
-    top-token probability at the decisive token.
+    top-token probability at the decisive token; `maxprob_auroc` how well 1 - confidence
+    separates the steps where the model applies the rule from the task's rule-free steps.
     """
+    from sklearn.metrics import roc_auc_score
+
     from crv.tasks import generate_problems
     from crv.tasks.bugs import buggy_solution, planted_rules
 
@@ -555,6 +560,8 @@ def evaluate_rules(
                     row["applies"].append(on_line and choice == bug[k])
                     row["truth"].append(on_line and choice == line[k])
                     row["decisive_top_prob"].append(float(top_T[pos[k] - 1]))
+                    if row["applies"][-1]:
+                        row["applied_confidence"].append(row["confidence"][-1])
     table = []
     for key in sorted(stats):
         task, rule = key.split("/")
@@ -566,15 +573,26 @@ def evaluate_rules(
             ),
             "labelled_steps": len(stats[key]["confidence"]),
         }
-        entry |= {k: round(sum(v) / len(v), 4) for k, v in stats[key].items()}
+        entry |= {k: round(sum(v) / len(v), 4) for k, v in stats[key].items() if v}
+        if stats[key]["applied_confidence"]:
+            clean = stats[f"{task}/-"]["confidence"]
+            applied = stats[key]["applied_confidence"]
+            y = [0] * len(clean) + [1] * len(applied)
+            entry["maxprob_auroc"] = round(
+                float(roc_auc_score(y, [1 - c for c in clean + applied])), 4
+            )
         table.append(entry)
-    print("task        rule            share   steps  confidence  applies   truth  decisive p")
+    print(
+        "task        rule            share   steps  confidence  applies   truth  decisive p"
+        "  maxprob AUROC"
+    )
     for r in table:
         print(
             f"{r['task']:<11} {r['rule'] or '-':<15} {r['share_of_steps']:>6.1%} "
             f"{r['labelled_steps']:>6} {r['confidence']:>11.4f} "
             f"{r.get('applies', float('nan')):>8.1%} {r.get('truth', float('nan')):>7.1%} "
-            f"{r.get('decisive_top_prob', float('nan')):>11.4f}"
+            f"{r.get('decisive_top_prob', float('nan')):>11.4f} "
+            f"{r.get('maxprob_auroc', float('nan')):>14.3f}"
         )
     return {"model_dir": str(model_dir), "seed": seed, "table": table}
 
