@@ -362,13 +362,11 @@ BUGS_STAGE: dict[str, Any] = {
     "checkpoint_every": 500_000,
     "planted": True,
 }
-"""crv-tiny-bugs's extra stages: fine-tune crv-tiny on traces with the planted rules applied,
-then once more on fresh problems (after the first, the model was still unsure at the rule's
-decisive token)."""
+"""crv-tiny-bugs's extra stage: fine-tune crv-tiny on traces with the planted rules applied."""
 
 RECIPES: dict[str, tuple[dict[str, Any], ...]] = {
     "crv-tiny": RECIPE,
-    "crv-tiny-bugs": (*RECIPE, BUGS_STAGE, BUGS_STAGE | {"seed": 4, "tokens": 1_000_000}),
+    "crv-tiny-bugs": (*RECIPE, BUGS_STAGE),
 }
 """Every shipped model's recipe, by subject name."""
 
