@@ -42,6 +42,7 @@ from safetensors.numpy import load_file, save_file
 from crv.cards.config import CardsConfig
 from crv.cards.topk import StreamingTopK
 from crv.io import atomic_write, atomic_write_json, read_json
+from crv.pipeline import StageContext
 
 TENSOR_FILE = "cards.safetensors"
 META_FILE = "cards.json"
@@ -347,7 +348,7 @@ def _split_sequences(
         yield row["input_ids"]
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
+def run_stage(ctx: StageContext[CardsConfig]) -> dict[str, Any]:
     """`cards` stage: one card per transcoder feature from the traces of `cards.split`."""
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import load_subject

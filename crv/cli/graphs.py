@@ -128,12 +128,10 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
 
     from crv.device import resolve_device
     from crv.graphs.attribute import TraceAttributor
-    from crv.graphs.config import GraphsConfig
     from crv.graphs.export import GraphExporter
-    from crv.io import read_json
+    from crv.graphs.stage import load_graphs_config
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import load_subject
-    from crv.pipeline import MANIFEST
     from crv.traces.stage import load_traces
     from crv.transcoders.io import load_transcoder_set
 
@@ -143,7 +141,7 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
         raise ExportError(f"limit must be >= 1, not {cfg.limit}")
     start = time.perf_counter()
     artifacts = read_artifacts(cfg.run)
-    graphs_cfg = GraphsConfig(**read_json(artifacts["graphs"] / MANIFEST)["config"])
+    graphs_cfg = load_graphs_config(artifacts["graphs"])
     traces = load_traces(artifacts["traces"])
     chosen = choose_steps(cfg, artifacts["graphs"], traces)
     if not chosen:

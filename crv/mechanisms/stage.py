@@ -30,6 +30,7 @@ from crv.io import atomic_write
 from crv.mechanisms.config import MechanismsConfig
 from crv.mechanisms.planted import load_rules, recover_rule
 from crv.mechanisms.stats import add_fdr, unit_tests
+from crv.pipeline import StageContext
 
 TABLE_FILE = "mechanisms.parquet"
 KINDS = ("feature", "layer", "error")
@@ -209,7 +210,7 @@ def mechanisms(
     return full, section
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
+def run_stage(ctx: StageContext[MechanismsConfig]) -> dict[str, Any]:
     """`mechanisms` stage: the error-mechanism table of the test steps."""
     from crv.cards.stage import load_feature_cards
 
