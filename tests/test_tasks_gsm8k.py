@@ -76,3 +76,22 @@ def test_unlabelled_steps_segment_with_the_given_pattern():
     assert [s["text"] for s in steps] == ["Step 1: 2+3=5, so 5", "#### 5"]
     assert [s["label"] for s in steps] == [None, None] and (final, correct) == (None, False)
     assert text[steps[0]["start_char"] : steps[0]["end_char"]] == steps[0]["text"]
+
+
+def test_undecodable_lines_are_skipped_and_no_valid_record_is_an_error(tmp_path):
+    import pytest
+
+    from crv.errors import CRVError
+
+    good = json.dumps({"question": "Q?", "answer": "2+2=4\n#### 4"}).encode()
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"question": "\xff"}\n' + good + b"\n")
+    with pytest.warns(
+        UserWarning, match=r"mixed.jsonl:1: skipped malformed record: not valid UTF-8"
+    ):
+        records = load_gsm8k(str(path))
+    assert [r["gold"] for r in records] == ["4"]
+    empty = tmp_path / "bad.jsonl"
+    empty.write_bytes(b"not json\n")
+    with pytest.warns(UserWarning), pytest.raises(CRVError, match="no valid GSM8K record"):
+        load_gsm8k(str(empty))

@@ -42,6 +42,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from crv.errors import CRVError
 from crv.tasks.expr import BinaryOp, ExprError, Language, UnaryOp, evaluate, parse
 from crv.tasks.segment import GENERIC_STEP_PATTERN, segment_steps
 
@@ -81,12 +82,14 @@ def _records(path_or_name: str, split: str) -> Iterator[tuple[str, Any]]:
     """`(location, raw record)` pairs; location names the file and line (or row)."""
     path = Path(path_or_name)
     if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
                     continue
                 try:
-                    yield f"{path}:{number}", json.loads(line)
+                    yield f"{path}:{number}", json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    yield f"{path}:{number}", MalformedRecord(f"not valid UTF-8 ({err.reason})")
                 except json.JSONDecodeError as err:
                     yield f"{path}:{number}", MalformedRecord(f"invalid JSON ({err.msg})")
         return
@@ -164,8 +167,11 @@ def load_gsm8k(
     step_pattern: str = GENERIC_STEP_PATTERN,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Load up to `limit` GSM8K-format records; malformed ones are skipped with a warning."""
+    """Load up to `limit` GSM8K-format records; malformed ones (bad JSON, not UTF-8, missing
+    fields) are skipped with a warning naming file and line. No valid record at all is a
+    CRVError: an empty benchmark would only look like a result."""
     records: list[dict[str, Any]] = []
+    skipped = 0
     for row, (location, raw) in enumerate(_records(path_or_name, split)):
         if limit is not None and len(records) >= limit:
             break
@@ -173,8 +179,11 @@ def load_gsm8k(
             record = parse_record(raw, step_pattern)
         except MalformedRecord as err:
             warnings.warn(f"{location}: skipped malformed record: {err}", stacklevel=2)
+            skipped += 1
             continue
         records.append({"id": f"gsm8k-{split}-{row:06d}", **record})
+    if not records:
+        raise CRVError(f"{path_or_name}: no valid GSM8K record ({skipped} malformed, skipped)")
     return records
 
 
