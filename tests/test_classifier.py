@@ -182,3 +182,19 @@ def test_verifier_stage_end_to_end(tmp_path):
     pooled, per_task = load_verifier(out), load_verifier(out, task="arithmetic")
     assert pooled.feature_names == names and per_task.feature_names == names
     assert np.all((pooled.predict_proba(df) >= 0) & (pooled.predict_proba(df) <= 1))
+
+
+def test_verifier_stage_refuses_a_task_without_test_steps(tmp_path):
+    from crv.errors import CRVError
+
+    df, names = synthetic_steps(n_traces=40)
+    df = df[~((df["task"] == "boolean") & (df["split"] == "test"))]
+    feat, base = write_inputs(tmp_path, df, names)
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(
+        "verifier", FAST, {"features": feat, "baselines": base}, out, tmp_path, 0, "cpu",
+        logging.getLogger("t"),
+    )  # fmt: skip
+    with pytest.raises(CRVError, match=r"task\(s\) \['boolean'\]"):
+        run_stage(ctx)

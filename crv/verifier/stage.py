@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 from scipy.sparse import csr_matrix
 
+from crv.errors import CRVError
 from crv.features.stage import FAMILIES, family_of
 from crv.pipeline import StageContext
 from crv.verifier.classifier import Matrix, XGBVerifier, feature_matrix
@@ -421,6 +422,12 @@ def run_stage(ctx: StageContext[VerifierConfig]) -> dict[str, Any]:
     tasks = sorted(data["task"].unique())
     train_of = {t: data[(data["task"] == t) & (data["split"] == "train")] for t in tasks}
     test_of = {t: data[(data["task"] == t) & (data["split"] == "test")] for t in tasks}
+    empty = [t for t in tasks if test_of[t].empty or train_of[t].empty]
+    if not tasks or empty:
+        raise CRVError(
+            f"verifier: no labelled steps with graphs and baselines for task(s) {empty or 'any'} "
+            "in the train or test split; an empty benchmark is not a result"
+        )
     boot = (cfg.n_bootstrap, ctx.seed)
 
     detection: dict = {}
