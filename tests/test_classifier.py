@@ -158,6 +158,14 @@ def test_verifier_stage_end_to_end(tmp_path):
     assert n_kind["planted"] > 0 and n_kind["natural"] > 0
     for kind in ("natural", "planted"):
         assert set(ari["by_error_kind"][kind]) == set(methods)
+        kind_methods = ari["by_error_kind"][kind]
+        for m in ("crv", "crv+confidence"):
+            vs = ari["by_error_kind_vs_maxprob"][kind][m]
+            assert vs["baseline"] == "maxprob"
+            assert vs["diff"] == pytest.approx(
+                kind_methods[m]["auroc"] - kind_methods["maxprob"]["auroc"]
+            )
+            assert vs["ci"][0] <= vs["diff"] <= vs["ci"][1]
         assert ari["by_error_kind"][kind]["crv"]["auroc_ci"] is not None
     # no planted rule among boolean steps: that kind is skipped with its reason
     planted_bool = det["boolean"]["by_error_kind"]["planted"]["maxprob"]

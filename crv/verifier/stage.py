@@ -32,6 +32,8 @@ known label. Reported per task (train and test on the task's own splits):
 - `by_error_kind.<natural | planted>.<method>`: natural errors (incorrect steps with no
   planted rule) or planted errors (incorrect steps exercising a planted bug) against all
   correct test steps; null entries with a reason when a kind has no incorrect test step.
+- `by_error_kind_vs_maxprob.<natural | planted>.<crv method>`: {diff, ci} of the CRV
+  methods against MaxProb on the same steps, trace bootstrap;
 
 Also per complexity (the task's models, test steps of one complexity), the
 leave-one-family-out ablation of CRV, the cross-task transfer matrix of CRV (trained on one
@@ -310,10 +312,15 @@ def best_baseline(metrics: dict[str, dict]) -> str | None:
 
 
 def paired_against_best(
-    test: pd.DataFrame, metrics: dict[str, dict], scores: dict[str, np.ndarray], boot: tuple
+    test: pd.DataFrame,
+    metrics: dict[str, dict],
+    scores: dict[str, np.ndarray],
+    boot: tuple,
+    base: str | None = None,
 ) -> dict[str, dict]:
-    """`paired.<crv method>`: AUROC difference against the best baseline, trace bootstrap."""
-    base = best_baseline(metrics)
+    """`paired.<crv method>`: AUROC difference against `base` (default: the best
+    baseline), with a bootstrap that resamples traces."""
+    base = base or best_baseline(metrics)
     out: dict[str, dict] = {}
     for m in CRV_METHODS:
         if m not in metrics:
@@ -386,17 +393,17 @@ def task_report(test: pd.DataFrame, metrics: dict, scores: dict, boot: tuple) ->
         "natural": int((~planted).sum()),
         "planted": int(planted.sum()),
     }
-    report["by_error_kind"] = {
-        kind: subset_metrics(
-            test,
-            error_kind_mask(test, kind),
-            metrics,
-            scores,
-            boot,
-            f"no {kind}-error incorrect test steps",
+    report["by_error_kind"], report["by_error_kind_vs_maxprob"] = {}, {}
+    for kind in ERROR_KINDS:
+        mask = error_kind_mask(test, kind)
+        kind_metrics = subset_metrics(
+            test, mask, metrics, scores, boot, f"no {kind}-error incorrect test steps"
         )
-        for kind in ERROR_KINDS
-    }
+        report["by_error_kind"][kind] = kind_metrics
+        if "maxprob" in scores:  # planted errors are confident: is the graph above MaxProb?
+            report["by_error_kind_vs_maxprob"][kind] = paired_against_best(
+                test[mask], kind_metrics, {m: sc[mask] for m, sc in scores.items()}, boot, "maxprob"
+            )
     return report
 
 
