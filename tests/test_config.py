@@ -98,6 +98,7 @@ def test_a_bad_choice_fails_when_the_config_is_composed(override: str):
         (lambda: GraphsConfig(position="middle"), "graphs.position must be one of after"),
         (lambda: GraphsConfig(node_threshold=1.5), "node_threshold"),
         (lambda: GraphsConfig(logit_cum_prob=0), "logit_cum_prob"),
+        (lambda: GraphsConfig(max_feature_nodes=0), "graphs.max_feature_nodes must be >= 1"),
         (lambda: TranscodersConfig(k=0), "transcoders.k must be > 0"),
         (lambda: TranscodersConfig(lr_decay_frac=2), "lr_decay_frac"),
         (lambda: TranscodersConfig(n_latents=8, k=16), "exceeds n_latents"),

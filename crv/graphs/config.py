@@ -74,14 +74,10 @@ class GraphsConfig:
         check_choices(self, "graphs")
         if not (0 < self.node_threshold <= 1 and 0 < self.edge_threshold <= 1):
             raise ValueError("graphs.node_threshold and edge_threshold must lie in (0, 1]")
-        if (
-            min(self.max_logits, self.batch_size, self.update_interval) < 1
-            or self.max_feature_nodes < 0
-        ):
-            raise ValueError(
-                "graphs.max_logits, batch_size and update_interval must be >= 1 and "
-                "max_feature_nodes >= 0"
-            )
+        if min(self.max_logits, self.batch_size, self.update_interval) < 1:
+            raise ValueError("graphs.max_logits, batch_size and update_interval must be >= 1")
+        if self.max_feature_nodes < 1:  # a graph without features has nothing to verify with
+            raise ValueError(f"graphs.max_feature_nodes must be >= 1, got {self.max_feature_nodes}")
         if not 0 < self.logit_cum_prob <= 1:
             raise ValueError(f"graphs.logit_cum_prob must lie in (0, 1], got {self.logit_cum_prob}")
         if self.max_traces is not None and self.max_traces < 1:
