@@ -164,6 +164,16 @@ def test_trained_transcoders_beat_mean_predictor(tiny_model, adapter) -> None:  
             row["fvu"] < 0.5 and row["l0"] <= 8 and 0 <= row["dead_frac"] <= 1 and row["cos"] > 0.7
         )
     assert report["kl_spliced"] >= 0
+    assert all("ce_loss_recovered" in row for row in report["layers"])
+
+    # Without per-layer CE the all-layer numbers are the same and no layer row has CE.
+    lean = evaluate_transcoders(
+        tiny_model, adapter, trainer.transcoder_set(), seqs[50:], batch_seqs=8, per_layer_ce=False
+    )
+    for key in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced"):
+        assert lean[key] == pytest.approx(report[key], rel=1e-6)
+    assert not any("ce_loss_recovered" in row for row in lean["layers"])
+    assert [row["fvu"] for row in lean["layers"]] == [row["fvu"] for row in report["layers"]]
 
 
 def test_stage_writes_loadable_set_and_eval(tmp_path: Path, tiny_model) -> None:  # noqa: ANN001

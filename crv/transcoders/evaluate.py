@@ -111,8 +111,10 @@ def behaviour_metrics(
     tset: TranscoderSet,
     seqs: Sequence[Sequence[int]],
     batch_seqs: int,
+    per_layer: bool = True,
 ) -> dict[str, Any]:
-    """CE of clean, spliced and zero-ablated models (all layers and one at a time), KL."""
+    """CE of clean, spliced and zero-ablated models (all layers, and one layer at a time when
+    `per_layer`), and the KL of the spliced model from the clean one."""
     layers = tset.layers
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
@@ -124,7 +126,7 @@ def behaviour_metrics(
             "spliced": splice(adapter, tset),
             "zero": zero_ablate(adapter, layers),
         }
-        for layer in layers:
+        for layer in layers if per_layer else []:
             ctxs[f"spliced_{layer}"] = splice(adapter, tset, layers=[layer])
             ctxs[f"zero_{layer}"] = zero_ablate(adapter, [layer])
         return ctxs
@@ -163,7 +165,7 @@ def behaviour_metrics(
                 "ce_zero": ce[f"zero_{layer}"],
                 "ce_loss_recovered": recovered(ce[f"zero_{layer}"], ce[f"spliced_{layer}"]),
             }
-            for layer in layers
+            for layer in (layers if per_layer else [])
         },
     }
 
@@ -174,11 +176,13 @@ def evaluate_transcoders(
     tset: TranscoderSet,
     seqs: Sequence[Sequence[int]],
     batch_seqs: int = 32,
+    per_layer_ce: bool = True,
 ) -> dict[str, Any]:
-    """The report: `layers` (per-layer reconstruction and CE) plus the all-layer CE numbers."""
+    """The report: `layers` (per-layer reconstruction, and per-layer CE when `per_layer_ce`)
+    plus the all-layer CE numbers."""
     per_layer = reconstruction_metrics(model, adapter, tset, seqs, batch_seqs)
-    behaviour = behaviour_metrics(model, adapter, tset, seqs, batch_seqs)
+    behaviour = behaviour_metrics(model, adapter, tset, seqs, batch_seqs, per_layer_ce)
     by_layer = behaviour.pop("per_layer")
     for row in per_layer:
-        row.update(by_layer[row["layer"]])
+        row.update(by_layer.get(row["layer"], {}))
     return {"layers": per_layer, "n_tokens": sum(len(s) - 1 for s in seqs), **behaviour}

@@ -87,7 +87,9 @@ def run_stage(ctx: StageContext[TranscodersConfig]) -> dict[str, Any]:
     test_seqs = take_tokens(
         load_token_sequences(eval_cfg, traces_dir, tokenizer, "test"), cfg.eval_tokens
     )
-    report = evaluate_transcoders(model, adapter, tset, test_seqs, cfg.model_batch_seqs)
+    report = evaluate_transcoders(
+        model, adapter, tset, test_seqs, cfg.model_batch_seqs, cfg.per_layer_ce
+    )
     report["train"] = train_report
     atomic_write_json(ctx.out / "eval.json", report)
     for row in report["layers"]:
@@ -98,7 +100,7 @@ def run_stage(ctx: StageContext[TranscodersConfig]) -> dict[str, Any]:
             row["l0"],
             row["dead_frac"],
             row["cos"],
-            row["ce_loss_recovered"],
+            row.get("ce_loss_recovered", float("nan")),
         )
     ctx.log.info(
         "all layers spliced: ce clean %.4f spliced %.4f zero %.4f, recovered %.3f, kl %.4f",
