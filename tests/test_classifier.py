@@ -167,6 +167,13 @@ def test_verifier_stage_end_to_end(tmp_path):
             )
             assert vs["ci"][0] <= vs["diff"] <= vs["ci"][1]
         assert ari["by_error_kind"][kind]["crv"]["auroc_ci"] is not None
+    # report.md shows the paired differences against MaxProb per error kind
+    from crv.verifier.metrics import _fmt_diff, detection_markdown
+
+    md = detection_markdown(det)
+    assert "against MaxProb by error kind" in md
+    vs = ari["by_error_kind_vs_maxprob"]["planted"]["crv"]
+    assert f"| arithmetic | planted | crv | {_fmt_diff(vs)} |" in md
     # no planted rule among boolean steps: that kind is skipped with its reason
     planted_bool = det["boolean"]["by_error_kind"]["planted"]["maxprob"]
     assert planted_bool["auroc"] is None and "planted" in planted_bool["reason"]

@@ -286,6 +286,19 @@ def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) ->
             {f"{t} {k}": detection[t]["by_error_kind"][k] for t in kinds for k in ERROR_KINDS},
             methods,
         )
+    rows = [
+        [t, k, m, _fmt_diff(e)]
+        for t in kinds
+        for k in ERROR_KINDS
+        for m, e in (detection[t].get("by_error_kind_vs_maxprob", {}).get(k) or {}).items()
+    ]
+    if rows:
+        parts += [
+            "### Paired AUROC difference against MaxProb by error kind\n",
+            "AUROC points, method minus MaxProb on the same steps of one error kind (and all "
+            "correct test steps); 95% interval from the trace bootstrap.\n",
+            _table(["task", "error kind", "method", "difference"], rows),
+        ]
     return parts
 
 
