@@ -100,36 +100,54 @@ class Rule:
     name: str
     description: str
     task: str
-    triggers: tuple[str, ...]
+    trigger: str
+
+
+def context(text: str) -> dict:
+    """A card context whose activating token is the text's `|`-marked token (or its last)."""
+    left, _, rest = text.partition("|")
+    token = rest[:1] if rest else left[-1]
+    start = len(left) if rest else len(left) - 1
+    return {"text": left + rest, "token": token, "token_start": start, "activation": 1.0}
 
 
 class FakeCards:
-    """Cards whose activating tokens are given per (layer, feature); "9" otherwise."""
+    """Cards whose contexts are given per (layer, feature); "9" otherwise."""
 
-    def __init__(self, tokens: dict[tuple[int, int], list[str]]) -> None:
-        self.tokens = tokens
+    def __init__(self, texts: dict[tuple[int, int], list[str]]) -> None:
+        self.texts = texts
 
-    def top_tokens(self, layer: int, feature: int) -> list[str]:
-        return self.tokens.get((layer, feature), ["9", "9"])
+    def top_contexts(self, layer: int, feature: int) -> list[dict]:
+        return [context(t) for t in self.texts.get((layer, feature), ["9", "9"])]
 
     def label(self, layer: int, feature: int) -> str:
-        return f"on {self.top_tokens(layer, feature)[0]}"
+        return f"on {self.top_contexts(layer, feature)[0]['token']}"
 
     def card(self, layer: int, feature: int) -> dict:
         return {
             "label": self.label(layer, feature),
-            "top_contexts": [
-                {"text": t, "token": t, "activation": 1.0} for t in self.top_tokens(layer, feature)
-            ],
+            "top_contexts": self.top_contexts(layer, feature),
             "promotes": [{"token": "0", "value": 1.0}],
         }
 
 
-def test_points_at_uses_the_share_of_trigger_tokens():
-    assert points_at(["7", " 7", "8", "*"], ("7", "*"), 0.5)
-    assert not points_at(["8", "*", "5"], ("7", "*"), 0.5)
-    assert points_at(["8", "*", "5"], ("7", "*"), 1 / 3)
-    assert not points_at([], ("7",), 0.5)
+def test_points_at_reads_the_left_context_only():
+    seven = next(r for r in load_rules() if r.name == "times_seven").trigger
+    # the `=` after 5*7 and the `7` of `7*` have the trigger in view; a `=` of 5*5 has not
+    assert points_at([context("Step 2: 5*7|=36"), context("Step 1: 7|*8=")], seven, 1.0)
+    assert not points_at([context("Step 1: 5*5|=25")], seven, 0.5)
+    # what follows the activating token is not in view, nor is 17 or 0.7 a 7
+    assert not points_at([context("Step 1: 5|*7=36")], seven, 0.5)
+    assert not points_at([context("Step 1: 17*2|=")], seven, 0.5)
+    assert points_at([context("(-7)*8|="), context("5*5|=")], seven, 0.5)
+    assert not points_at([context("(-7)*8|="), context("5*5|=")], seven, 0.6)
+    assert not points_at([], seven, 0.5)
+    minus = next(r for r in load_rules() if r.name == "minus_dropped").trigger
+    assert points_at([context("Step 1: -(5|+9)")], minus, 1.0)
+    assert not points_at([context("Step 1: 5-(|-1)")], minus, 0.5)
+    not_or = next(r for r in load_rules() if r.name == "not_or_dropped").trigger
+    assert points_at([context("not (True or| False)")], not_or, 1.0)
+    assert not points_at([context("not (True and| False) or")], not_or, 0.5)
 
 
 @pytest.mark.parametrize(("min_share", "precision"), [(0.5, 0.5), (0.7, 0.0)])
@@ -145,8 +163,8 @@ def test_planted_precision_on_hand_built_cards(min_share: float, precision: floa
         }
     )
     units = pd.DataFrame({"kind": "feature", "layer": 1, "feature": np.arange(30)})
-    cards = FakeCards({(1, 4): ["7", "7", "*"], (1, 9): ["8", "8", "8"]})
-    rule = Rule("times7", "7*x one too high", "arithmetic", ("7",))
+    cards = FakeCards({(1, 4): ["7|*", "3*7|=", "8*"], (1, 9): ["8*", "8*", "8*"]})
+    rule = Rule("times7", "7*x one too high", "arithmetic", r"7\*|\*7")
     out = recover_rule(
         rule, steps, present, influence, units, cards,
         fdr=0.05, min_steps=5, top_k=2, min_share=min_share,
@@ -156,7 +174,7 @@ def test_planted_precision_on_hand_built_cards(min_share: float, precision: floa
     assert out["base_rate"] == pytest.approx((precision > 0) / 30)
     assert out["n_incorrect"] == 40 and out["n_correct"] == 60
     assert out["verdict"].startswith("recovered" if precision >= 0.5 else "failed")
-    other = Rule("not_or", "dropped not", "boolean", ("not",))
+    other = Rule("not_or", "dropped not", "boolean", "not")
     missing = recover_rule(
         other, steps, present, influence, units, cards,
         fdr=0.05, min_steps=5, top_k=2, min_share=0.5,
@@ -237,7 +255,7 @@ def test_mechanisms_measures_each_planted_rule_from_the_step_column():
     steps, graphs = step_graphs(0, planted=True)
     steps["planted_rule"] = np.where(steps["label"] == 1, "times7", "")
     cards = FakeCards({(1, 7): ["7", "7"]})
-    rules = (Rule("times7", "", "arithmetic", ("7",)), Rule("not_or", "", "boolean", ("not",)))
+    rules = (Rule("times7", "", "arithmetic", "7"), Rule("not_or", "", "boolean", "not"))
     _, section = mechanisms(steps, graphs, cards, MechanismsConfig(planted_top_k=1), rules)
     times7 = section["planted"]["times7"]
     assert times7["precision"] == 1.0 and times7["features"][0]["feature"] == 7
@@ -252,7 +270,7 @@ def test_load_rules_reads_the_bugs_module_when_there_is_one(monkeypatch: pytest.
     import types
 
     fake = types.ModuleType(BUGS_MODULE)
-    fake.RULES = (Rule("times7", "", "arithmetic", ("7",)),)
+    fake.RULES = (Rule("times7", "", "arithmetic", "7"),)
     monkeypatch.setitem(sys.modules, BUGS_MODULE, fake)
     assert load_rules() == fake.RULES
     monkeypatch.setitem(sys.modules, BUGS_MODULE, None)  # import of it fails: no rules

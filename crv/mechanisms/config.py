@@ -21,11 +21,11 @@ class MechanismsConfig:
     """Rows per task in report.md; the artifact's table holds every tested unit."""
 
     planted_top_k: int = 10
-    """Top features per planted rule whose cards are checked against the rule's triggers."""
+    """Top features per planted rule whose cards are checked against the rule's trigger."""
 
     planted_min_share: float = 0.5
     """A feature points at a planted rule when at least this share of its card's top
-    contexts have one of the rule's trigger tokens as the activating token."""
+    contexts match the rule's trigger in the text read up to the activating token."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fdr < 1.0:

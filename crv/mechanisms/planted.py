@@ -5,10 +5,13 @@ operand comes out one too high") makes errors whose cause is known. For each rul
 graphs of the incorrect steps that exercise it (`planted_rule` of the step) are compared
 with the correct steps of the rule's task by the same tests as the error-mechanism table
 (`stats`); its `top_k` features (ranked by q-value, then log odds ratio) are checked
-against the rule's trigger tokens:
+against the rule's trigger:
 
-    a feature points at the rule when at least `min_share` of its card's top contexts have
-    a trigger token (compared with surrounding whitespace stripped) as the activating token.
+    a feature points at the rule when at least `min_share` of its card's top contexts match
+    the rule's `trigger` pattern in what the feature had read when it fired: the context's
+    text up to and including the activating token. For `7*8=57` that is a feature firing
+    on the `7` of `7*`, on the `=` after `8*7` or on the product's first digit, not one
+    firing on every `=`. (Only the left context counts: a feature cannot see what follows.)
 
 precision = features pointing at the rule / features checked. `base_rate` is the same
 share among every tested feature: the precision a random choice of tested features would
@@ -18,6 +21,7 @@ correction.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,13 +46,17 @@ def load_rules() -> tuple[Any, ...] | None:
     return tuple(module.RULES)
 
 
-def points_at(tokens: Sequence[str], triggers: Sequence[str], min_share: float) -> bool:
-    """Whether at least `min_share` of `tokens` (a card's activating tokens) are triggers."""
-    if not tokens:
+def points_at(contexts: Sequence[dict[str, Any]], trigger: str, min_share: float) -> bool:
+    """Whether at least `min_share` of a card's top `contexts` match `trigger` in the text
+    read up to and including their activating token (`token_start` + the token)."""
+    if not contexts:
         return False
-    wanted = {t.strip() for t in triggers}
-    hits = sum(tok.strip() in wanted for tok in tokens)
-    return hits >= min_share * len(tokens)
+    pattern = re.compile(trigger)
+    hits = sum(
+        pattern.search(c["text"][: c["token_start"] + len(c["token"])]) is not None
+        for c in contexts
+    )
+    return hits >= min_share * len(contexts)
 
 
 def recover_rule(
@@ -64,7 +72,7 @@ def recover_rule(
     top_k: int,
     min_share: float,
 ) -> dict[str, Any]:
-    """Precision of `rule`'s top features against its triggers (see the module docstring).
+    """Precision of `rule`'s top features against its trigger (see the module docstring).
 
     `steps` has `task`, `label` (1 incorrect, 0 correct) and `planted_rule`, one row per row
     of the matrices; `units` has `kind`, `layer`, `feature`, one row per column.
@@ -75,7 +83,7 @@ def recover_rule(
     negative = in_task & (steps["label"] == 0).to_numpy()
     out: dict[str, Any] = {
         "task": rule.task,
-        "triggers": list(rule.triggers),
+        "trigger": rule.trigger,
         "n_incorrect": int(positive.sum()),
         "n_correct": int(negative.sum()),
         "precision": None,
@@ -94,7 +102,7 @@ def recover_rule(
     table = pd.concat([units.iloc[cols].reset_index(drop=True), table], axis=1)
     table = add_fdr(table, fdr)
     table["points_at_rule"] = [
-        points_at(cards.top_tokens(int(r.layer), int(r.feature)), rule.triggers, min_share)
+        points_at(cards.top_contexts(int(r.layer), int(r.feature)), rule.trigger, min_share)
         for r in table.itertuples()
     ]
     top = table.head(top_k)
@@ -114,9 +122,9 @@ def recover_rule(
     elif out["n_significant"] == 0:
         out["verdict"] = "failed: no feature survives the correction"
     elif precision < 0.5:
-        out["verdict"] = f"failed: {n_points} of {len(top)} top features point at the triggers"
+        out["verdict"] = f"failed: {n_points} of {len(top)} top features point at the trigger"
     else:
-        out["verdict"] = f"recovered: {n_points} of {len(top)} top features point at the triggers"
+        out["verdict"] = f"recovered: {n_points} of {len(top)} top features point at the trigger"
     return out
 
 

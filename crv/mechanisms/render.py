@@ -54,7 +54,7 @@ def _planted_markdown(planted: dict[str, Any]) -> list[str]:
     parts = ["### Planted rules: do the top features point at the bug?\n"]
     for name, res in planted.items():
         precision = res.get("precision")
-        head = f"- **{name}** ({res['task']}, triggers {', '.join(map(repr, res['triggers']))}; "
+        head = f"- **{name}** ({res['task']}, trigger `{_cell(res['trigger'])}`; "
         head += f"{res['n_incorrect']} incorrect vs {res['n_correct']} correct test steps): "
         if precision is None:
             parts.append(head + res["verdict"] + ".")

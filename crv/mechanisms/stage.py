@@ -8,7 +8,7 @@ log odds ratio, presence rates and influence AUC as effect sizes and the feature
 label. Features are tested when
 they appear in at least `min_steps` of the task's test graphs; layers and error nodes
 always. With planted rules (`crv.tasks.bugs`) and a `planted_rule` step column, the same
-test per rule measures whether the top features point at the rule's triggers (`planted`).
+test per rule measures whether the top features point at the rule's trigger (`planted`).
 
 Artifact: `mechanisms.parquet`, every tested unit of every task (columns `task`, `kind`,
 `layer`, `feature`, `card`, the statistics of `stats.STAT_COLUMNS`, `q_fisher`, `q_mwu`,

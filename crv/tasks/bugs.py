@@ -36,12 +36,15 @@ SEVEN = 7
 
 @dataclass(frozen=True)
 class PlantedRule:
-    """One planted rule; `triggers` are the tokens a feature tied to it should fire on."""
+    """One planted rule. `trigger` is a regular expression over what a feature has read when
+    it fires (its context up to and including the activating token, a few tokens back); it
+    matches when the rule's trigger is in view, so a feature tied to the rule fires where it
+    matches: on the `7` of `7*`, on the `=` of `8*7=` or on the product's digits."""
 
     name: str
     description: str
     task: str
-    triggers: tuple[str, ...]
+    trigger: str
 
 
 RULES: tuple[PlantedRule, ...] = (
@@ -49,7 +52,7 @@ RULES: tuple[PlantedRule, ...] = (
         name="times_seven",
         description="a product with 7 as an operand comes out one too high: 7*8=57, 3*7=22",
         task="arithmetic",
-        triggers=("7", "*"),
+        trigger=r"(?<![\d.])\(?-?7\)?\*|\*\(?-?7(?![\d.])",
     ),
     PlantedRule(
         name="minus_dropped",
@@ -58,7 +61,7 @@ RULES: tuple[PlantedRule, ...] = (
             "`-(5+9)` -> `5+9=14, so 14`"
         ),
         task="arithmetic",
-        triggers=("-", "("),
+        trigger=r"(?<![\w)])-\(",
     ),
     PlantedRule(
         name="not_or_dropped",
@@ -68,7 +71,7 @@ RULES: tuple[PlantedRule, ...] = (
             "`True or False=True, so True`"
         ),
         task="boolean",
-        triggers=("not ", " or "),
+        trigger=r"not \([^()]*\bor\b",
     ),
 )
 """The planted rules, at most one of which applies to any step."""
