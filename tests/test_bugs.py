@@ -124,6 +124,23 @@ def test_planted_training_batches_hold_the_buggy_traces():
     assert differ > 0
 
 
+def _rule_share(cfg: TinyConfig, n_batches: int) -> float:
+    tok, batches, hits = build_tokenizer(), _Batches(cfg, build_tokenizer()), []
+    for _ in range(n_batches):
+        task, _, input_ids, _, _ = batches.next(0.5)
+        for text in tok.batch_decode(input_ids, skip_special_tokens=True):
+            prompt = text.split("\n", 1)[0].removeprefix("Q: Evaluate ")
+            hits.append(any(planted_rules(_problem(task, prompt))))
+    return sum(hits) / len(hits)
+
+
+def test_rule_share_enriches_batches_with_rule_problems():
+    base = dict(max_complexity=4, batch_tokens=512, curriculum=0.0, planted=True, seed=2)
+    natural = _rule_share(TinyConfig(**base), 20)
+    rich = _rule_share(TinyConfig(**base, rule_share=0.6), 20)
+    assert natural < 0.3 and 2 * natural < rich <= 0.6 + 0.05
+
+
 def test_recipe_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="no recipe"):
         train_recipe(tmp_path, name="crv-huge")

@@ -144,6 +144,9 @@ class TinyConfig:
     """Model directory whose weights start the training (empty: random init from `seed`)."""
     planted: bool = False
     """Train on traces with crv.tasks.bugs's planted rules applied (crv-tiny-bugs)."""
+    rule_share: float = 0.0
+    """With `planted`: at least this share of each batch's problems exercise a rule (drawn
+    from 8x as many problems), so the rules are seen more often than their natural 9%."""
 
 
 def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -214,8 +217,12 @@ class _Batches:
         task = "boolean" if self.rng.random() < self.cfg.boolean_share else "arithmetic"
         n = self.rng.randint(1, self.max_complexity(progress))
         size = max(1, round(self.cfg.batch_tokens / self.mean_len[task, n]))
-        problems = self.generate(task, n, size, seed=self.cfg.seed * 1_000_003 + self.count)
+        seed = self.cfg.seed * 1_000_003 + self.count
         self.count += 1
+        if self.cfg.planted and self.cfg.rule_share > 0:
+            problems = self._rule_rich(task, n, size, seed)
+        else:
+            problems = self.generate(task, n, size, seed=seed)
         encoded = [_encode_trace(self.tokenizer, p.prompt, self.solution(p)) for p in problems]
         width = max(len(ids) for ids, _ in encoded)
         pad = self.tokenizer.pad_token_id
@@ -227,6 +234,18 @@ class _Batches:
             mask[row, : len(ids)] = 1
             labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
         return task, n, input_ids, mask, labels
+
+
+    def _rule_rich(self, task: str, n: int, size: int, seed: int) -> list[Any]:
+        """`size` problems, `rule_share` of them (as far as 4x as many draws hold them)
+        exercising a planted rule, the rest drawn as usual."""
+        from crv.tasks.bugs import planted_rules
+
+        pool = self.generate(task, n, 8 * size, seed=seed)
+        with_rule = [p for p in pool if any(planted_rules(p))]
+        take = with_rule[: round(self.cfg.rule_share * size)]
+        rest = [p for p in pool if not any(planted_rules(p))]
+        return take + rest[: size - len(take)]
 
 
 def _lr_factor(cfg: TinyConfig, progress: float) -> float:
@@ -361,6 +380,7 @@ BUGS_STAGE: dict[str, Any] = {
     "threads": 1,
     "checkpoint_every": 500_000,
     "planted": True,
+    "rule_share": 0.8,
 }
 """crv-tiny-bugs's extra stage: fine-tune crv-tiny on traces with the planted rules applied."""
 
