@@ -49,6 +49,19 @@ def test_scores_are_finite_and_shaped(tiny_llama):
     )
 
 
+def test_step_scores_read_the_predictions_of_the_step_tokens(tiny_llama):
+    """Each step scores the predictions of its own tokens (logits at first-1 .. last-1),
+    computed here from one plain forward pass over the whole trace."""
+    scores, _, _ = trace_step_scores(tiny_llama, IDS, SPANS, BaselinesConfig(coe=False))
+    with torch.no_grad():
+        logp_TV = tiny_llama(input_ids=torch.tensor([IDS])).logits[0].float().log_softmax(-1)
+    for i, (first, last) in enumerate(SPANS):
+        pred = logp_TV[first - 1 : last]
+        assert scores["maxprob"][i] == pytest.approx(float((1 - pred.max(-1).values.exp()).mean()))
+        nll = -pred.gather(1, torch.tensor(IDS[first : last + 1])[:, None])[:, 0]
+        assert scores["perplexity"][i] == pytest.approx(math.exp(float(nll.mean())), rel=1e-5)
+
+
 def test_flatter_logits_raise_uncertainty_scores(tiny_llama):
     sharp_model, flat_model = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
     with torch.no_grad():

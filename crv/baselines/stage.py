@@ -87,8 +87,11 @@ def trace_step_scores(
     ids = torch.tensor([input_ids], device=device)
     with torch.inference_mode():
         out = model(input_ids=ids, output_hidden_states=True)
-    z = out.logits[0, :-1].float()  # z[t - 1] predicts token t
-    targets = ids[0, 1:]
+    # Only the predictions of step tokens are scored: start at the first step (a real
+    # model's prompt is most of the trace, and every score below is a vocabulary-wide op).
+    offset = min(first for first, _ in spans) - 1
+    z = out.logits[0, offset:-1].float()  # z[t - 1 - offset] predicts token t
+    targets = ids[0, offset + 1 :]
     logp = torch.log_softmax(z, dim=-1)
     per_token = {
         "maxprob": 1 - logp.max(dim=-1).values.exp(),
@@ -107,7 +110,7 @@ def trace_step_scores(
     }
     probe_rows, conf_rows = [], []
     for first, last in spans:
-        tok = slice(first - 1, last)  # predictions of tokens first..last
+        tok = slice(first - 1 - offset, last - offset)  # predictions of tokens first..last
         for k, v in per_token.items():
             cols[k].append(float(v[tok].mean()))
         chain = hidden[:, first : last + 1].mean(dim=1)  # [L + 1, D]

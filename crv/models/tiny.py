@@ -235,7 +235,6 @@ class _Batches:
             labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
         return task, n, input_ids, mask, labels
 
-
     def _rule_rich(self, task: str, n: int, size: int, seed: int) -> list[Any]:
         """`size` problems, `rule_share` of them (as far as 4x as many draws hold them)
         exercising a planted rule, the rest drawn as usual."""
