@@ -103,6 +103,26 @@ def test_without_corrections_the_trace_is_plain_greedy_token_for_token(
         assert result.ended == "stop"  # crv-tiny writes its Answer line
 
 
+def test_steps_are_scored_as_crv_verify_scores_the_finished_trace(bundle: Bundle):
+    """Step by step while decoding (probabilities from decoding, the attribution extended
+    per step) gives crv-verify's scores and features of the finished completion."""
+    g = guard(bundle, correct="none")
+    for prompt in PROMPTS:
+        result = run(g, prompt)
+        raw = json.dumps({"prompt": prompt, "completion": result.completion}).encode()
+        trace = parse_trace(raw, 1, bundle.step_pattern)
+        assert g.verifier.encode(trace).input_ids == result.prompt_ids + result.completion_ids
+        records = g.verifier.verify(trace)
+        assert [s["text"] for s in result.steps] == [r["text"] for r in records]
+        scores = [s["score"] for s in result.steps]
+        assert len(set(scores)) > 1  # the random verifier tells these graphs apart
+        np.testing.assert_allclose(scores, [r["score"] for r in records], rtol=1e-6)
+        for step, record in zip(result.steps, records, strict=True):
+            assert [(f["layer"], f["feature"]) for f in step["top_features"]] == [
+                (f["layer"], f["feature"]) for f in record["top_features"]
+            ]
+
+
 def flag_only_step(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
     """Score step `index` 1 and every other step 0 (the rewritten one too)."""
 
@@ -180,7 +200,9 @@ def test_the_correction_budget_holds(bundle: Bundle, budget: int):
     rewritten = [s for s in result.steps if s["corrected"]]
     untouched = [s for s in result.steps if not s["corrected"]]
     assert len(rewritten) <= budget and untouched  # ... yet only `budget` were rewritten
-    assert [c["step"] for c in result.corrections] == sorted({c["step"] for c in result.corrections})
+    assert [c["step"] for c in result.corrections] == sorted(
+        {c["step"] for c in result.corrections}
+    )
 
 
 def test_bad_lines_get_clear_errors_and_good_ones_are_generated(bundle: Bundle, tmp_path: Path):

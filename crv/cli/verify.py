@@ -4,6 +4,7 @@ Usage (Hydra overrides)::
 
     crv-verify bundle=PATH input=traces.jsonl output=scores.jsonl [intervene=true] [format=table]
         [export_graphs=DIR]
+    crv-verify bundle=PATH input=prompts.jsonl output=out.jsonl generate=true [correct=...]
 
 `input=-` reads standard input and `output=-` writes standard output.
 
@@ -40,6 +41,13 @@ the context has every step that fits scored and the others marked `"error": "bey
 context: ..."`; a step with characters the tokenizer cannot represent (dropped, so they
 cannot count) gets a `warning` naming them. A human-readable table
 goes to stderr (or is the output with `format=table`), with a progress bar for long inputs.
+
+**Verify while generating** (`generate=true [correct=none|intervention|second_choice]
+[max_corrections=2]`): each input line is a prompt, ``{"id": optional str, "prompt": str}``
+(a line with `steps` or `completion` is an error), and the model writes the steps; each is
+scored as its line ends and a flagged one is corrected (`crv.cli.guard`). The record adds
+`completion` (the final one), `corrections` (step, policy, before, after, features,
+replacement) and `ended` (eos, stop, max_new_tokens, context); each step has `corrected`.
 
 **Exit status**: 0 when every step of every line was scored, 1 when some lines or steps
 failed, 2 when nothing
@@ -378,39 +386,22 @@ class StepVerifier:
     def graphs(self, trace: Trace, enc: Encoded) -> list[StepGraph]:
         """The pruned step graphs of all steps of a trace, from one shared forward pass
         (written for the viewer too with `export_graphs`)."""
-        from crv.graphs.attribute import explained_positions
-
-        steps = [{"last_token": t} for t in enc.last_tokens]
-        positions = explained_positions(
-            self.bundle.adapter.model,
-            enc.input_ids,
-            steps,
-            enc.prompt_len,
-            self.graphs_cfg.position,
-        )
-        return self.step_graphs(
-            enc.input_ids, positions, trace.id or f"line{trace.line}", trace.line
-        )
-
-    def step_graphs(
-        self,
-        input_ids: list[int],
-        positions: list[int],
-        trace_id: str,
-        line: int,
-        steps: list[int] | None = None,
-    ) -> list[StepGraph]:
-        """The pruned graphs explaining the predictions at `positions` of `input_ids` (steps
-        numbered `steps`, default 0, 1, ...), from one shared forward pass."""
-        from crv.graphs.attribute import attribute_trace
+        from crv.graphs.attribute import attribute_trace, explained_positions
 
         b, cfg = self.bundle, self.graphs_cfg
+        steps = [{"last_token": t} for t in enc.last_tokens]
+        positions = explained_positions(
+            b.adapter.model, enc.input_ids, steps, enc.prompt_len, cfg.position
+        )
         if min(positions) < 1:  # position 0 (bos) has no sources to explain it from
-            raise TraceError(f"line {line}: the prompt is empty; step 0 has no token before it")
-        atts = attribute_trace(b.adapter, b.transcoders, input_ids, positions, cfg, trace_id, steps)
+            raise TraceError(
+                f"line {trace.line}: the prompt is empty; step 0 has no token before it"
+            )
+        trace_id = trace.id or f"line{trace.line}"
+        atts = attribute_trace(b.adapter, b.transcoders, enc.input_ids, positions, cfg, trace_id)
         if self.exporter is not None:
             for att in atts:
-                self.exporter.add(att, input_ids, f"{trace_id}-step{att.step}")
+                self.exporter.add(att, enc.input_ids, f"{trace_id}-step{att.step}")
         return [att.pruned(cfg.node_threshold, cfg.edge_threshold) for att in atts]
 
     def feature_frame(self, graphs: list[StepGraph]) -> pd.DataFrame:
