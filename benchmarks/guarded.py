@@ -68,7 +68,8 @@ def default_bundle(cache: Path, overrides: list[str]) -> Path:
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
     path = cache / "bundle" / artifact_keys(cfg, cfg.seed)["bundle"]
     if not path.is_dir():
-        raise SystemExit(f"no bundle at {path}: run `crv {' '.join(overrides)}` first")
+        command = " ".join(["crv", *overrides])
+        raise SystemExit(f"no bundle at {path}: run `{command}` first, or pass --bundle DIR")
     return path
 
 
@@ -118,7 +119,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="crv config overrides for the default bundle")
     parser.add_argument("--bundle", type=Path, help="bundle directory")
     parser.add_argument("--traces", type=Path, help="traces artifact (default: the bundle's)")
-    parser.add_argument("--problems", type=int, default=120, help="held-out problems")
+    parser.add_argument("--problems", type=int, default=200, help="held-out problems")
     parser.add_argument("--max-corrections", type=int, default=2)
     parser.add_argument("--threshold", type=float, help="flag threshold (default: the bundle's)")
     parser.add_argument("--cache", type=Path, default=Path("outputs/cache"))
