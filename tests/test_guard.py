@@ -20,7 +20,14 @@ from fixtures_bundle import make_bundle, write_verifier
 
 from crv.bundle import Bundle, load_bundle
 from crv.cli.guard import Guard, GuardedTrace
-from crv.cli.verify import Prompt, StepVerifier, VerifyConfig, parse_trace, verify_main
+from crv.cli.verify import (
+    Prompt,
+    StepVerifier,
+    VerifyConfig,
+    parse_trace,
+    render_table,
+    verify_main,
+)
 from crv.generation import GreedyDecoder, generate_greedy
 from crv.graphs.graph import StepGraph
 from crv.interventions.apply import StepSpan, regenerate_batch
@@ -157,6 +164,8 @@ def test_second_choice_changes_only_the_flagged_step_and_what_follows(
     assert correction["before"]["text"] == plain_steps[1]
     assert correction["after"]["text"] == result.steps[1]["text"] != plain_steps[1]
     assert result.steps[1]["corrected"] and result.steps[1]["flagged"]  # scored, kept
+    table = render_table([{"id": "p", "line": 1, **result.fields(), "error": None}], 0.5)
+    assert "!!*" in table and "1 corrections (* rewritten)" in table
 
 
 def test_intervention_rewrites_the_step_as_the_interventions_stage_regenerates_it(

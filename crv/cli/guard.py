@@ -218,7 +218,8 @@ class _Run:
         completion = self.completion()
         spans = segment_steps(completion, v.bundle.step_pattern)
         if not final:
-            spans = [s for s in spans if s[1] <= completion.rfind("\n")]
+            line_end = completion.rfind("\n")
+            spans = [s for s in spans if s[1] <= line_end]
         if len(spans) <= len(self.steps):
             return None
         first, last = step_token_spans(self.tok, completion_ids, completion, spans, self.prompt_len)

@@ -591,7 +591,8 @@ def _shorten(text: str, width: int) -> str:
 
 
 def render_table(records: list[dict[str, Any]], threshold: float) -> str:
-    """Records as a fixed-width table: one row per step, one per failed line, a summary."""
+    """Records as a fixed-width table: one row per step, one per failed line, a summary
+    (`generate=true`: a rewritten step's flag column has `*`)."""
     rows = [
         f"{'line':>5}  {'id':<14} {'step':>4}  {'score':>6}  {'flag':<4}  {'top feature':<20} text"
     ]
@@ -614,14 +615,17 @@ def render_table(records: list[dict[str, Any]], threshold: float) -> str:
             n_flagged += step["flagged"]
             top = step["top_features"][0] if step["top_features"] else None
             feat = f"L{top['layer']}/F{top['feature']} ({top['influence']:.3g})" if top else "-"
+            flag = ("!!" if step["flagged"] else "") + ("*" if step.get("corrected") else "")
             rows.append(
                 f"{rec['line']:>5}  {rid:<14} {step['index']:>4}  {step['score']:>6.3f}  "
-                f"{'!!' if step['flagged'] else '':<4}  {feat:<20} {_shorten(step['text'], 60)}"
+                f"{flag:<4}  {feat:<20} {_shorten(step['text'], 60)}"
             )
     failed = sum(rec["error"] is not None for rec in records)
+    n_corrections = sum(len(rec.get("corrections") or ()) for rec in records)
+    corrected = f", {n_corrections} corrections (* rewritten)" if n_corrections else ""
     rows.append(
         f"{len(records)} traces ({len(records) - failed} verified, {failed} failed), "
-        f"{n_steps} steps, {n_flagged} flagged at threshold {threshold:.4g}"
+        f"{n_steps} steps, {n_flagged} flagged at threshold {threshold:.4g}{corrected}"
     )
     return "\n".join(rows) + "\n"
 
