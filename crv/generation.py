@@ -17,6 +17,9 @@ models, the generation config's other end tokens such as `<|im_end|>`) end it as
 Left padding keeps the newest token of every sequence in the last column, so one forward
 step serves the whole batch; position ids are counted over real tokens only, which makes a
 padded sequence see exactly the positions it would see alone (tested: batched == unbatched).
+
+`GreedyDecoder` decodes one sequence a token at a time and can cut it back, for generation
+that stops at each line to check it (`crv.cli.guard`).
 """
 
 from __future__ import annotations
@@ -221,3 +224,65 @@ def generate_from_ids(
             ends.append(len(rows[row]))  # a stop pattern: every token up to it is kept
         results.append((toks[: min(ends)] if ends else toks, bool(stopped[row])))
     return results
+
+
+class GreedyDecoder:
+    """One sequence decoded greedily, token by token, with a KV cache that can be cut back.
+
+    For decoding interleaved with other work that may rewrite the sequence from some
+    position on (`crv.cli.guard`). Each forward pass is the one `generate_from_ids` makes
+    for a single prompt (attention mask, position ids, the last logits only), so a decoder
+    that is never cut back yields `generate_from_ids`'s tokens exactly (tested). A hook that
+    reads absolute positions from the cache (`crv.transcoders.splice`) sees the right ones.
+    """
+
+    def __init__(self, model: PreTrainedModel, ids: Sequence[int]) -> None:
+        if not ids:
+            raise ValueError("a decoder needs at least one token to start from")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache_arg = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
+        self.cache = DynamicCache()
+        self.ids: list[int] = []
+        self.logits_V = torch.empty(0)
+        """Next-token logits after `ids`."""
+        self.feed(ids)
+
+    @torch.inference_mode()
+    def feed(self, tokens: Sequence[int]) -> None:
+        """Append `tokens`, running the model over them (under whatever hooks are on)."""
+        start = len(self.ids)
+        self.ids += [int(t) for t in tokens]
+        end = len(self.ids)
+        out = self.model(
+            input_ids=torch.tensor([self.ids[start:]], device=self.device),
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(start, end, device=self.device)[None],
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_arg: self.cache},
+        )
+        self.logits_V = out.logits[0, -1]
+
+    def next_token(self) -> tuple[int, float]:
+        """The greedy next token and the model's probability of it (not yet fed)."""
+        token = int(self.logits_V.argmax())
+        return token, self.probability(token)
+
+    def probability(self, token: int) -> float:
+        """The model's probability of `token` as the next one."""
+        return float(torch.softmax(self.logits_V.double(), -1)[token])
+
+    @torch.inference_mode()
+    def truncate(self, n: int, recompute_from: int | None = None) -> None:
+        """Keep the first `n` tokens; the model runs again over tokens `recompute_from`
+        (default n - 1) .. n - 1, e.g. under an intervention that acts there."""
+        start = n - 1 if recompute_from is None else recompute_from
+        if not 0 <= start < n <= len(self.ids):
+            raise ValueError(f"cannot cut {len(self.ids)} tokens to {n} recomputing from {start}")
+        kept = self.ids[start:n]
+        self.cache.crop(start - len(self.ids))  # negative: drop that many tokens
+        self.ids = self.ids[:start]
+        self.feed(kept)

@@ -151,6 +151,16 @@ def artifact_key(stage: Stage, section_cfg: Any, seed: int, input_keys: dict[str
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def artifact_keys(cfg: Any, seed: int, stages: tuple[Stage, ...] = STAGES) -> dict[str, str]:
+    """Every stage's cache key for a config (`cfg.<stage>` is each section), as
+    `run_pipeline` computes them: where a run of that config finds its artifacts."""
+    keys: dict[str, str] = {}
+    for stage in stages:
+        inputs = {dep: keys[dep] for dep in stage.deps}
+        keys[stage.name] = artifact_key(stage, getattr(cfg, stage.name), seed, inputs)
+    return keys
+
+
 class MissingArtifactError(FileNotFoundError):
     """An artifact directory without its manifest: not a complete artifact of any stage."""
 

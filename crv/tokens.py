@@ -36,3 +36,14 @@ def last_token_index(char_ends: Sequence[int], end_char: int, offset: int) -> in
         if end >= end_char:
             return offset + i
     return offset + len(char_ends) - 1
+
+
+def step_token_spans(
+    tokenizer: Any, ids: Sequence[int], text: str, spans: Sequence[tuple[int, int]], offset: int
+) -> tuple[list[int], list[int]]:
+    """First and last token index (into prompt+completion ids, the completion's `ids`
+    starting at `offset`) of each character span `(start, end)` of `text`."""
+    ends = token_char_ends(tokenizer, ids, text)
+    first = [last_token_index(ends, start + 1, offset) for start, _ in spans]
+    last = [last_token_index(ends, end, offset) for _, end in spans]
+    return first, last

@@ -61,13 +61,13 @@ def write_transcoders(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def write_verifier(out: Path, seed: int = 0) -> Path:
+def write_verifier(out: Path, seed: int = 0, n_layers: int = N_LAYERS) -> Path:
     """An xgboost verifier fitted to random rows whose label depends on many features.
 
     Feature values are drawn over the ranges real graphs of the tiny model span (0 to
     ~100), so different graphs land in different leaves and their scores differ.
     """
-    names = feature_names(N_LAYERS)
+    names = feature_names(n_layers)
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1.0, 100.0, size=(400, len(names))) * rng.uniform(0.0, 1.0, size=(400, 1))
     y = ((x - x.mean(0)) @ rng.normal(size=len(names)) > 0).astype(np.int64)
@@ -85,8 +85,10 @@ def build_parts(root: Path) -> dict[str, Path]:
     }
 
 
-def make_bundle(root: Path, parts: dict[str, Path], **cfg: str | float) -> Path:
-    """Export a bundle of `parts` into `root / "bundle"`."""
+def make_bundle(
+    root: Path, parts: dict[str, Path], n_layers: int = N_LAYERS, **cfg: str | float
+) -> Path:
+    """Export a bundle of `parts` (a subject with `n_layers` layers) into `root / "bundle"`."""
     out = root / "bundle"
     export_bundle(
         out,
@@ -94,7 +96,7 @@ def make_bundle(root: Path, parts: dict[str, Path], **cfg: str | float) -> Path:
         **parts,
         graphs=dataclasses.asdict(ATTRIBUTION),
         features=dataclasses.asdict(FEATURES),
-        n_layers=N_LAYERS,
+        n_layers=n_layers,
         seed=0,
         subject_source={"name": "test-tiny"},
     )

@@ -384,3 +384,35 @@ def test_next_token_probs_are_the_generated_tokens_probabilities() -> None:
     assert probs.shape == (len(ids) - 1,)
     for p in (0, 3, len(ids) - 2):
         assert probs[p] == pytest.approx(float(p_TV[p, int(ids[p + 1])]), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_an_extended_trace_equals_one_built_at_once(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Targets added one at a time as the sequence grows (crv-verify generate=true) give the
+    segments and graphs of a trace built with all of them at once; earlier rows are kept."""
+    import crv.graphs.replacement as replacement
+    from crv.graphs.attribute import TraceAttributor
+
+    monkeypatch.setattr(replacement, "SEGMENT_TOKENS", 3)  # cuts inside the new stretches
+    adapter, tset, ids = setup(family)
+    cfg = GraphsConfig(max_logits=3, max_feature_nodes=40, batch_size=6, update_interval=2)
+    whole = TraceAttributor(adapter, tset, ids, POSITIONS, cfg)
+    grown = TraceAttributor(adapter, tset, ids[: POSITIONS[0] + 1], POSITIONS[:1], cfg)
+    for step, p in enumerate(POSITIONS):
+        if step:
+            computed = grown.n_rows_computed
+            grown.extend(ids[: p + 1], [p])
+            assert grown.n_rows_computed == computed  # the cache survives
+        a, b = grown.attribute_step(p, step), whole.attribute_step(p, step)
+        for col in ("kind", "layer", "pos", "feature"):
+            np.testing.assert_array_equal(a.nodes[col], b.nodes[col])
+        torch.testing.assert_close(a.adjacency_RN, b.adjacency_RN, atol=1e-6, rtol=1e-5)
+    assert grown.trace.ends == whole.trace.ends
+    longer = torch.cat([ids, ids[:1]])
+    with pytest.raises(ValueError, match="must lie in"):
+        grown.extend(longer, [POSITIONS[-1]])  # not past the sequence so far
+    longer[2] = (longer[2] + 1) % VOCAB
+    with pytest.raises(ValueError, match="do not continue"):
+        grown.extend(longer, [T])

@@ -19,7 +19,7 @@ from crv.cli.main import rewrite_deprecated
 from crv.config import CRVConfig, register_configs
 from crv.graphs.config import GraphsConfig, Position
 from crv.interventions.config import InterventionsConfig, RankBy
-from crv.pipeline import STAGES, artifact_key
+from crv.pipeline import STAGES, artifact_key, artifact_keys
 from crv.subject.config import SubjectConfig
 from crv.transcoders.config import TranscodersConfig
 from crv.verifier.config import VerifierConfig
@@ -36,11 +36,7 @@ def composed(overrides: list[str]) -> CRVConfig:
 
 
 def stage_keys(cfg: CRVConfig) -> dict[str, str]:
-    keys: dict[str, str] = {}
-    for stage in STAGES:
-        inputs = {d: keys[d] for d in stage.deps}
-        keys[stage.name] = artifact_key(stage, getattr(cfg, stage.name), cfg.seed, inputs)
-    return keys
+    return artifact_keys(cfg, cfg.seed)
 
 
 def test_artifact_keys_of_the_presets_are_pinned():

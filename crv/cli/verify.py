@@ -4,6 +4,7 @@ Usage (Hydra overrides)::
 
     crv-verify bundle=PATH input=traces.jsonl output=scores.jsonl [intervene=true] [format=table]
         [export_graphs=DIR]
+    crv-verify bundle=PATH input=prompts.jsonl output=out.jsonl generate=true [correct=...]
 
 `input=-` reads standard input and `output=-` writes standard output.
 
@@ -41,6 +42,13 @@ context: ..."`; a step with characters the tokenizer cannot represent (dropped, 
 cannot count) gets a `warning` naming them. A human-readable table
 goes to stderr (or is the output with `format=table`), with a progress bar for long inputs.
 
+**Verify while generating** (`generate=true [correct=none|intervention|second_choice]
+[max_corrections=2]`): each input line is a prompt, ``{"id": optional str, "prompt": str}``
+(a line with `steps` or `completion` is an error), and the model writes the steps; each is
+scored as its line ends and a flagged one is corrected (`crv.cli.guard`). The record adds
+`completion` (the final one), `corrections` (step, policy, before, after, features,
+replacement) and `ended` (eos, stop, max_new_tokens, context); each step has `corrected`.
+
 **Exit status**: 0 when every step of every line was scored, 1 when some lines or steps
 failed, 2 when nothing
 could run (bad or damaged bundle, unreadable input, unwritable output), with a one-line error and
@@ -59,18 +67,22 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from crv.interventions.config import Action, RankBy, Scope
 from crv.options import Choice, check_choices
+from crv.traces.config import STOP_PATTERNS
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
     from crv.bundle import Bundle
     from crv.graphs.graph import StepGraph
+    from crv.interventions.apply import StepSpan
+    from crv.interventions.propose import Proposal
 
 STDIO = "-"
 
@@ -80,6 +92,14 @@ class OutputFormat(Choice):
 
     jsonl = "jsonl"
     table = "table"
+
+
+class Correct(Choice):
+    """How `generate=true` corrects a flagged step (see `crv.cli.guard`)."""
+
+    none = "none"
+    intervention = "intervention"
+    second_choice = "second_choice"
 
 
 @dataclass
@@ -146,8 +166,29 @@ class VerifyConfig:
     """Also write every step's graph into this directory as circuit-tracer graph JSON, for
     circuit-tracer's viewer (see `crv-graphs export`); slugs `<id or lineN>-step<i>`."""
 
+    generate: bool = False
+    """Verify while generating: the model writes each prompt's chain of thought greedily and
+    every step is scored as its line ends (input: prompts only; see `crv.cli.guard`)."""
+
+    correct: Correct = Correct.none
+    """With generate=true, what replaces a flagged step: none (flag only), intervention (its
+    first proposed feature intervention) or second_choice (its least confident token
+    replaced by the model's second choice)."""
+
+    max_corrections: int = 2
+    """With generate=true, corrections per trace at most."""
+
+    max_new_tokens: int = 256
+    """With generate=true, generated tokens per prompt at most (and the model's context)."""
+
+    stop: list[str] = field(default_factory=lambda: list(STOP_PATTERNS))
+    """With generate=true, regexes (multiline) over the completion that end it, as the
+    traces stage's `traces.stop`."""
+
     def __post_init__(self) -> None:
         check_choices(self, "")
+        if self.max_corrections < 0 or self.max_new_tokens < 1:
+            raise ValueError("max_corrections must be >= 0 and max_new_tokens >= 1")
 
 
 class TraceError(ValueError):
@@ -180,35 +221,71 @@ def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
             yield number, raw
 
 
-def parse_trace(raw: bytes, line: int, step_pattern: str) -> Trace:
-    """Decode and validate one input line; TraceError naming the problem otherwise."""
-    from crv.tasks.segment import segment_steps
+@dataclass
+class Prompt:
+    """One parsed input line of `generate=true`: a prompt whose steps the model writes."""
 
-    trace_id = None
+    line: int
+    id: str | None
+    prompt: str
 
-    def fail(problem: str) -> TraceError:
-        return TraceError(f"line {line}: {problem}", trace_id)
 
+def _fail(line: int, problem: str, trace_id: str | None = None) -> TraceError:
+    return TraceError(f"line {line}: {problem}", trace_id)
+
+
+def parse_prompt(raw: bytes, line: int) -> tuple[dict[str, Any], Prompt]:
+    """Decode one input line and read its `id` and `prompt` (the JSON object too, for the
+    rest of the record); TraceError naming the problem otherwise."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise fail(
-            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+        raise _fail(
+            line, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
         ) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise fail(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise _fail(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
-        raise fail(f"expected a JSON object, got {type(obj).__name__}")
+        raise _fail(line, f"expected a JSON object, got {type(obj).__name__}")
     if obj.get("id") is not None and not isinstance(obj["id"], str):
-        raise fail(f"'id' must be a string, got {type(obj['id']).__name__}")
+        raise _fail(line, f"'id' must be a string, got {type(obj['id']).__name__}")
     trace_id = obj.get("id")
     if "prompt" not in obj:
-        raise fail("missing 'prompt'")
+        raise _fail(line, "missing 'prompt'", trace_id)
     prompt = obj["prompt"]
     if not isinstance(prompt, str):
-        raise fail(f"'prompt' must be a string, got {type(prompt).__name__}")
+        raise _fail(line, f"'prompt' must be a string, got {type(prompt).__name__}", trace_id)
+    return obj, Prompt(line, trace_id, prompt)
+
+
+def parse_generate(raw: bytes, line: int) -> Prompt:
+    """One input line of `generate=true`: a prompt only (the model writes the steps)."""
+    obj, prompt = parse_prompt(raw, line)
+    given = [key for key in ("steps", "completion") if key in obj]
+    if given:
+        raise _fail(
+            line,
+            f"generate=true writes the steps itself: give only 'id' and 'prompt' "
+            f"(the line has {given[0]!r})",
+            prompt.id,
+        )
+    if not prompt.prompt.strip():
+        raise _fail(line, "the prompt is empty", prompt.id)
+    return prompt
+
+
+def parse_trace(raw: bytes, line: int, step_pattern: str) -> Trace:
+    """Decode and validate one input line; TraceError naming the problem otherwise."""
+    from crv.tasks.segment import segment_steps
+
+    obj, header = parse_prompt(raw, line)
+    trace_id, prompt = header.id, header.prompt
+
+    def fail(problem: str) -> TraceError:
+        return _fail(line, problem, trace_id)
+
     if "steps" in obj and "completion" in obj:
         raise fail("give either 'steps' or 'completion', not both")
     if "steps" in obj:
@@ -275,19 +352,25 @@ class StepVerifier:
                 bundle.cards,
             )
 
+    def parse_line(self, raw: bytes, line: int) -> Trace:
+        """An input line as a trace (`parse_trace` with the bundle's step pattern)."""
+        return parse_trace(raw, line, self.bundle.step_pattern)
+
+    def check(self, trace: Trace) -> dict[str, Any]:
+        """The output record's fields of a trace: its step records."""
+        return {"steps": self.verify(trace)}
+
     def encode(self, trace: Trace) -> Encoded:
         """Token ids of prompt + completion and each step's token span; TraceError when the
         trace does not fit the model's context."""
-        from crv.tokens import last_token_index, token_char_ends
+        from crv.tokens import step_token_spans
 
         tok = self.bundle.tokenizer
         prompt_ids = tok(trace.prompt)["input_ids"]
         completion_ids = tok(trace.completion, add_special_tokens=False)["input_ids"]
         ids = list(prompt_ids) + list(completion_ids)
-        ends = token_char_ends(tok, completion_ids, trace.completion)
         offset = len(prompt_ids)
-        first = [last_token_index(ends, start + 1, offset) for start, _ in trace.spans]
-        last = [last_token_index(ends, end, offset) for _, end in trace.spans]
+        first, last = step_token_spans(tok, completion_ids, trace.completion, trace.spans, offset)
         limit = self.bundle.max_context
         n_fit = len(last) if limit is None else sum(t < limit for t in last)
         if n_fit == 0:
@@ -338,36 +421,44 @@ class StepVerifier:
 
     def score_graph(self, graph: StepGraph) -> float:
         """P(incorrect) of one graph (used to rank interventions by verifier effect)."""
-        return float(self.bundle.verifier.predict_proba(self.feature_frame([graph]))[0])
+        return float(self.scores([graph])[0])
+
+    def scores(self, graphs: list[StepGraph]) -> np.ndarray:
+        """The verifier's P(incorrect) of each graph."""
+        return self.bundle.verifier.predict_proba(self.feature_frame(graphs))
+
+    def top_features(self, graph: StepGraph) -> list[dict[str, Any]]:
+        """The graph's `top_features` most influential features, labelled."""
+        from crv.interventions.propose import candidate_influence
+
+        influence = candidate_influence(graph, 0)
+        top = sorted(influence, key=lambda key: (-influence[key], key))[: self.cfg.top_features]
+        return [
+            {
+                "layer": layer,
+                "feature": feature,
+                "label": self.label(layer, feature),
+                "influence": influence[layer, feature],
+            }
+            for layer, feature in top
+        ]
 
     def verify(self, trace: Trace) -> list[dict[str, Any]]:
         """The step records of one trace (see the module docstring)."""
-        from crv.interventions.propose import candidate_influence
-
         enc = self.encode(trace)
         graphs = self.graphs(trace, enc)
-        scores = self.bundle.verifier.predict_proba(self.feature_frame(graphs))
+        scores = self.scores(graphs)
         records = []
         for i, ((start, end), graph, score) in enumerate(
             zip(trace.spans[: enc.n_fit], graphs, scores, strict=True)
         ):
-            influence = candidate_influence(graph, 0)
-            top = sorted(influence, key=lambda key: (-influence[key], key))[: self.cfg.top_features]
             flagged = bool(score >= self.threshold)
             record: dict[str, Any] = {
                 "index": i,
                 "text": trace.completion[start:end],
                 "score": float(score),
                 "flagged": flagged,
-                "top_features": [
-                    {
-                        "layer": layer,
-                        "feature": feature,
-                        "label": self.label(layer, feature),
-                        "influence": influence[layer, feature],
-                    }
-                    for layer, feature in top
-                ],
+                "top_features": self.top_features(graph),
                 "interventions": [],
             }
             if enc.warnings[i]:
@@ -388,22 +479,16 @@ class StepVerifier:
             )
         return records
 
-    def interventions(self, trace: Trace, enc: Encoded, i: int, graph: StepGraph) -> dict[str, Any]:
-        """Proposed interventions of a flagged step and, with `intervene`, the regeneration."""
-        from crv.interventions.apply import (
-            StepSpan,
-            active_features,
-            margin_drops,
-            regenerate_batch,
-        )
+    def propose(self, input_ids: list[int], span: StepSpan, graph: StepGraph) -> list[Proposal]:
+        """The `n_interventions` interventions `crv.interventions.propose` ranks first for
+        the step at `span` of `input_ids` whose graph is `graph`."""
+        from crv.interventions.apply import active_features, margin_drops
         from crv.interventions.propose import propose
-        from crv.tasks.label import unlabelled_steps
 
         cfg, b = self.cfg, self.bundle
-        span = StepSpan(enc.first_tokens[i], enc.last_tokens[i])
         window = span.window(graph.position)
-        active = active_features(b.adapter, b.transcoders, enc.input_ids, window)
-        proposals = propose(
+        active = active_features(b.adapter, b.transcoders, input_ids, window)
+        return propose(
             graph,
             window,
             active,
@@ -414,15 +499,19 @@ class StepVerifier:
             cfg.scope,
             score_graph=self.score_graph,
             margin_drops=lambda ps: margin_drops(
-                b.adapter, b.transcoders, enc.input_ids, graph.position, ps
+                b.adapter, b.transcoders, input_ids, graph.position, ps
             ),
         )
-        out: dict[str, Any] = {
-            "interventions": [
-                {"layer": p.layer, "feature": p.feature, "action": p.action, "scale": p.value}
-                for p in proposals
-            ]
-        }
+
+    def interventions(self, trace: Trace, enc: Encoded, i: int, graph: StepGraph) -> dict[str, Any]:
+        """Proposed interventions of a flagged step and, with `intervene`, the regeneration."""
+        from crv.interventions.apply import StepSpan, regenerate_batch
+        from crv.tasks.label import unlabelled_steps
+
+        cfg, b = self.cfg, self.bundle
+        span = StepSpan(enc.first_tokens[i], enc.last_tokens[i])
+        proposals = self.propose(enc.input_ids, span, graph)
+        out: dict[str, Any] = {"interventions": [proposal_fields(p) for p in proposals]}
         if not cfg.intervene:
             return out
         if not proposals:
@@ -462,13 +551,28 @@ def unrepresentable(tokenizer: Any, text: str) -> str | None:
     return f"characters the tokenizer cannot represent were dropped: {''.join(lost)!r}"
 
 
-def verify_line(verifier: StepVerifier, line: int, raw: bytes) -> dict[str, Any]:
+def proposal_fields(p: Proposal) -> dict[str, Any]:
+    """A proposed intervention as an output record names it."""
+    return {"layer": p.layer, "feature": p.feature, "action": p.action, "scale": p.value}
+
+
+class LineWorker(Protocol):
+    """What checks input lines: `StepVerifier` (traces) or `crv.cli.guard.Guard` (prompts)."""
+
+    threshold: float
+
+    def parse_line(self, raw: bytes, line: int) -> Trace | Prompt: ...
+
+    def check(self, item: Any) -> dict[str, Any]: ...
+
+
+def verify_line(worker: LineWorker, line: int, raw: bytes) -> dict[str, Any]:
     """The output record of one input line; problems become the record's `error`."""
     trace_id = None
     try:
-        trace = parse_trace(raw, line, verifier.bundle.step_pattern)
-        trace_id = trace.id
-        steps = verifier.verify(trace)
+        item = worker.parse_line(raw, line)
+        trace_id = item.id
+        fields = worker.check(item)
     except TraceError as exc:
         return {"id": exc.trace_id or trace_id, "line": line, "steps": [], "error": str(exc)}
     except Exception as exc:  # one bad trace must not stop the others
@@ -478,7 +582,7 @@ def verify_line(verifier: StepVerifier, line: int, raw: bytes) -> dict[str, Any]
             "steps": [],
             "error": f"line {line}: cannot verify: {type(exc).__name__}: {exc}",
         }
-    return {"id": trace_id, "line": line, "steps": steps, "error": None}
+    return {"id": trace_id, "line": line, **fields, "error": None}
 
 
 def _shorten(text: str, width: int) -> str:
@@ -487,7 +591,8 @@ def _shorten(text: str, width: int) -> str:
 
 
 def render_table(records: list[dict[str, Any]], threshold: float) -> str:
-    """Records as a fixed-width table: one row per step, one per failed line, a summary."""
+    """Records as a fixed-width table: one row per step, one per failed line, a summary
+    (`generate=true`: a rewritten step's flag column has `*`)."""
     rows = [
         f"{'line':>5}  {'id':<14} {'step':>4}  {'score':>6}  {'flag':<4}  {'top feature':<20} text"
     ]
@@ -510,14 +615,17 @@ def render_table(records: list[dict[str, Any]], threshold: float) -> str:
             n_flagged += step["flagged"]
             top = step["top_features"][0] if step["top_features"] else None
             feat = f"L{top['layer']}/F{top['feature']} ({top['influence']:.3g})" if top else "-"
+            flag = ("!!" if step["flagged"] else "") + ("*" if step.get("corrected") else "")
             rows.append(
                 f"{rec['line']:>5}  {rid:<14} {step['index']:>4}  {step['score']:>6.3f}  "
-                f"{'!!' if step['flagged'] else '':<4}  {feat:<20} {_shorten(step['text'], 60)}"
+                f"{flag:<4}  {feat:<20} {_shorten(step['text'], 60)}"
             )
     failed = sum(rec["error"] is not None for rec in records)
+    n_corrections = sum(len(rec.get("corrections") or ()) for rec in records)
+    corrected = f", {n_corrections} corrections (* rewritten)" if n_corrections else ""
     rows.append(
         f"{len(records)} traces ({len(records) - failed} verified, {failed} failed), "
-        f"{n_steps} steps, {n_flagged} flagged at threshold {threshold:.4g}"
+        f"{n_steps} steps, {n_flagged} flagged at threshold {threshold:.4g}{corrected}"
     )
     return "\n".join(rows) + "\n"
 
@@ -536,6 +644,9 @@ def _read_input(source: str) -> bytes:
 def _check_config(cfg: VerifyConfig) -> None:
     if not cfg.bundle:
         raise _Failure("no bundle given: crv-verify bundle=PATH input=FILE output=FILE")
+    if cfg.generate and (cfg.intervene or cfg.export_graphs is not None):
+        option = "intervene=true" if cfg.intervene else "export_graphs"
+        raise _Failure(f"generate=true corrects steps with correct=...; {option} is for traces")
 
 
 def _load_quietly(cfg: VerifyConfig) -> Bundle:
@@ -561,7 +672,7 @@ def _load_quietly(cfg: VerifyConfig) -> Bundle:
 
 
 def run_verify(
-    cfg: VerifyConfig, verifier: StepVerifier, lines: list[tuple[int, bytes]], sink: IO[str]
+    cfg: VerifyConfig, verifier: LineWorker, lines: list[tuple[int, bytes]], sink: IO[str]
 ) -> list[dict[str, Any]]:
     """Verify `lines` in order, streaming JSONL records to `sink` (`format=jsonl`) or the
     table at the end (`format=table`); returns the records."""
@@ -636,8 +747,13 @@ def verify_main(cfg: VerifyConfig) -> int:
         data = _read_input(cfg.input)
         bundle = _load_quietly(cfg)
         verifier = StepVerifier(bundle, cfg)
+        worker: LineWorker = verifier
+        if cfg.generate:
+            from crv.cli.guard import Guard
+
+            worker = Guard(verifier)
         lines = list(iter_lines(data))
-        records = _write_output(cfg.output, lambda sink: run_verify(cfg, verifier, lines, sink))
+        records = _write_output(cfg.output, lambda sink: run_verify(cfg, worker, lines, sink))
         if verifier.exporter is not None:
             try:
                 verifier.exporter.finish()

@@ -259,6 +259,11 @@ class TraceAttributor:
         self.n_rows_computed = 0
         self.n_rows_requested = 0
 
+    def extend(self, input_ids: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> None:
+        """Targets further along a growing sequence (`ReplacementTrace.extend`): no second
+        pass over the prefix, and the cached rows stay valid."""
+        self.trace.extend(input_ids, positions)
+
     def rows(self, keys: Sequence[Key]) -> list[torch.Tensor]:
         """Rows of `keys`, from the cache or computed in batches of targets near each other."""
         part = "logit rows" if all(k[0] == self.trace.n_layers for k in keys) else "feature rows"

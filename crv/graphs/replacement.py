@@ -109,10 +109,10 @@ class SourceLayout:
         return pos * self.stride + self.n_layers * (self.k + 1)
 
 
-def segment_ends(targets: Sequence[int], max_len: int) -> list[int]:
-    """Ends (exclusive) of forward segments: every target end, with the stretch before each
-    cut into near-equal segments of at most `max_len` tokens."""
-    ends, start = [], 0
+def segment_ends(targets: Sequence[int], max_len: int, start: int = 0) -> list[int]:
+    """Ends (exclusive) of forward segments from `start` on: every target end, with the
+    stretch before each cut into near-equal segments of at most `max_len` tokens."""
+    ends = []
     for end in sorted(set(targets)):
         n = -(-(end - start) // max_len)
         ends += [start + round(i * (end - start) / n) for i in range(1, n + 1)]
@@ -126,7 +126,8 @@ class ReplacementTrace:
     After construction: `acts_PLK` / `idx_PLK` (TopK activations and latent indices of every
     layer's transcoder), `errors_PLD` (MLP out minus transcoder reconstruction), `embeds_PD`
     (layer-0 input) for the P positions up to the last target position, and the next-token
-    probabilities at each target position (`probs(pos)`).
+    probabilities at each target position (`probs(pos)`). `extend` adds later targets of a
+    growing sequence without running the model over its prefix again.
     """
 
     def __init__(
@@ -151,35 +152,62 @@ class ReplacementTrace:
         self.stopwatch = stopwatch or Stopwatch()
         self.n_layers = adapter.n_layers
         self.layout = SourceLayout(adapter.n_layers, tset.k)
-        self._targets = {int(p) for p in positions}
-        self.ends = segment_ends([p + 1 for p in self._targets], SEGMENT_TOKENS)
-        self.starts = [0, *self.ends[:-1]]
-        self.n_positions = self.ends[-1]
         self.device = adapter.unembed_weight.device
-        self.input_ids = ids[: self.n_positions].to(self.device)
-        with self.stopwatch("forward"):
-            self._forward()
-        with self.stopwatch("encode"):
-            self._encode()
-        W_U = adapter.unembed_weight.detach().float()
-        self._logit_dirs_VD = W_U - W_U.mean(0, keepdim=True)
-
-    # -- forward -------------------------------------------------------------------------
-
-    def _forward(self) -> None:
-        model, L = self.adapter.model, self.n_layers
+        L = self.n_layers
         self._emb_leaves: list[torch.Tensor] = []  # per segment [1, n_s, D]
         self._mlp_in: list[list[torch.Tensor]] = [[] for _ in range(L)]  # [layer][segment]
         self._mlp_out: list[list[torch.Tensor]] = [[] for _ in range(L)]  # leaves
         self._final: list[torch.Tensor] = []
         self._probs: dict[int, torch.Tensor] = {}
-        cache = DynamicCache(config=model.config)
+        self._cache = DynamicCache(config=adapter.model.config)
+        self._targets: set[int] = set()
+        self.ends: list[int] = []
+        self.n_positions = 0
+        self._run(ids, positions)
+        W_U = adapter.unembed_weight.detach().float()
+        self._logit_dirs_VD = W_U - W_U.mean(0, keepdim=True)
+
+    def extend(self, input_ids: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> None:
+        """Add targets `positions`, all past the sequence so far, of `input_ids`, which must
+        continue this trace's tokens: the forward goes on from where it stopped (the rows of
+        earlier targets stay valid, attention being causal), and everything is as if the
+        trace had been built at once with all targets (same segments, same values)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        old = self.n_positions
+        if not positions or min(positions) < old or max(positions) >= len(ids):
+            raise ValueError(
+                f"new target positions must lie in {old}..{len(ids) - 1}, got {sorted(positions)}"
+            )
+        if not torch.equal(ids[:old].to(self.device), self.input_ids):
+            raise ValueError("input_ids do not continue the trace's tokens")
+        self._run(ids, positions)
+
+    def _run(self, ids: torch.Tensor, positions: Sequence[int]) -> None:
+        """Forward and encode the segments that end at new targets `positions`."""
+        first_seg, start = len(self.ends), self.n_positions
+        new = {int(p) for p in positions}
+        self._targets |= new
+        self.ends += segment_ends([p + 1 for p in new], SEGMENT_TOKENS, start)
+        self.starts = [0, *self.ends[:-1]]
+        self.n_positions = self.ends[-1]
+        self.input_ids = ids[: self.n_positions].to(self.device)
+        with self.stopwatch("forward"):
+            self._forward(first_seg)
+        with self.stopwatch("encode"):
+            self._encode(first_seg)
+
+    # -- forward -------------------------------------------------------------------------
+
+    def _forward(self, first_seg: int) -> None:
+        """Run segments `first_seg`.. through the model, on from the KV cache."""
+        model = self.adapter.model
+        segments = zip(self.starts[first_seg:], self.ends[first_seg:], strict=True)
         with torch.enable_grad(), self.adapter.frozen(), self._hooks():
-            for start, end in zip(self.starts, self.ends, strict=True):
+            for start, end in segments:
                 out = model(
                     input_ids=self.input_ids[None, start:end],
                     position_ids=torch.arange(start, end, device=self.device)[None],
-                    cache=cache,
+                    cache=self._cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -231,25 +259,37 @@ class ReplacementTrace:
                 handle.remove()
 
     @torch.no_grad()
-    def _encode(self) -> None:
+    def _encode(self, first_seg: int) -> None:
+        """Transcoder activations, errors and embeddings of segments `first_seg`.., appended."""
         acts, idx, errors = [], [], []
         for layer in range(self.n_layers):
             tc = self.tset[layer]
-            x_PD = torch.cat(self._mlp_in[layer], dim=1)[0].detach()
-            y_PD = torch.cat(self._mlp_out[layer], dim=1)[0].detach().float()
+            x_PD = torch.cat(self._mlp_in[layer][first_seg:], dim=1)[0].detach()
+            y_PD = torch.cat(self._mlp_out[layer][first_seg:], dim=1)[0].detach().float()
             acts_PK, idx_PK = tc.encode(x_PD)
             acts.append(acts_PK.float())
             idx.append(idx_PK)
             errors.append(y_PD - tc.reconstruct(x_PD, acts_PK, idx_PK).float())
-        self.acts_PLK = torch.stack(acts, dim=1)
-        self.idx_PLK = torch.stack(idx, dim=1)
-        self.errors_PLD = torch.stack(errors, dim=1)
-        self.embeds_PD = torch.cat(self._emb_leaves, dim=1)[0].detach().float()
+        new = (
+            torch.stack(acts, dim=1),
+            torch.stack(idx, dim=1),
+            torch.stack(errors, dim=1),
+            torch.cat(self._emb_leaves[first_seg:], dim=1)[0].detach().float(),
+        )
+        if first_seg > 0:
+            old = (self.acts_PLK, self.idx_PLK, self.errors_PLD, self.embeds_PD)
+            new = tuple(torch.cat([a, b]) for a, b in zip(old, new, strict=True))
+        self.acts_PLK, self.idx_PLK, self.errors_PLD, self.embeds_PD = new
         P, L, K = self.acts_PLK.shape
         n_bytes = P * L * (K + 1) * self.embeds_PD.shape[1] * 4
+        start = self.starts[first_seg]
+        kept = self._sources_LPJD if first_seg > 0 else None
         self._sources_LPJD = None
         if n_bytes <= SOURCE_CACHE_BYTES:
-            self._sources_LPJD = [self._layer_sources(0, P, layer) for layer in range(L)]
+            added = [self._layer_sources(start if kept else 0, P, layer) for layer in range(L)]
+            if kept:
+                added = [torch.cat([a, b]) for a, b in zip(kept, added, strict=True)]
+            self._sources_LPJD = added
 
     def _layer_sources(self, start: int, end: int, layer: int) -> torch.Tensor:
         """[P, K + 1, D] float32 at positions start..end-1 of `layer`: every TopK slot's

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+STOP_PATTERNS = (r"^Answer:[^\n]*\n", r"^####[^\n]*\n")
+"""Default stop patterns: a completion ends with its answer line (canonical or GSM8K)."""
+
 
 @dataclass
 class TracesConfig:
@@ -32,7 +35,7 @@ class TracesConfig:
     labels: str = "strict"
     """strict (the canonical step form, for crv-tiny) | semantic (every stated computation
     true and the restated expression's value kept; real-model subject presets pick it)."""
-    stop: list[str] = field(default_factory=lambda: [r"^Answer:[^\n]*\n", r"^####[^\n]*\n"])
+    stop: list[str] = field(default_factory=lambda: list(STOP_PATTERNS))
     """Stop patterns (regexes over the completion, multiline): generation ends once one
     matches, so a completion ends with its answer line instead of running into a new `Q:`."""
     max_new_tokens_factor: float = 1.5
