@@ -379,7 +379,6 @@ BUGS_STAGE: dict[str, Any] = {
     "threads": 1,
     "checkpoint_every": 500_000,
     "planted": True,
-    "rule_share": 0.8,
 }
 """crv-tiny-bugs's extra stage: fine-tune crv-tiny on traces with the planted rules applied."""
 
