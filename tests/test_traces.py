@@ -161,3 +161,20 @@ def test_file_records_keep_their_labels_with_their_own_steps(
         generated = by_question[record["question"]]
         assert not generated["teacher_forced"]  # only question and answer: generated afresh
         assert len(generated["input_ids"]) > generated["prompt_len"]
+
+
+def test_reading_a_traces_artifact_never_writes_into_it(tmp_path: Path) -> None:
+    """`filter` and `select` on loaded traces (graphs, benchmarks) leave the artifact's files
+    as written: a datasets cache file inside it would fail the manifest check."""
+    from datasets import Dataset
+
+    from crv.traces.stage import load_traces
+
+    Dataset.from_dict({"id": list("abcdef"), "split": ["train", "test"] * 3}).save_to_disk(
+        str(tmp_path / "dataset")
+    )
+    before = sorted(p.name for p in (tmp_path / "dataset").iterdir())
+    traces = load_traces(tmp_path)
+    assert traces.filter(lambda r: r["split"] == "test")["id"] == ["b", "d", "f"]
+    assert traces.select([0, 3, 4])["id"] == ["a", "d", "e"]
+    assert sorted(p.name for p in (tmp_path / "dataset").iterdir()) == before

@@ -35,10 +35,12 @@ PromptFn = Callable[[str, str, list[tuple[str, str]]], str]
 
 
 def load_traces(path: str | Path):
-    """The traces dataset of a `traces` artifact."""
+    """The traces dataset of a `traces` artifact, held in memory: a memory-mapped one would
+    write `datasets`' cache files for every `filter` or `select` into the artifact, which
+    would then fail its integrity check and be recomputed."""
     from datasets import load_from_disk
 
-    return load_from_disk(str(Path(path) / "dataset"))
+    return load_from_disk(str(Path(path) / "dataset"), keep_in_memory=True)
 
 
 def few_shot_examples(task: str, k: int, seed: int, exclude: set[str]) -> list[tuple[str, str]]:
