@@ -10,6 +10,12 @@ renamed to `<stage>/<key>/` only after `run_stage` returned and the manifest was
 a killed run never leaves an artifact that a later run would trust. Work a stage wants to
 keep across a crash (per-trace shards) goes to `<stage>/<key>.scratch/`, which survives
 until the artifact is complete and is then deleted.
+
+Runs may share one cache (sweep jobs, several users): a run that needs a missing artifact
+takes an exclusive lock on `.locks/<stage>-<key>` (flock, released by the kernel if the
+process dies) before computing it. A second run that needs the same artifact waits for the
+lock and then reuses what the first one committed, so an artifact is computed once, and no
+run ever reads a half-written one (they are renamed into place complete).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import platform
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -327,6 +334,24 @@ class ArtifactCache:
                 removed.append(scratch)
         return removed
 
+    @contextmanager
+    def _lock(self, stage: str, key: str) -> Iterator[None]:
+        """Hold the exclusive lock of artifact `stage/key`, waiting while another run has it."""
+        import fcntl
+
+        path = self.root / ".locks" / f"{stage}-{key}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("stage %s: waiting for another run computing %s", stage, key)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def _reusable(self, stage: str, key: str) -> bool:
         final = self.path(stage, key)
         if not self.is_complete(stage, key):
@@ -351,11 +376,28 @@ class ArtifactCache:
         manifest: dict,
     ) -> StageResult:
         """Reuse the artifact under `key`, or run the stage and commit it atomically."""
-        final = self.path(stage.name, key)
-        if self._reusable(stage.name, key):
-            metrics = read_json(final / METRICS)
-            return StageResult(stage.name, key, final, True, 0.0, metrics)
+        reused = self._reuse(stage.name, key)
+        if reused is not None:
+            return reused
+        with self._lock(stage.name, key):  # a run we waited for may have committed it
+            return self._reuse(stage.name, key) or self._compute(stage, key, make_ctx, manifest)
 
+    def _reuse(self, stage: str, key: str) -> StageResult | None:
+        """The complete, undamaged artifact `stage/key` as a reused result, else None."""
+        if not self._reusable(stage, key):
+            return None
+        final = self.path(stage, key)
+        return StageResult(stage, key, final, True, 0.0, read_json(final / METRICS))
+
+    def _compute(
+        self,
+        stage: Stage,
+        key: str,
+        make_ctx: Callable[[Path, Path], StageContext],
+        manifest: dict,
+    ) -> StageResult:
+        """Run the stage into `<key>.tmp-<pid>` and rename it into place when complete."""
+        final = self.path(stage.name, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f"{key}.tmp-{os.getpid()}"
         scratch = final.parent / f"{key}.scratch"

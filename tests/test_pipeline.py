@@ -103,3 +103,43 @@ def test_subset_runs_dependencies_only(stages, tmp_path):
     assert [s.name for s in stage_closure(["down"], stages)] == ["up", "down"]
     with pytest.raises(ValueError, match="unknown stage 'nope'"):
         stage_closure(["nope"], stages)
+
+
+def _slow_up(ctx):
+    """Appends one line per computation to `runs.txt` beside the cache, then takes a while."""
+    import time
+
+    with open(ctx.out.parents[1] / "runs.txt", "a") as fh:
+        fh.write(f"{ctx.cfg.value}\n")
+    time.sleep(1.0)
+    (ctx.out / "value.txt").write_text(str(ctx.cfg.value))
+    return {"value": ctx.cfg.value}
+
+
+def _run_slow(cache: str, barrier) -> None:  # noqa: ANN001
+    mod = types.ModuleType("fake_slow_stages")
+    mod.up = _slow_up
+    sys.modules["fake_slow_stages"] = mod
+    barrier.wait()
+    run_pipeline(
+        {"up": Cfg(5)}, ("up",), cache, seed=0, device="cpu",
+        stages=(Stage("up", (), "fake_slow_stages:up"),),
+    )  # fmt: skip
+
+
+def test_concurrent_runs_compute_a_missing_artifact_once(tmp_path):
+    """Two processes that need the same missing artifact at once: one computes it, the other
+    waits for its lock and reuses it; the cache holds one complete artifact, nothing else."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_run_slow, args=(str(tmp_path), barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert (tmp_path / "runs.txt").read_text() == "5\n"
+    (artifact,) = [p for p in (tmp_path / "up").iterdir() if p.is_dir()]
+    assert (artifact / "value.txt").read_text() == "5" and (artifact / "manifest.json").is_file()
