@@ -257,13 +257,13 @@ def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) ->
         for t in tasks
         for m, e in detection[t].get("paired", {}).items()
     ]
-    if rows:
-        parts += [
-            "### Paired AUROC difference against the best baseline\n",
-            "AUROC points, method minus the baseline with the highest test AUROC; 95% "
-            "interval from a bootstrap resampling test traces (same resamples for both).\n",
-            _table(["task", "method", "best baseline", "difference"], rows),
-        ]
+    parts += _section(
+        "Paired AUROC difference against the best baseline",
+        "AUROC points, method minus the baseline with the highest test AUROC; 95% interval "
+        "from a bootstrap resampling test traces (same resamples for both).",
+        ["task", "method", "best baseline", "difference"],
+        rows,
+    )
     halves = [t for t in tasks if "confident_half" in detection[t]]
     if halves:
         half = {t: detection[t]["confident_half_counts"] for t in halves}
@@ -292,14 +292,19 @@ def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) ->
         for k in ERROR_KINDS
         for m, e in (detection[t].get("by_error_kind_vs_maxprob", {}).get(k) or {}).items()
     ]
-    if rows:
-        parts += [
-            "### Paired AUROC difference against MaxProb by error kind\n",
-            "AUROC points, method minus MaxProb on the same steps of one error kind (and all "
-            "correct test steps); 95% interval from the trace bootstrap.\n",
-            _table(["task", "error kind", "method", "difference"], rows),
-        ]
+    parts += _section(
+        "Paired AUROC difference against MaxProb by error kind",
+        "AUROC points, method minus MaxProb on the same steps of one error kind (and all "
+        "correct test steps); 95% interval from the trace bootstrap.",
+        ["task", "error kind", "method", "difference"],
+        rows,
+    )
     return parts
+
+
+def _section(title: str, note: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A titled table with its note, or nothing when there are no rows."""
+    return [f"### {title}\n", f"{note}\n", _table(header, rows)] if rows else []
 
 
 def detection_markdown(detection: dict) -> str:
