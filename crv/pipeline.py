@@ -484,7 +484,13 @@ def run_pipeline(
         if result.reused:
             log.info("stage %s: reusing cached artifact %s", stage.name, result.path)
         else:
-            log.info("stage %s: done in %.1f s -> %s", stage.name, result.seconds, result.path)
+            log.info(
+                "stage %s: done in %.1f s (peak memory so far %.0f MiB) -> %s",
+                stage.name,
+                result.seconds,
+                peak_memory_mb(),
+                result.path,
+            )
         keys[stage.name] = key
         paths[stage.name] = result.path
         results.append(result)
