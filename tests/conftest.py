@@ -1,5 +1,6 @@
-"""Test-wide settings: one torch thread (tiny models gain nothing from more, and a shared
-machine makes thread contention dominate) and deterministic seeds per test."""
+"""Test-wide settings: one torch thread in every test (tiny models gain nothing from more, a
+shared machine makes thread contention dominate, and a test that trains crv-tiny may set
+its recipe's thread count) and deterministic seeds per test."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
+    torch.set_num_threads(1)
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)

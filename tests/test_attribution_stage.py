@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from factories import random_transcoder_set, tiny_llama
 
 from crv.graphs.attribute import explained_positions, trace_graphs
@@ -28,14 +26,6 @@ from crv.transcoders.io import save_transcoder_set
 
 VOCAB, D, N_LAYERS = 30, 32, 2
 CFG = GraphsConfig(max_feature_nodes=24, batch_size=8, splits=["test"])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_artifacts(root: Path) -> dict[str, Path]:

@@ -15,13 +15,11 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fixtures_bundle import PROMPT, STEPS, bundle_parts_fixture, tiny_bundle_fixture  # noqa: F401
 from test_attribution_stage import CFG, context, make_artifacts
 
@@ -184,14 +182,6 @@ def check_export_dir(out: Path) -> list[dict[str, Any]]:
 
 
 # -- tests ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class FakeCards:
