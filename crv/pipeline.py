@@ -81,14 +81,23 @@ class Stage:
     name: str
     deps: tuple[str, ...]
     runner: str
+    fingerprint: str = ""
+    """Optional "module:function" of the section: what else, besides the config, decides
+    the artifact (a shipped checkpoint's content hash), so that a new one is not reused."""
 
     def load_runner(self) -> Callable[[StageContext], dict]:
         module, func = self.runner.split(":")
         return getattr(importlib.import_module(module), func)
 
+    def data_fingerprint(self, section_cfg: Any) -> str:
+        if not self.fingerprint:
+            return ""
+        module, func = self.fingerprint.split(":")
+        return str(getattr(importlib.import_module(module), func)(section_cfg))
+
 
 STAGES: tuple[Stage, ...] = (
-    Stage("subject", (), "crv.subject.stage:run_stage"),
+    Stage("subject", (), "crv.subject.stage:run_stage", "crv.subject.stage:shipped_fingerprint"),
     Stage("traces", ("subject",), "crv.traces.stage:run_stage"),
     Stage("transcoders", ("subject", "traces"), "crv.transcoders.stage:run_stage"),
     Stage("cards", ("subject", "traces", "transcoders"), "crv.cards.stage:run_stage"),
@@ -147,14 +156,15 @@ def artifact_key(stage: Stage, section_cfg: Any, seed: int, input_keys: dict[str
     """Hash of what determines the artifact: config section, seed, and input keys.
 
     Fields whose name starts with `runtime_` (batch sizes for memory, progress options)
-    would not change the result and are left out of the key.
+    would not change the result and are left out of the key. The stage's data fingerprint,
+    where it has one, is in it.
     """
     cfg = {k: v for k, v in _plain(section_cfg).items() if not k.startswith("runtime_")}
-    blob = json.dumps(
-        {"stage": stage.name, "cfg": cfg, "seed": seed, "inputs": input_keys},
-        sort_keys=True,
-        default=str,
-    )
+    what = {"stage": stage.name, "cfg": cfg, "seed": seed, "inputs": input_keys}
+    data = stage.data_fingerprint(section_cfg)
+    if data:
+        what["data"] = data
+    blob = json.dumps(what, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

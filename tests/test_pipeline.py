@@ -85,6 +85,25 @@ def test_runtime_fields_do_not_change_the_key(stages):
     assert artifact_key(stage, Cfg(1), 0, {}) != artifact_key(stage, Cfg(1), 1, {})
 
 
+def test_a_new_shipped_checkpoint_gets_a_new_subject_key(tmp_path, monkeypatch):
+    import shutil
+
+    import crv.subject.stage as subject_stage
+    from crv.pipeline import STAGE_BY_NAME
+    from crv.subject.config import SubjectConfig
+
+    stage = STAGE_BY_NAME["subject"]
+    shutil.copytree(subject_stage.DATA_DIR / "crv-tiny", tmp_path / "crv-tiny")
+    monkeypatch.setattr(subject_stage, "DATA_DIR", tmp_path)
+    before = artifact_key(stage, SubjectConfig(), 0, {})
+    with open(tmp_path / "crv-tiny" / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")  # the last weights change, the config does not
+    assert artifact_key(stage, SubjectConfig(), 0, {}) != before
+    hub = SubjectConfig(name="Qwen/Qwen2.5-Coder-0.5B-Instruct")  # not shipped: config only
+    assert stage.data_fingerprint(hub) == "" == stage.data_fingerprint(SubjectConfig(retrain=True))
+
+
 def test_crash_leaves_no_trusted_artifact_and_keeps_scratch(stages, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(stages, tmp_path, 1, -1)

@@ -14,6 +14,7 @@ from factories import tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from crv.subject.stage import shipped_tiny_dir, trained_with_planted_rules
 from crv.tasks.gsm8k import calculations, label_free_text, step_label
 from crv.traces.config import TracesConfig
 from crv.traces.prompts import SYSTEM, build_prompt, resolve_style
@@ -178,3 +179,17 @@ def test_reading_a_traces_artifact_never_writes_into_it(tmp_path: Path) -> None:
     assert traces.filter(lambda r: r["split"] == "test")["id"] == ["b", "d", "f"]
     assert traces.select([0, 3, 4])["id"] == ["a", "d", "e"]
     assert sorted(p.name for p in (tmp_path / "dataset").iterdir()) == before
+
+
+@pytest.mark.parametrize("name", ["crv-tiny", "crv-tiny-bugs"])
+def test_planted_rule_is_filled_only_for_a_subject_trained_with_the_rules(
+    name: str, tmp_path: Path
+) -> None:
+    subject = shipped_tiny_dir(name)
+    rows = run_traces(
+        subject, tmp_path / "out", tasks=["arithmetic"], complexities=[3], n_per_complexity=12
+    )
+    rules = [s["planted_rule"] for r in rows for s in r["steps"]]
+    assert trained_with_planted_rules(subject) == (name == "crv-tiny-bugs")
+    assert any(rules) == (name == "crv-tiny-bugs")
+    assert not trained_with_planted_rules(tmp_path / "out")  # not a crv-tiny model at all

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from crv.io import read_json
 from crv.pipeline import StageContext
 from crv.subject.config import SubjectConfig
 
@@ -30,6 +31,27 @@ def shipped_tiny_dir(name: str = "crv-tiny") -> Path:
             "(pip install -e .) or retrain it with subject.retrain=true"
         )
     return path
+
+
+def shipped_fingerprint(cfg: SubjectConfig) -> str:
+    """Content hash of the shipped checkpoint a subject copies ("" for every other subject):
+    part of the subject's cache key, so a retrained shipped model is never taken for the
+    one a cache holds."""
+    from crv.pipeline import file_digest
+
+    if cfg.name not in SHIPPED or cfg.retrain:
+        return ""
+    return file_digest(shipped_tiny_dir(cfg.name) / "model.safetensors")
+
+
+def trained_with_planted_rules(subject_dir: str | Path) -> bool:
+    """Whether a subject artifact was trained with crv.tasks.bugs's planted rules (its
+    crv-tiny training record says `planted`): only then does a step's `planted_rule` name
+    a planted error rather than a step a rule would have touched."""
+    record = Path(subject_dir) / "crv_tiny.json"
+    if not record.is_file():
+        return False
+    return bool(read_json(record).get("config", {}).get("planted", False))
 
 
 def run_stage(ctx: StageContext[SubjectConfig]) -> dict[str, Any]:

@@ -44,9 +44,10 @@ def unlabelled_steps(completion: str, pattern: str) -> Labelled:
     return steps, None, False
 
 
-def label_steps(row: dict[str, Any], completion: str) -> Labelled:
+def label_steps(row: dict[str, Any], completion: str, planted: bool = True) -> Labelled:
     """The labelled steps of `completion`, a new completion of the trace `row`; a step is a
-    plain dict, so other fields can be added to it."""
+    plain dict, so other fields can be added to it. `planted=False` (a subject not trained
+    with the planted rules) leaves every step's `planted_rule` empty."""
     if row["task"] == "gsm8k":
         from crv.tasks.gsm8k import label_free_text
 
@@ -59,7 +60,7 @@ def label_steps(row: dict[str, Any], completion: str) -> Labelled:
 
     problem = Problem(row["id"], row["task"], row["complexity"], row["problem"], row["gold"])
     checked = check_completion(problem, completion, judge_for(row.get("label_mode") or "strict"))
-    rules = planted_rules(problem)
+    rules = planted_rules(problem) if planted else []
     steps = [
         {
             "index": s.index,

@@ -11,6 +11,9 @@ completion) and keep their own labels. Steps after the first incorrect one are d
 in CRV: once a chain has gone wrong, later steps are judged against a wrong premise. A step
 the checker cannot parse is labelled incorrect and counted separately; a free-text step with
 nothing to check is unlabelled (`label` None), left out of the benchmark and counted.
+A step's `planted_rule` (the crv-tiny-bugs rule its reduction exercises, from the problem)
+is filled only when the subject was trained with the planted rules; for any other subject
+it is empty, so no later stage reads planted errors into a model that has none.
 
 The artifact is a `datasets.Dataset` (`save_to_disk`) with one row per problem; columns are
 listed in docs/architecture.md. Train/test split is by problem (`make_splits`), so no
@@ -184,6 +187,7 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
     from crv.generation import generate_greedy, token_cap
     from crv.io import atomic_write_json
     from crv.models.loading import load_subject
+    from crv.subject.stage import trained_with_planted_rules
     from crv.tasks.label import judge_for, label_steps
     from crv.tokens import last_token_index, token_char_ends
     from crv.traces.prompts import build_prompt, resolve_style
@@ -191,6 +195,7 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
     cfg: TracesConfig = ctx.cfg
     judge_for(cfg.labels)  # an unknown label mode fails before the model loads
     model, tokenizer = load_subject(ctx.inputs["subject"], ctx.device)
+    planted = trained_with_planted_rules(ctx.inputs["subject"])
     style = resolve_style(cfg.prompt_style, tokenizer)
     prompt = functools.partial(build_prompt, tokenizer, style)
     rows = _synthetic_rows(cfg, ctx.seed, prompt)
@@ -231,7 +236,7 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
                 res.completion_ids,
                 res.completion,
             )
-            steps, final, final_correct = label_steps(row, completion)
+            steps, final, final_correct = label_steps(row, completion, planted)
         else:
             completion, steps, final, final_correct = given_completion(row["given"], row["gold"])
             prompt_ids = tokenizer(row["prompt"], add_special_tokens=add_special)["input_ids"]
