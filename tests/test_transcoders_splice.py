@@ -129,7 +129,7 @@ def test_interventions_use_absolute_positions_with_kv_cache(tiny_model, adapter,
     assert (full - tiny_model(input_ids=IDS).logits)[0, 8].abs().max() > 1e-4
 
 
-def test_trained_transcoders_beat_mean_predictor(tiny_model, adapter) -> None:  # noqa: ANN001
+def test_trained_transcoders_beat_mean_predictor(tiny_model, adapter, monkeypatch) -> None:  # noqa: ANN001
     from crv.transcoders.activations import training_batches
     from crv.transcoders.train import TranscoderTrainer
 
@@ -174,6 +174,19 @@ def test_trained_transcoders_beat_mean_predictor(tiny_model, adapter) -> None:  
         assert lean[key] == pytest.approx(report[key], rel=1e-6)
     assert not any("ce_loss_recovered" in row for row in lean["layers"])
     assert [row["fvu"] for row in lean["layers"]] == [row["fvu"] for row in report["layers"]]
+
+    # A logits budget of one short sequence per forward changes the batching, not the numbers.
+    import crv.transcoders.evaluate as evaluate
+
+    one_seq = 4 * max(len(s) for s in seqs[50:]) * adapter.vocab_size
+    assert evaluate.logits_batch_seqs(seqs[50:], 8, adapter.vocab_size) == 8
+    monkeypatch.setattr(evaluate, "LOGITS_BUDGET_BYTES", one_seq)
+    assert evaluate.logits_batch_seqs(seqs[50:], 8, adapter.vocab_size) == 1
+    small = evaluate_transcoders(
+        tiny_model, adapter, trainer.transcoder_set(), seqs[50:], batch_seqs=8, per_layer_ce=False
+    )
+    for key in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced"):
+        assert small[key] == pytest.approx(report[key], rel=1e-5)
 
 
 def test_stage_writes_loadable_set_and_eval(tmp_path: Path, tiny_model) -> None:  # noqa: ANN001

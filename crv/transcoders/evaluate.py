@@ -15,7 +15,10 @@ Behaviour, next-token cross-entropy on the same sequences (predictions from posi
 by its transcoder (`splice`), every MLP zero-ablated, and each layer spliced or ablated
 alone. CE-loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean): 1 means the
 transcoders lose nothing, 0 means they are as bad as deleting the MLPs. KL(clean ||
-spliced) is averaged per predicted token.
+spliced) is averaged per predicted token. A forward's logits take tokens x vocabulary x 4
+bytes, and the clean log-probabilities stay alive beside each variant's (about 5 copies in
+all), so behaviour batches hold at most `LOGITS_BUDGET_BYTES` of logits: for a 152k-token
+vocabulary that is one trace at a time, and memory no longer grows with `batch_seqs`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ import torch.nn.functional as F
 from crv.transcoders.activations import autocast_for, batch_sequences, model_activations, pad_batch
 from crv.transcoders.module import TranscoderSet
 from crv.transcoders.splice import splice, zero_ablate
+
+LOGITS_BUDGET_BYTES = 256 * 2**20
+"""Most fp32 logits one behaviour forward may produce (batch x longest sequence x vocab)."""
+
+
+def logits_batch_seqs(seqs: Sequence[Sequence[int]], batch_seqs: int, vocab_size: int) -> int:
+    """`batch_seqs`, made smaller (at least 1) so that one batch's logits fit the budget."""
+    longest = max((len(s) for s in seqs), default=1)
+    return max(1, min(batch_seqs, LOGITS_BUDGET_BYTES // (4 * longest * vocab_size)))
 
 
 def take_tokens(seqs: Sequence[Sequence[int]], max_tokens: int) -> list[Sequence[int]]:
@@ -131,6 +143,7 @@ def behaviour_metrics(
             ctxs[f"zero_{layer}"] = zero_ablate(adapter, [layer])
         return ctxs
 
+    batch_seqs = logits_batch_seqs(seqs, batch_seqs, adapter.vocab_size)
     for seq_batch in batch_sequences(seqs, batch_seqs, None):
         ids_BT, mask_BT = pad_batch(seq_batch, device)
         variants = contexts()
