@@ -42,13 +42,15 @@ import numpy as np
 import torch
 
 from crv.bundle import Bundle, load_bundle
-from crv.cli.guard import Guard, GuardedTrace
-from crv.cli.verify import Prompt, StepVerifier, VerifyConfig
 from crv.generation import generate_greedy
 from crv.interventions.measure import paired_bootstrap_diff, wilson_interval
 from crv.pipeline import read_manifest
 from crv.tasks.label import label_steps
 from crv.traces.stage import load_traces
+from crv.verify.config import VerifyConfig
+from crv.verify.guard import Guard, GuardedTrace
+from crv.verify.inputs import Prompt
+from crv.verify.scorer import StepVerifier
 
 POLICIES = ("intervention", "second_choice")
 N_BOOTSTRAP = 2000

@@ -24,9 +24,10 @@ from fixtures_bundle import (  # noqa: F401  (the *_fixture functions define fix
     tiny_bundle_fixture,
 )
 
-from crv.cli.verify import VerifyConfig, verify_main
+from crv.cli.verify import verify_main
 from crv.io import atomic_write_text
 from crv.pipeline import CacheDamageError, Stage, run_pipeline
+from crv.verify.config import VerifyConfig
 
 CALLS: list[str] = []
 

@@ -335,7 +335,8 @@ def test_bad_run_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_crv_verify_exports_every_step(tiny_bundle: Path, tmp_path: Path) -> None:
-    from crv.cli.verify import VerifyConfig, verify_main
+    from crv.cli.verify import verify_main
+    from crv.verify.config import VerifyConfig
 
     lines = [
         {"id": "mine", "prompt": PROMPT, "steps": STEPS},

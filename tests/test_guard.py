@@ -1,4 +1,4 @@
-"""Verify while generating (`crv.cli.guard`, `crv-verify generate=true`).
+"""Verify while generating (`crv.verify.guard`, `crv-verify generate=true`).
 
 The bundle pairs the shipped crv-tiny (so that greedy decoding writes real step lines) with
 random transcoders and a random verifier: scores mean nothing, so flags are forced with the
@@ -19,15 +19,7 @@ from factories import random_transcoder_set
 from fixtures_bundle import make_bundle, write_verifier
 
 from crv.bundle import Bundle, load_bundle
-from crv.cli.guard import Guard, GuardedTrace
-from crv.cli.verify import (
-    Prompt,
-    StepVerifier,
-    VerifyConfig,
-    parse_trace,
-    render_table,
-    verify_main,
-)
+from crv.cli.verify import render_table, verify_main
 from crv.generation import GreedyDecoder, generate_greedy
 from crv.graphs.graph import StepGraph
 from crv.interventions.apply import StepSpan, regenerate_batch
@@ -37,6 +29,10 @@ from crv.tasks.label import unlabelled_steps
 from crv.tasks.segment import segment_steps
 from crv.tokens import step_token_spans
 from crv.transcoders.io import save_transcoder_set
+from crv.verify.config import VerifyConfig
+from crv.verify.guard import Guard, GuardedTrace
+from crv.verify.inputs import Prompt, parse_trace
+from crv.verify.scorer import StepVerifier
 
 PROMPTS = [p.prompt for p in generate_problems("arithmetic", 4, 2, seed=5)] + [
     generate_problems("boolean", 3, 1, seed=5)[0].prompt

@@ -24,7 +24,10 @@ from fixtures_bundle import (  # noqa: F401  (the *_fixture functions define fix
 
 import crv.cli.verify as verify
 from crv.bundle import load_bundle
-from crv.cli.verify import StepVerifier, Trace, VerifyConfig, verify_line, verify_main
+from crv.cli.verify import verify_line, verify_main
+from crv.verify.config import VerifyConfig
+from crv.verify.inputs import Trace
+from crv.verify.scorer import StepVerifier
 
 GOOD = {"prompt": PROMPT, "steps": STEPS}
 

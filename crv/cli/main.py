@@ -159,8 +159,8 @@ def verify_main() -> None:
     """Console script `crv-verify`."""
     from hydra.core.config_store import ConfigStore
 
-    from crv.cli.verify import VerifyConfig
     from crv.cli.verify import verify_main as _verify
+    from crv.verify.config import VerifyConfig
 
     ConfigStore.instance().store(name="crv_verify", node=VerifyConfig)
     started = False

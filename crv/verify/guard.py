@@ -51,7 +51,6 @@ from typing import Any
 
 import numpy as np
 
-from crv.cli.verify import Prompt, StepVerifier, TraceError, parse_generate, proposal_fields
 from crv.generation import GreedyDecoder, pattern_stop, stop_ids
 from crv.graphs.attribute import TraceAttributor, step_positions
 from crv.graphs.graph import StepGraph
@@ -59,6 +58,8 @@ from crv.interventions.apply import StepSpan, second_choice_token, to_interventi
 from crv.tasks.segment import segment_steps
 from crv.tokens import step_token_spans
 from crv.transcoders.splice import splice
+from crv.verify.inputs import Prompt, TraceError, parse_generate
+from crv.verify.scorer import StepVerifier, proposal_fields
 
 
 @dataclass
