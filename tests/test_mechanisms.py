@@ -247,7 +247,12 @@ def test_mechanisms_says_plainly_when_nothing_survives():
     _, section = mechanisms(steps, graphs, FakeCards({}), MechanismsConfig(), rules=(rule,))
     assert section["tasks"]["arithmetic"]["nothing_survives"]
     assert section["planted"] == {}
-    assert section["planted_skipped"] == "the traces carry no planted_rule column"
+    assert (
+        section["planted_skipped"] == "no test step exercises a planted rule (the subject has none)"
+    )
+    steps["planted_rule"] = ""  # the column of a subject without planted rules: same
+    _, section = mechanisms(steps, graphs, FakeCards({}), MechanismsConfig(), rules=(rule,))
+    assert section["planted"] == {} and "subject has none" in section["planted_skipped"]
     assert "**Nothing survives the correction**" in mechanisms_markdown(section)
 
 

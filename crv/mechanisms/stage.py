@@ -189,8 +189,8 @@ def mechanisms(
     section["planted"], skipped = {}, None
     if rules is None:
         skipped = "crv.tasks.bugs is not available"
-    elif "planted_rule" not in steps.columns:
-        skipped = "the traces carry no planted_rule column"
+    elif "planted_rule" not in steps.columns or not steps["planted_rule"].fillna("").any():
+        skipped = "no test step exercises a planted rule (the subject has none)"
     else:
         for rule in rules:
             section["planted"][rule.name] = recover_rule(

@@ -32,6 +32,8 @@ known label. Reported per task (train and test on the task's own splits):
 - `by_error_kind.<natural | planted>.<method>`: natural errors (incorrect steps with no
   planted rule) or planted errors (incorrect steps exercising a planted bug) against all
   correct test steps; null entries with a reason when a kind has no incorrect test step.
+  Only for a task whose test steps exercise planted rules (crv-tiny-bugs): without them the
+  natural block would repeat the methods' own metrics.
 - `by_error_kind_vs_maxprob.<natural | planted>.<crv method>`: {diff, ci} of the CRV
   methods against MaxProb on the same steps, trace bootstrap;
 
@@ -387,6 +389,8 @@ def task_report(test: pd.DataFrame, metrics: dict, scores: dict, boot: tuple) ->
         report["confident_half"] = subset_metrics(
             test, half, metrics, scores, boot, "no incorrect step in the confident half"
         )
+    if not (test["planted_rule"].fillna("") != "").any():
+        return report  # a subject without planted rules: "natural" would repeat `methods`
     wrong = test[test["label"] == 1]
     planted = wrong["planted_rule"].fillna("").to_numpy() != ""
     report["n_test_incorrect_by_kind"] = {
