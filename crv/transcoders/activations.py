@@ -384,6 +384,25 @@ class ActivationCache:
                 yield x_LND[:, start : start + step], y_LND[:, start : start + step]
 
 
+def cache_factory(
+    cfg: TranscodersConfig,
+    subject_dir: str | Path,
+    traces_dir: str | Path | None,
+    root: str | Path,
+) -> Callable[[list[int]], ActivationCache | None]:
+    """`group -> ActivationCache` under `root` keyed by `cache_key`, or always None when
+    `cfg.cache_activations` is off."""
+
+    def cache_for(group: list[int]) -> ActivationCache | None:
+        if not cfg.cache_activations:
+            return None
+        return ActivationCache(
+            Path(root) / cache_key(subject_dir, traces_dir, cfg, group), cfg.cache_dtype
+        )
+
+    return cache_for
+
+
 def training_batches(
     cfg: TranscodersConfig,
     model: torch.nn.Module,

@@ -23,7 +23,8 @@ from safetensors import SafetensorError
 from crv.errors import CRVError
 from crv.io import atomic_write_json
 from crv.pipeline import StageContext
-from crv.transcoders.activations import ActivationCache, cache_key, load_token_sequences
+from crv.transcoders import distributed
+from crv.transcoders.activations import cache_factory, load_token_sequences
 from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.evaluate import evaluate_transcoders, take_tokens
 from crv.transcoders.io import (
@@ -128,12 +129,7 @@ def _train(
     train_seqs = load_token_sequences(cfg, traces_dir, tokenizer, "train")
     root = Path(cfg.cache_dir) if cfg.cache_dir else Path(ctx.scratch).parent / "activation_cache"
 
-    def cache_for(group: list[int]) -> ActivationCache | None:
-        if not cfg.cache_activations:
-            return None
-        key = cache_key(ctx.inputs["subject"], traces_dir, cfg, group)
-        return ActivationCache(root / key, cfg.cache_dtype)
-
+    cache_for = cache_factory(cfg, ctx.inputs["subject"], traces_dir, root)
     ctx.log.info(
         "training %d transcoders: %d latents, k=%d, lr=%.2e, %d tokens from %d sequences",
         len(layers),
@@ -143,9 +139,11 @@ def _train(
         cfg.tokens,
         len(train_seqs),
     )
-    tset, history = train_transcoders(
-        cfg, model, adapter, train_seqs, layers, device, seed, cache_for, ctx.log
-    )
+    train = train_transcoders
+    if distributed.active():  # launched by torchrun: every rank trains a block of layers
+        distributed.announce(ctx.inputs["subject"], traces_dir, cfg, layers, seed, device, root)
+        train = distributed.train_layer_split
+    tset, history = train(cfg, model, adapter, train_seqs, layers, device, seed, cache_for, ctx.log)
     save_transcoder_set(tset, ctx.out)
     atomic_write_json(ctx.out / "train_history.json", history.as_dict())
     report = {

@@ -35,14 +35,20 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from crv.transcoders.activations import ActivationCache, layer_groups, training_batches
+from crv.transcoders.activations import (
+    ActivationCache,
+    ShuffleBuffer,
+    buffer_plan,
+    layer_groups,
+    training_batches,
+)
 from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.module import TopKTranscoder, TranscoderSet, sparse_decode, topk_encode
 
@@ -135,7 +141,13 @@ class TrainHistory:
 
 
 class TranscoderTrainer:
-    """Owns the transcoders of `layers`, their optimizer and dead-latent counters."""
+    """Owns the transcoders of `own` (default all of `layers`), their optimizer and
+    dead-latent counters.
+
+    The initialisations of `layers` are drawn from `seed` in order; a layer not owned is
+    drawn and dropped, only to advance the generator, so a layer starts from the same
+    weights whichever trainer (or rank, `crv.transcoders.distributed`) owns it.
+    """
 
     def __init__(
         self,
@@ -144,23 +156,22 @@ class TranscoderTrainer:
         layers: Sequence[int],
         device: str | torch.device = "cpu",
         seed: int = 0,
+        own: Collection[int] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.layers = list(layers)
+        self.layers = [layer for layer in layers if own is None or layer in own]
+        if not self.layers:
+            raise ValueError(f"a trainer owns none of the layers {list(layers)} (own: {own})")
         self.device = torch.device(device)
         self.n_latents = cfg.latents(d_model)
         self.k_aux = cfg.aux_k(d_model)
         gen = torch.Generator().manual_seed(seed)
-        self.tset = TranscoderSet(
-            {
-                layer: TopKTranscoder(d_model, self.n_latents, cfg.k, cfg.activation, gen).to(
-                    self.device
-                )
-                for layer in self.layers
-            },
-            k=cfg.k,
-            activation=cfg.activation,
-        )
+        transcoders = {}
+        for layer in list(layers)[: list(layers).index(self.layers[-1]) + 1]:
+            tc = TopKTranscoder(d_model, self.n_latents, cfg.k, cfg.activation, gen)
+            if layer in self.layers:
+                transcoders[layer] = tc.to(self.device)
+        self.tset = TranscoderSet(transcoders, k=cfg.k, activation=cfg.activation)
         self.lr = cfg.learning_rate(d_model)
         params = [p for layer in self.layers for p in self.tset[layer].parameters()]
         self.optimizer = torch.optim.Adam(params, lr=self.lr)
@@ -310,24 +321,44 @@ def train_transcoders(
     cache_for: Callable[[list[int]], ActivationCache | None] = lambda _: None,
     log: logging.Logger | None = None,
     progress: bool = True,
+    own: Collection[int] | None = None,
 ) -> tuple[TranscoderSet, TrainHistory]:
     """Train transcoders for `layers` in as many passes as the buffer needs
     (`layer_groups`); the first pass is seeded exactly as a single pass would be.
 
-    `cache_for(group)` gives the activation cache of a group (None: no cache).
+    `cache_for(group)` gives the activation cache of a group (None: no cache). With `own`
+    only those layers are trained (and returned), each exactly as in a run over all
+    `layers`: its group's seed, initialisation and shuffle-buffer size; a group without
+    an owned layer costs no pass.
     """
     groups = layer_groups(cfg, layers, adapter.d_model)
     parts: list[tuple[TranscoderSet, TrainHistory]] = []
     for g, group in enumerate(groups):
-        trainer = TranscoderTrainer(cfg, adapter.d_model, group, device, seed + g)
+        mine = [layer for layer in group if own is None or layer in own]
+        if not mine:
+            continue
+        trainer = TranscoderTrainer(cfg, adapter.d_model, group, device, seed + g, mine)
         generator = torch.Generator().manual_seed(seed + g)
+        plan = buffer_plan(cfg, len(group), adapter.d_model)
+        buffer = ShuffleBuffer(plan, cfg.batch_tokens, generator)
         desc = "activations" if len(groups) == 1 else f"activations {g + 1}/{len(groups)}"
         with tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
             batches = training_batches(
-                cfg, model, adapter, seqs, group, generator, cache_for(group), device, bar.update
+                cfg,
+                model,
+                adapter,
+                seqs,
+                mine,
+                generator,
+                cache_for(mine),
+                device,
+                bar.update,
+                buffer,
             )
             part = trainer.train(batches, log, progress)
         parts.append((trainer.transcoder_set(), part))
+    if not parts:
+        raise ValueError(f"none of the layers {sorted(own or [])} is among {list(layers)}")
     tset, history = parts[0]
     for group_set, part in parts[1:]:
         tset.transcoders.update(group_set.transcoders)
