@@ -102,7 +102,7 @@ def write_report(report: dict[str, Any], results: Sequence[StageResult], run_dir
 
 
 def summarize_sweep(
-    multirun_dir: str | Path, metric: str = "detection.arithmetic.methods.crv.auroc"
+    multirun_dir: str | Path, metric: str = "verifier.arithmetic.methods.crv.auroc"
 ) -> str:
     """One Markdown table across a multirun's report.json files, best `metric` first.
 
