@@ -85,8 +85,11 @@ def _rank(rank: int, port: int, out: str) -> None:
         tset, history = train_layer_split(
             cfg, model, adapter, seqs, [0, 1, 2], "cpu", 7, progress=False
         )
-        save_transcoder_set(tset, Path(out) / f"rank{rank}")
-        (Path(out) / f"rank{rank}" / "history.json").write_text(json.dumps(history.as_dict()))
+        if rank == 0:
+            save_transcoder_set(tset, Path(out))
+        else:
+            assert tset is None  # only rank 0 holds the whole set
+        (Path(out) / f"history{rank}.json").write_text(json.dumps(history.as_dict()))
     finally:
         dist.destroy_process_group()
 
@@ -103,11 +106,11 @@ def test_two_gloo_ranks_give_the_single_process_set(tmp_path: Path) -> None:
     single, history = train_transcoders(
         cfg, model, ArchAdapter.for_model(model), seqs, [0, 1, 2], "cpu", 7, progress=False
     )
-    for rank in (0, 1):  # rank 0 trained layers 0 and 1, rank 1 layer 2; both hold all
-        tset = load_transcoder_set(tmp_path / f"rank{rank}", "cpu")
-        assert tset.layers == [0, 1, 2] and tset.k == cfg.k
-        _assert_same(single, tset, [0, 1, 2])
-        merged = json.loads((tmp_path / f"rank{rank}" / "history.json").read_text())
+    tset = load_transcoder_set(tmp_path, "cpu")  # rank 0 trained layers 0 and 1, rank 1 layer 2
+    assert tset.layers == [0, 1, 2] and tset.k == cfg.k
+    _assert_same(single, tset, [0, 1, 2])
+    for rank in (0, 1):
+        merged = json.loads((tmp_path / f"history{rank}.json").read_text())
         assert merged["fvu"] == {str(k): v for k, v in history.fvu.items()}
         assert merged["steps"] == history.steps
 
@@ -151,3 +154,13 @@ def test_torchrun_writes_the_single_process_artifact(tmp_path: Path) -> None:
     _assert_same(a, b, a.layers)
     history = json.loads((Path(two) / "train_history.json").read_text())
     assert sorted(history["fvu"]) == ["0", "1", "2", "3"]
+
+
+def test_without_torchrun_it_says_how_to_start() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "crv.transcoders.distributed", "experiment=smoke"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "start it with torchrun --nproc_per_node=2" in proc.stderr

@@ -7,14 +7,15 @@ ranks wait. When the `transcoders` stage trains (a cached set needs no training)
 sends the job (subject and traces artifact directories, the section, layers, seed) to
 every rank; each rank loads the subject model, runs it over the same token stream, and
 trains only its own block of layers (`assign_layers`, like sparsify's
-`--distribute_modules`). The trained weights are then broadcast, and rank 0 saves the set
+`--distribute_modules`). The trained weights are then sent to rank 0, which saves the set
 and goes on with the pipeline. The artifact is the one a single process writes (same
 files, same cache key): each layer is trained as in a single process with the same seed
 (`train_transcoders(own=...)`: its group's seed, initialisation and buffer), so the
 weights agree to float tolerance.
 
 Why layers and not tokens: a layer's transcoder and its Adam state fill the memory
-(Llama-3.1-8B: 32 layers x 131,072 latents, ~4 GiB each with Adam), and layers are
+(Llama-3.1-8B: 32 layers x 131,072 latents; 4 GiB of float32 weights per layer, 16 GiB
+with gradients and Adam's moments), and layers are
 independent, so no gradients are exchanged; the price is that every rank runs the subject
 model over the whole corpus. Contiguous blocks keep a rank's layers inside few of the
 single-process layer groups, so a rank makes few passes over the corpus.
@@ -85,34 +86,39 @@ def broadcast_json(obj: Any, src: int) -> Any:
     return json.loads(data_B.numpy().tobytes().decode())
 
 
-def share_transcoders(
+def gather_transcoders(
     own: TranscoderSet | None,
     layers: Sequence[int],
     owners: dict[int, int],
     k: int,
     activation: str,
-) -> TranscoderSet:
-    """The whole set on every rank: for each layer its owner broadcasts the tensor shapes,
-    then the tensors (on CPU, in eval mode without gradients, as `transcoder_set` gives)."""
+) -> TranscoderSet | None:
+    """The whole set on rank 0 (None elsewhere: a large set fits one host's memory once):
+    for each layer its owner broadcasts the tensor shapes, then sends the tensors to rank 0
+    (CPU; eval mode without gradients, as `transcoder_set` gives)."""
     rank = dist.get_rank()
     out: dict[int, TopKTranscoder] = {}
     for layer in layers:
-        mine = own[layer].cpu() if rank == owners[layer] else None
-        state = mine.state_dict() if mine is not None else None
+        owner = owners[layer]
+        tc = own[layer].cpu() if rank == owner else None
         shapes = broadcast_json(
-            {name: list(t.shape) for name, t in state.items()} if state else None, owners[layer]
+            {name: list(t.shape) for name, t in tc.state_dict().items()} if tc else None, owner
         )
-        if mine is None:
+        if rank == owner != 0:
+            for value_T in tc.state_dict().values():
+                dist.send(value_T.contiguous(), 0)
+        elif rank == 0 != owner:
             n_latents, d_model = shapes["W_enc"]
-            mine = TopKTranscoder(
+            tc = TopKTranscoder(
                 d_model, n_latents, k, activation, torch.Generator(), skip="W_skip" in shapes
             )
             state = {name: torch.empty(shape) for name, shape in shapes.items()}
-        for name in shapes:
-            dist.broadcast(state[name], owners[layer])
-        mine.load_state_dict(state)
-        out[layer] = mine.eval().requires_grad_(False)
-    return TranscoderSet(out, k=k, activation=activation)
+            for value_T in state.values():
+                dist.recv(value_T, owner)
+            tc.load_state_dict(state)
+        if rank == 0:
+            out[layer] = tc.eval().requires_grad_(False)
+    return TranscoderSet(out, k=k, activation=activation) if rank == 0 else None
 
 
 def share_history(own: TrainHistory | None) -> TrainHistory:
@@ -144,10 +150,10 @@ def train_layer_split(
     cache_for: Callable[[list[int]], ActivationCache | None] = lambda _: None,
     log: logging.Logger | None = None,
     progress: bool = True,
-) -> tuple[TranscoderSet, TrainHistory]:
+) -> tuple[TranscoderSet | None, TrainHistory]:
     """`train_transcoders` split over the ranks: a collective call, every rank passing the
-    same arguments (its own model replica); each trains its block of `layers`, and every
-    rank returns the whole set (on `device`) and the merged history."""
+    same arguments (its own model replica); each trains its block of `layers`. Rank 0
+    returns the whole set (on `device`), the others None; all return the merged history."""
     blocks = assign_layers(layers, dist.get_world_size())
     mine = blocks[dist.get_rank()]
     own, history = None, None
@@ -156,11 +162,11 @@ def train_layer_split(
             cfg, model, adapter, seqs, layers, device, seed, cache_for, log, progress, own=mine
         )
     owners = {layer: r for r, block in enumerate(blocks) for layer in block}
-    tset = share_transcoders(own, layers, owners, cfg.k, str(cfg.activation))
+    tset = gather_transcoders(own, layers, owners, cfg.k, str(cfg.activation))
     history = share_history(history)
     global _busy
     _busy = False
-    return tset.to(device), history
+    return (tset.to(device) if tset is not None else None), history
 
 
 def announce(
