@@ -163,4 +163,4 @@ def test_without_torchrun_it_says_how_to_start() -> None:
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1
-    assert "start it with torchrun --nproc_per_node=2" in proc.stderr
+    assert "torchrun --nproc_per_node=2 -m crv.transcoders.distributed" in proc.stderr
