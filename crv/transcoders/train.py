@@ -166,8 +166,9 @@ class TranscoderTrainer:
         self.n_latents = cfg.latents(d_model)
         self.k_aux = cfg.aux_k(d_model)
         gen = torch.Generator().manual_seed(seed)
+        drawn = list(layers)[: list(layers).index(self.layers[-1]) + 1]
         transcoders = {}
-        for layer in list(layers)[: list(layers).index(self.layers[-1]) + 1]:
+        for layer in drawn:
             tc = TopKTranscoder(d_model, self.n_latents, cfg.k, cfg.activation, gen)
             if layer in self.layers:
                 transcoders[layer] = tc.to(self.device)
