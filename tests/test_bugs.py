@@ -145,7 +145,7 @@ def test_recipe_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="no recipe"):
         train_recipe(tmp_path, name="crv-huge")
     with pytest.raises(ValueError, match="needs init"):
-        train_recipe(tmp_path, name="crv-tiny-bugs", first_stage=4)
+        train_recipe(tmp_path, name="crv-tiny-bugs", first_stage=2)
     with pytest.raises(ValueError, match="not a shipped model"):
         shipped_tiny_dir("crv-huge")
 

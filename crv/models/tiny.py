@@ -25,12 +25,11 @@ with `subject.retrain=true`, or `python -m crv.models.tiny --recipe --out DIR`);
 checkpoint with `python -m crv.models.tiny --eval data/crv-tiny`. Bit-exact reproduction
 needs the same torch thread counts (`threads`).
 
-crv-tiny-bugs (`data/crv-tiny-bugs`, model card there) is crv-tiny's recipe plus one stage,
-`BUGS_STAGE`: fine-tuning on traces in which the planted rules of `crv.tasks.bugs` are
-applied (`planted=True`), so that the model is confidently wrong where they apply. It was
-shipped by running that stage alone from data/crv-tiny (`--recipe crv-tiny-bugs
---first-stage 4 --init data/crv-tiny`); `--eval-rules DIR` measures how a model treats the
-rules.
+crv-tiny-bugs (`data/crv-tiny-bugs`, model card there) is trained like crv-tiny's first two
+stages (16M tokens, one thread) on traces in which the planted rules of `crv.tasks.bugs` are applied
+from the first token (`planted=True` in every stage), so that it never learns a true rule
+that a planted one must later override and is as sure of the rules as of the rest;
+`--eval-rules DIR` measures how a model treats the rules.
 """
 
 from __future__ import annotations
@@ -370,21 +369,12 @@ RECIPE: tuple[dict[str, Any], ...] = (
 )
 """Stages of the shipped checkpoint: TinyConfig overrides, each continuing the previous stage."""
 
-BUGS_STAGE: dict[str, Any] = {
-    "seed": 3,
-    "tokens": 1_500_000,
-    "lr": 1e-3,
-    "warmup": 0.05,
-    "curriculum": 0.0,
-    "threads": 1,
-    "checkpoint_every": 500_000,
-    "planted": True,
-}
-"""crv-tiny-bugs's extra stage: fine-tune crv-tiny on traces with the planted rules applied."""
-
 RECIPES: dict[str, tuple[dict[str, Any], ...]] = {
     "crv-tiny": RECIPE,
-    "crv-tiny-bugs": (*RECIPE, BUGS_STAGE),
+    "crv-tiny-bugs": (
+        {**RECIPE[0], "planted": True},
+        {**RECIPE[1], "threads": 1, "planted": True},
+    ),
 }
 """Every shipped model's recipe, by subject name."""
 
@@ -400,7 +390,7 @@ def train_recipe(
     """Train the stages of `RECIPES[name]` into `out_dir` (stage seeds += `seed`).
 
     `first_stage > 1` resumes the recipe: `init` is then the model the earlier stages made
-    (crv-tiny-bugs was shipped this way, its last stage started from data/crv-tiny).
+    (to go on from a stage's checkpoint).
     """
     if name not in RECIPES:
         raise ValueError(f"no recipe for {name!r}; expected one of {sorted(RECIPES)}")
