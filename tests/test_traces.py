@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from datasets import load_from_disk
@@ -14,6 +13,7 @@ from factories import tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from crv.pipeline import StageContext
 from crv.subject.stage import shipped_tiny_dir, trained_with_planted_rules
 from crv.tasks.gsm8k import calculations, label_free_text, step_label
 from crv.traces.config import TracesConfig
@@ -113,12 +113,14 @@ def subject_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_traces(subject: Path, out: Path, **cfg: object) -> list[dict]:
-    ctx = SimpleNamespace(
+    ctx = StageContext(
+        name="traces",
         cfg=TracesConfig(**cfg),
         inputs={"subject": subject},
-        device="cpu",
-        seed=0,
         out=out,
+        scratch=out.with_name(out.name + ".scratch"),
+        seed=0,
+        device="cpu",
         log=logging.getLogger("test"),
     )
     run_stage(ctx)

@@ -117,6 +117,7 @@ def run(cfg: DictConfig) -> dict:
             device=device,
             verify_cache=obj.pipeline.verify_cache,
             on_damage=obj.pipeline.on_damage.value,
+            runtime=obj.runtime,
         )
     except CRVError as exc:
         fail(str(exc))
