@@ -94,14 +94,14 @@ def shards(pending: list[T], n: int) -> list[list[T]]:
 def _run_on_ray(
     pending: list[tuple[T, Path]], work: Work[T], runtime: RuntimeConfig, device: str
 ) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(INSTALL_HINT) from None
     if device.startswith("cuda") and runtime.gpus_per_worker <= 0:
         raise ConfigError(
             f"device={device} with runtime.executor=ray needs runtime.gpus_per_worker > 0"
         )
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
     if not ray.is_initialized():
         log.info("connecting to Ray (%s)", runtime.ray_address or "a new local cluster")
         ray.init(address=runtime.ray_address, include_dashboard=False)
