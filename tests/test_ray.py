@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
@@ -18,6 +19,7 @@ ray = pytest.importorskip("ray", reason='the Ray executor needs the extra: pip i
 
 from test_config import composed  # noqa: E402
 
+from crv.baselines.stage import load_baseline_table, load_probe_inputs  # noqa: E402
 from crv.executor import run_sharded  # noqa: E402
 from crv.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from crv.pipeline import run_pipeline  # noqa: E402
@@ -97,7 +99,8 @@ def figures(metrics: object) -> object:
 def test_pipeline_on_ray_gives_the_local_artifacts(tmp_path: Path):
     """Smoke settings (smaller transcoders) through the verifier, once local and once with
     2 Ray workers on a fresh cache holding only the local subject and transcoders (their
-    stages do not shard), plus two finished graphs in the graphs stage's scratch."""
+    stages do not shard), plus two finished graphs in the graphs stage's scratch: same
+    traces, graphs, baseline scores and reported figures."""
     cfg = composed(SMALL)
     sections = {name: getattr(cfg, name) for name in vars(cfg)}
     run = partial(run_pipeline, sections, ["verifier"], seed=0, device="cpu")
@@ -124,6 +127,11 @@ def test_pipeline_on_ray_gives_the_local_artifacts(tmp_path: Path):
     assert (
         load_traces(on_ray["traces"].path).to_list() == load_traces(local["traces"].path).to_list()
     )
+    for load in (load_baseline_table, load_probe_inputs):
+        pd.testing.assert_frame_equal(
+            pd.DataFrame(load(on_ray["baselines"].path)),
+            pd.DataFrame(load(local["baselines"].path)),
+        )
     names = sorted(p.name for p in (local["graphs"].path / "graphs").iterdir())
     assert names == sorted(p.name for p in (on_ray["graphs"].path / "graphs").iterdir())
     for name in names:
