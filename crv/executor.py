@@ -72,9 +72,9 @@ def run_sharded(
     return len(items) - len(pending)
 
 
-def _run_shard(work: Work[T], shard: list[tuple[T, Path]], threads: int | None = None) -> int:
+def _run_shard(work: Work[T], shard: list[tuple[T, Path]], threads: int | None = None) -> None:
     """Run `work` on the items of `shard` that have no result yet (a retried shard skips
-    what its dead predecessor finished); returns how many it ran."""
+    what its dead predecessor finished), with `threads` torch threads if given."""
     todo = [(item, file) for item, file in shard if not file.is_file()]
     if threads is not None:
         import torch
@@ -82,7 +82,6 @@ def _run_shard(work: Work[T], shard: list[tuple[T, Path]], threads: int | None =
         torch.set_num_threads(threads)
     if todo:
         work(todo)
-    return len(todo)
 
 
 def shards(pending: list[T], n: int) -> list[list[T]]:
