@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -71,6 +72,27 @@ def test_a_dead_worker_is_retried_without_redoing_its_finished_items(tmp_path: P
     computed = sorted(map(int, log.read_text().split()))
     assert computed == [0, 1, 2, 3, 4, 4, 5, 6, 7]
     assert [read_json(f)["square"] for f in files] == [i * i for i in range(8)]
+
+
+def meet(room: Path, n: int, items: list[tuple[int, Path]]) -> None:
+    """Fake work that only goes on once `n` processes have entered `room` (a shard run
+    after another, not beside it, times out), then writes its process id per item."""
+    room.mkdir(exist_ok=True)
+    (room / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(list(room.iterdir())) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(room.iterdir()))} of {n} shards ever ran at once")
+        time.sleep(0.05)
+    for _, file in items:
+        atomic_write_json(file, {"pid": os.getpid()})
+
+
+def test_two_workers_run_their_shards_at_the_same_time(tmp_path: Path):
+    files = [tmp_path / "out" / f"{i}.json" for i in range(6)]
+    run_sharded(list(range(6)), files, partial(meet, tmp_path / "room", 2), RAY)
+    pids = [read_json(f)["pid"] for f in files]
+    assert len(set(pids)) == 2 and pids[0::2] == [pids[0]] * 3  # round-robin shards
 
 
 SMALL = [
