@@ -90,17 +90,27 @@ def shards(pending: list[T], n: int) -> list[list[T]]:
     return [pending[i::n] for i in range(min(n, len(pending)))]
 
 
-def _run_on_ray(
-    pending: list[tuple[T, Path]], work: Work[T], runtime: RuntimeConfig, device: str
-) -> None:
+def check_runtime(runtime: RuntimeConfig, device: str) -> None:
+    """ConfigError, before any stage runs, when `runtime` cannot work here: Ray missing,
+    or CUDA without GPUs for the workers."""
+    if runtime.executor is not Executor.ray:
+        return
     if device.startswith("cuda") and runtime.gpus_per_worker <= 0:
         raise ConfigError(
             f"device={device} with runtime.executor=ray needs runtime.gpus_per_worker > 0"
         )
     try:
-        import ray
+        import ray  # noqa: F401
     except ImportError:
         raise ConfigError(INSTALL_HINT) from None
+
+
+def _run_on_ray(
+    pending: list[tuple[T, Path]], work: Work[T], runtime: RuntimeConfig, device: str
+) -> None:
+    check_runtime(runtime, device)
+    import ray
+
     if not ray.is_initialized():
         log.info("connecting to Ray (%s)", runtime.ray_address or "a new local cluster")
         ray.init(address=runtime.ray_address, include_dashboard=False)

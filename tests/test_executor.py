@@ -3,6 +3,8 @@ settings (tests/test_ray.py runs it on Ray)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -10,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from crv.errors import ConfigError, CRVError
-from crv.executor import run_sharded, shards
+from crv.executor import INSTALL_HINT, run_sharded, shards
 from crv.io import atomic_write_text
 from crv.runtime import Executor, RuntimeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def square(log: Path, items: list[tuple[int, Path]]) -> None:
@@ -60,3 +64,17 @@ def test_ray_executor_without_ray_says_how_to_install(tmp_path: Path, monkeypatc
 def test_ray_on_cuda_needs_gpus_per_worker(tmp_path: Path):
     with pytest.raises(ConfigError, match="runtime.gpus_per_worker"):
         run_sharded([0], [tmp_path / "0"], print, RuntimeConfig(executor="ray"), "cuda")
+
+
+def test_crv_with_ray_executor_but_no_ray_fails_before_any_stage(tmp_path: Path):
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "ray.py").write_text('raise ImportError("no ray here")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), str(ROOT)])}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "crv"), "experiment=smoke", "runtime.executor=ray",
+         f"hydra.run.dir={tmp_path}/run", f"pipeline.cache_dir={tmp_path}/cache"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"crv: error: {INSTALL_HINT}"
+    assert not (tmp_path / "cache" / "subject").exists()
