@@ -15,6 +15,11 @@ A step's `planted_rule` (the crv-tiny-bugs rule its reduction exercises, from th
 is filled only when the subject was trained with the planted rules; for any other subject
 it is empty, so no later stage reads planted errors into a model that has none.
 
+Generation runs through `crv.executor`, one item per generation batch (the batches
+`generate_greedy` forms, so a batch decodes the same tokens alone as among the others):
+in this process or sharded over Ray workers, each batch's results written to the scratch
+directory, so a killed run resumes with the batches it has not finished.
+
 The artifact is a `datasets.Dataset` (`save_to_disk`) with one row per problem; columns are
 listed in docs/architecture.md. Train/test split is by problem (`make_splits`), so no
 problem's steps appear in both.
