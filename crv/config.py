@@ -20,6 +20,7 @@ from crv.graphs.config import GraphsConfig
 from crv.interventions import InterventionsConfig
 from crv.mechanisms.config import MechanismsConfig
 from crv.options import Choice
+from crv.runtime import RuntimeConfig
 from crv.subject.config import SubjectConfig
 from crv.traces.config import TracesConfig
 from crv.transcoders.config import TranscodersConfig
@@ -75,6 +76,7 @@ class CRVConfig:
     interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     seed: int = 0
     """Global seed: every stage is seeded with it and it is part of every cache key."""
     device: str = "auto"

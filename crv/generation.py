@@ -80,6 +80,16 @@ def token_cap(tokenizer: PreTrainedTokenizerBase, reference: str, factor: float 
     return 16 + int(factor * len(tokenizer(reference, add_special_tokens=False)["input_ids"]))
 
 
+def greedy_batches(
+    prompt_lengths: Sequence[int], caps: Sequence[int], batch_size: int
+) -> list[list[int]]:
+    """The prompt indices `generate_greedy` decodes together: sorted by (cap, prompt
+    length), cut every `batch_size`. Decoding one of these batches alone gives the same
+    tokens as decoding it among the others (the traces stage shards them)."""
+    order = sorted(range(len(caps)), key=lambda i: (caps[i], prompt_lengths[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def generate_greedy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -107,8 +117,7 @@ def generate_greedy(
     should_stop = pattern_stop(tokenizer, stop_patterns)
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     caps = [max_new_tokens(p) if callable(max_new_tokens) else max_new_tokens for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (caps[i], len(encoded[i])))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = greedy_batches([len(e) for e in encoded], caps, batch_size)
     if progress is None:
         progress = len(prompts) > 1
     device = next(model.parameters()).device

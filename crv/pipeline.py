@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 
 from crv.errors import CRVError
 from crv.io import atomic_write_json, read_json
+from crv.runtime import RuntimeConfig
 
 log = logging.getLogger("crv.pipeline")
 
@@ -67,6 +68,8 @@ class StageContext(Generic[SectionT]):
     seed: int
     device: str
     log: logging.Logger
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """How per-trace work runs (`crv.executor`); not part of the cache key."""
 
 
 @dataclass(frozen=True)
@@ -449,8 +452,11 @@ def run_pipeline(
     stages: tuple[Stage, ...] = STAGES,
     verify_cache: bool = False,
     on_damage: str = "recompute",
+    runtime: RuntimeConfig | None = None,
 ) -> list[StageResult]:
-    """Ensure every requested stage's artifact exists (reusing cached ones); in order."""
+    """Ensure every requested stage's artifact exists (reusing cached ones); in order.
+    `runtime` says how stages run their per-trace work; no key depends on it."""
+    runtime = runtime or RuntimeConfig()
     cache = ArtifactCache(cache_root, verify_cache, on_damage)
     for stale in cache.clean_stale():
         log.info("removed stale %s", stale)
@@ -479,6 +485,7 @@ def run_pipeline(
                 seed=seed,
                 device=device,
                 log=stage_log,
+                runtime=runtime,
             )
 
         manifest = {

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,10 +19,15 @@ from crv.baselines.stage import (
     baseline_table,
     coe_scores,
     fit_temperature,
+    load_baseline_meta,
+    load_baseline_table,
+    load_probe_inputs,
     resolve_probe_layer,
+    run_stage,
     trace_step_scores,
 )
 from crv.features.stage import KEY_COLUMNS
+from crv.pipeline import StageContext
 from crv.verifier.config import VerifierConfig
 from crv.verifier.stage import POSITION_COLUMNS, build_methods, fit_method
 
@@ -91,7 +98,8 @@ def test_fit_temperature_picks_best_calibrated():
     assert resolve_probe_layer(None, 5) == 2 and resolve_probe_layer(-1, 5) == 4
 
 
-def test_baseline_table_on_traces(tiny_llama):
+def two_traces():
+    """A train trace with a correct, an incorrect and an unlabelled step; a test trace."""
     from datasets import Dataset
 
     def steps(lasts, labels):
@@ -100,7 +108,7 @@ def test_baseline_table_on_traces(tiny_llama):
             for i, (t, lab) in enumerate(zip(lasts, labels, strict=True))
         ]
 
-    traces = Dataset.from_list(
+    return Dataset.from_list(
         [
             {
                 "id": "a",
@@ -122,6 +130,10 @@ def test_baseline_table_on_traces(tiny_llama):
             },
         ]
     )
+
+
+def test_baseline_table_on_traces(tiny_llama):
+    traces = two_traces()
     table, hidden, meta = baseline_table(tiny_llama, traces, BaselinesConfig())
     assert list(table.columns) == [*KEY_COLUMNS, *SCORE_COLUMNS]
     assert table["step_id"].tolist() == ["a:0", "a:1", "a:2", "b:0", "b:1"]
@@ -160,3 +172,39 @@ def test_position_baseline_uses_only_its_three_columns():
     np.testing.assert_array_equal(
         scorer.score(position.inputs(df)), scorer.score(position.inputs(shuffled))
     )
+
+
+def test_stage_scores_traces_through_scratch_files_and_resumes(tiny_llama, tmp_path: Path):
+    """The stage's table (each trace scored into a scratch file, then merged) is the
+    in-memory `baseline_table`; a rerun reuses the traces whose file is there."""
+    from crv.models.tiny import build_tokenizer
+
+    tiny_llama.save_pretrained(tmp_path / "subject")
+    build_tokenizer().save_pretrained(tmp_path / "subject")
+    two_traces().save_to_disk(str(tmp_path / "traces" / "dataset"))
+    cfg = BaselinesConfig()
+
+    def run(out: str) -> dict:
+        (tmp_path / out).mkdir()
+        ctx = StageContext(
+            name="baselines",
+            cfg=cfg,
+            inputs={"subject": tmp_path / "subject", "traces": tmp_path / "traces"},
+            out=tmp_path / out,
+            scratch=tmp_path / "scratch",
+            seed=0,
+            device="cpu",
+            log=logging.getLogger("test"),
+        )
+        return run_stage(ctx)
+
+    assert run("out1")["n_resumed_traces"] == 0
+    table, hidden, meta = baseline_table(tiny_llama, two_traces(), cfg)
+    pd.testing.assert_frame_equal(load_baseline_table(tmp_path / "out1"), table)
+    np.testing.assert_array_equal(load_probe_inputs(tmp_path / "out1"), hidden)
+    assert load_baseline_meta(tmp_path / "out1") == meta
+    files = sorted((tmp_path / "scratch" / "scores").iterdir())
+    assert len(files) == 2
+    files[1].unlink()
+    assert run("out2")["n_resumed_traces"] == 1
+    pd.testing.assert_frame_equal(load_baseline_table(tmp_path / "out2"), table)

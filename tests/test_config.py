@@ -172,3 +172,29 @@ def test_crv_verify_rejects_a_bad_choice_with_exit_two(tmp_path: Path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "rank_by" in proc.stderr and "bogus" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "bad", ["runtime.executor=dask", "runtime.workers=0", "runtime.gpus_per_worker=-1"]
+)
+def test_bad_runtime_settings_fail_when_composed(bad: str):
+    with pytest.raises(Exception, match=bad.split("=")[0].replace(".", r"\.")):
+        composed([bad])
+
+
+def test_runtime_settings_are_not_part_of_any_cache_key():
+    base = composed(["experiment=smoke"])
+    ray = composed(
+        [
+            "experiment=smoke",
+            "runtime.executor=ray",
+            "runtime.workers=8",
+            "runtime.gpus_per_worker=0.5",
+            "runtime.threads_per_worker=4",
+            "runtime.ray_address=ray://head:10001",
+        ]
+    )
+    assert ray.runtime != base.runtime
+    assert artifact_keys(ray, 0) == artifact_keys(base, 0)
+    changed = composed(["experiment=smoke", "graphs.max_traces=3"])
+    assert artifact_keys(changed, 0)["graphs"] != artifact_keys(base, 0)["graphs"]

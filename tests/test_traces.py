@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from datasets import load_from_disk
@@ -14,6 +13,7 @@ from factories import tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from crv.pipeline import StageContext
 from crv.subject.stage import shipped_tiny_dir, trained_with_planted_rules
 from crv.tasks.gsm8k import calculations, label_free_text, step_label
 from crv.traces.config import TracesConfig
@@ -112,17 +112,39 @@ def subject_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def run_traces(subject: Path, out: Path, **cfg: object) -> list[dict]:
-    ctx = SimpleNamespace(
+def traces_context(subject: Path, out: Path, scratch: Path, **cfg: object) -> StageContext:
+    out.mkdir(parents=True, exist_ok=True)
+    return StageContext(
+        name="traces",
         cfg=TracesConfig(**cfg),
         inputs={"subject": subject},
-        device="cpu",
-        seed=0,
         out=out,
+        scratch=scratch,
+        seed=0,
+        device="cpu",
         log=logging.getLogger("test"),
     )
-    run_stage(ctx)
+
+
+def run_traces(subject: Path, out: Path, **cfg: object) -> list[dict]:
+    run_stage(traces_context(subject, out, out.with_name(out.name + ".scratch"), **cfg))
     return list(load_from_disk(str(out / "dataset")))
+
+
+def test_generation_resumes_from_the_finished_batches(subject_dir: Path, tmp_path: Path):
+    """Each generation batch is a scratch file; a rerun decodes only the missing ones and
+    writes the same dataset."""
+    cfg = {"tasks": ["arithmetic"], "complexities": [3], "n_per_complexity": 6}
+    cfg |= {"runtime_batch_size": 4, "max_new_tokens_factor": 0.3}
+    scratch = tmp_path / "scratch"
+    first = run_stage(traces_context(subject_dir, tmp_path / "a", scratch, **cfg))
+    batches = sorted((scratch / "generations").iterdir())
+    assert first["n_resumed_batches"] == 0 and len(batches) == 2
+    batches[0].unlink()
+    again = run_stage(traces_context(subject_dir, tmp_path / "b", scratch, **cfg))
+    assert again["n_resumed_batches"] == 1
+    rows = [list(load_from_disk(str(tmp_path / d / "dataset"))) for d in "ab"]
+    assert rows[0] == rows[1] and len(rows[0]) == 6
 
 
 def test_file_records_keep_their_labels_with_their_own_steps(

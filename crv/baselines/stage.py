@@ -33,12 +33,17 @@ quantities are averaged over the step's tokens, and every score is oriented so t
 The probes (logistic regression and MLP, fit in the `verifier` stage) read the step's
 hidden state at `probe_layer` averaged over the step's tokens; those averages are stored in
 `hidden.npy` (float32, row i = row i of the table, saved without pickle).
+
+Each trace's scores go to a file of the scratch directory first (`crv.executor`: in this
+process, or sharded over Ray workers), so a killed run resumes with the traces it has not
+scored; the temperature is fitted once all are there.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,55 +159,109 @@ def fit_temperature(
     return float(grid[best]), float(bce[best])
 
 
+TraceScores = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]
+"""One trace's `trace_step_scores`: (score columns, probe inputs [S, D], confidences [S, G])."""
+
+
+def step_spans(traces) -> tuple[dict[str, pd.DataFrame], list[dict[str, Any]]]:
+    """The steps of each trace (its rows of the step key table, by trace id) and, for each
+    trace with steps, in order, `{id, input_ids, spans}`: what `trace_step_scores` reads."""
+    keys = step_key_table(traces)
+    by_trace = dict(tuple(keys.groupby("trace_id", sort=False)))
+    items = []
+    for tr in traces.select_columns(["id", "input_ids"]):
+        steps = by_trace.get(tr["id"])
+        if steps is None:
+            continue
+        prev, last = steps["prev_last_token"].tolist(), steps["last_token"].tolist()
+        spans = [(min(p + 1, t), t) for p, t in zip(prev, last, strict=True)]
+        items.append({"id": tr["id"], "input_ids": tr["input_ids"], "spans": spans})
+    return by_trace, items
+
+
 def baseline_table(
     model: torch.nn.Module, traces, cfg: BaselinesConfig, device: str = "cpu"
 ) -> tuple[pd.DataFrame, np.ndarray, dict]:
     """Scores of every step of every trace: (table of `KEY_COLUMNS` + score columns, probe
     inputs [n_steps, D] aligned with the table, metadata incl. the fitted temperature)."""
-    keys = step_key_table(traces)
-    by_trace = dict(tuple(keys.groupby("trace_id", sort=False)))
-    parts, probes, confs = [], [], []
-    for tr in traces.select_columns(["id", "input_ids"]):
-        steps = by_trace.get(tr["id"])
-        if steps is None:
-            continue
-        spans = [
-            (min(p + 1, last), last)
-            for p, last in zip(
-                steps["prev_last_token"].tolist(), steps["last_token"].tolist(), strict=True
-            )
-        ]
-        scores, probe, conf = trace_step_scores(model, tr["input_ids"], spans, cfg, device)
-        parts.append(steps[list(KEY_COLUMNS)].assign(**scores))
-        probes.append(probe)
-        confs.append(conf)
+    by_trace, items = step_spans(traces)
+    scores = [trace_step_scores(model, it["input_ids"], it["spans"], cfg, device) for it in items]
+    n_hidden = model.config.num_hidden_layers + 1
+    return merge_scores([by_trace[it["id"]] for it in items], scores, cfg, n_hidden)
+
+
+def merge_scores(
+    steps: list[pd.DataFrame], scores: list[TraceScores], cfg: BaselinesConfig, n_hidden: int
+) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """`baseline_table`'s result from each trace's steps and scores, in trace order: the
+    temperature is fitted on all of them."""
+    parts = [
+        s[list(KEY_COLUMNS)].assign(**cols) for s, (cols, _, _) in zip(steps, scores, strict=True)
+    ]
     table = pd.concat(parts, ignore_index=True)
-    conf = np.concatenate(confs)
+    conf = np.concatenate([c for _, _, c in scores])
     train = ((table["split"] == "train") & (table["label"] >= 0)).to_numpy()
     correct = 1 - table["label"].to_numpy()[train]
     t_star, bce = fit_temperature(conf[train], correct, cfg.temperature_grid)
     best = cfg.temperature_grid.index(t_star)
     table.insert(table.columns.get_loc("energy"), "temperature", 1 - conf[:, best])
-    n_hidden = model.config.num_hidden_layers + 1
     meta = {
         "score_columns": [c for c in SCORE_COLUMNS if c in table.columns],
         "probe_layer": resolve_probe_layer(cfg.probe_layer, n_hidden),
         "temperature": t_star,
         "temperature_bce": bce,
     }
-    return table, np.concatenate(probes), meta
+    return table, np.concatenate([p for _, p, _ in scores]), meta
+
+
+def score_traces(
+    subject_dir: Path, device: str, cfg: BaselinesConfig, items: list[tuple[dict, Path]]
+) -> None:
+    """Load the subject once, then write each trace's `trace_step_scores` to its file
+    (safetensors: `score.<column>`, `probe`, `conf`; the model's hidden-state count as
+    metadata): the work of one executor shard."""
+    from safetensors.numpy import save_file
+
+    from crv.models.loading import load_subject
+
+    model, _ = load_subject(subject_dir, device)
+    n_hidden = str(model.config.num_hidden_layers + 1)
+    for item, file in items:
+        cols, probe, conf = trace_step_scores(model, item["input_ids"], item["spans"], cfg, device)
+        tensors = {f"score.{k}": v for k, v in cols.items()} | {"probe": probe, "conf": conf}
+        atomic_write(file, lambda p, t=tensors: save_file(t, str(p), {"n_hidden": n_hidden}))
+
+
+def read_scores(file: Path) -> tuple[TraceScores, int]:
+    """A trace's scores as `score_traces` wrote them, and the model's hidden-state count."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    tensors = load_file(file)
+    with safe_open(str(file), "np") as f:
+        n_hidden = int(f.metadata()["n_hidden"])
+    cols = {k.removeprefix("score."): v for k, v in tensors.items() if k.startswith("score.")}
+    order = [c for c in SCORE_COLUMNS if c in cols]  # the column order trace_step_scores gives
+    return ({c: cols[c] for c in order}, tensors["probe"], tensors["conf"]), n_hidden
 
 
 def run_stage(ctx: StageContext[BaselinesConfig]) -> dict[str, Any]:
-    """`baselines` stage: one row of baseline scores (+ probe inputs) per step."""
-    from crv.models.loading import load_subject
+    """`baselines` stage: one row of baseline scores (+ probe inputs) per step. Traces are
+    scored by `crv.executor` (in this process or sharded over Ray workers), one file per
+    trace in the scratch directory, then merged in trace order."""
+    from urllib.parse import quote
+
+    from crv.executor import run_sharded
     from crv.traces.stage import load_traces
 
     t0 = time.perf_counter()
-    model, _ = load_subject(ctx.inputs["subject"], ctx.device)
-    model.eval()
-    table, hidden, meta = baseline_table(
-        model, load_traces(ctx.inputs["traces"]), ctx.cfg, ctx.device
+    by_trace, items = step_spans(load_traces(ctx.inputs["traces"]))
+    files = [ctx.scratch / "scores" / f"{quote(it['id'], safe='')}.safetensors" for it in items]
+    work = partial(score_traces, ctx.inputs["subject"], ctx.device, ctx.cfg)
+    n_resumed = run_sharded(items, files, work, ctx.runtime, ctx.device)
+    read = [read_scores(f) for f in files]
+    table, hidden, meta = merge_scores(
+        [by_trace[it["id"]] for it in items], [r for r, _ in read], ctx.cfg, read[0][1]
     )
     atomic_write(ctx.out / TABLE_FILE, lambda p: table.to_parquet(p, index=False))
     atomic_write(ctx.out / HIDDEN_FILE, lambda p: _save_npy(p, hidden))
@@ -213,7 +272,12 @@ def run_stage(ctx: StageContext[BaselinesConfig]) -> dict[str, Any]:
         meta["temperature"],
         time.perf_counter() - t0,
     )
-    return {"n_steps": len(table), "hidden_dim": int(hidden.shape[1]), **meta}
+    return {
+        "n_steps": len(table),
+        "hidden_dim": int(hidden.shape[1]),
+        "n_resumed_traces": n_resumed,
+        **meta,
+    }
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

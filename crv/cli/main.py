@@ -67,9 +67,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def preflight(obj: Any) -> str:
-    """Checks that need the machine, run before any stage: the device exists, input files
-    exist and the cache directory is writable. Returns the resolved device."""
+    """Checks that need the machine, run before any stage: the device exists (and Ray, for
+    `runtime.executor=ray`), input files exist and the cache directory is writable. Returns
+    the resolved device."""
     from crv.device import resolve_device
+    from crv.executor import check_runtime
 
     device = resolve_device(obj.device)
     if device.startswith("cuda"):
@@ -77,6 +79,7 @@ def preflight(obj: Any) -> str:
 
         if not torch.cuda.is_available():
             raise ConfigError(f"device={obj.device}: CUDA is not available on this machine")
+    check_runtime(obj.runtime, device)
     gsm8k = obj.traces.gsm8k_path
     if gsm8k and not Path(hydra.utils.to_absolute_path(gsm8k)).exists():
         raise ConfigError(f"traces.gsm8k_path={gsm8k}: no such file")
@@ -117,6 +120,7 @@ def run(cfg: DictConfig) -> dict:
             device=device,
             verify_cache=obj.pipeline.verify_cache,
             on_damage=obj.pipeline.on_damage.value,
+            runtime=obj.runtime,
         )
     except CRVError as exc:
         fail(str(exc))

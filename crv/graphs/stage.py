@@ -4,19 +4,23 @@ Reads the subject model, the traces and the transcoder set through their public 
 builds each trace's step graphs from one forward pass (`attribute.trace_graphs`) and writes
 one file per trace (`store.py`) into the scratch directory first, atomically, so a killed run
 resumes with the traces it has not finished; the finished files are then copied into the
-artifact. Returns the means over all graphs that the pipeline reports under `graphs`.
+artifact. The traces are attributed by `crv.executor` (in this process, or sharded over Ray
+workers with one model replica each, `runtime.executor`); every trace's graphs depend only
+on the trace, so both give the same artifact. Returns the means over all graphs that the pipeline reports under `graphs`.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from crv.executor import run_sharded
 from crv.graphs.attribute import explained_positions, trace_graphs
 from crv.graphs.config import GraphsConfig
 from crv.graphs.store import (
@@ -37,70 +41,34 @@ def load_graphs_config(path: str | Path) -> GraphsConfig:
 def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:
     """Build, prune and store the step graphs of the selected traces."""
     from crv.traces.stage import load_traces
-    from crv.transcoders.io import load_subject_with_transcoders
 
     cfg = ctx.cfg
-    loaded = load_subject_with_transcoders(
-        ctx.inputs["subject"], ctx.inputs["transcoders"], ctx.device
-    )
-    model, adapter, tset = loaded.model, loaded.adapter, loaded.transcoders
-
     traces = load_traces(ctx.inputs["traces"])
     splits = set(cfg.splits)
     rows = [i for i, split in enumerate(traces["split"]) if split in splits]
     if cfg.max_traces is not None and cfg.max_traces < len(rows):
         # evenly spread, so that a budget still covers every task and complexity
         rows = [rows[i] for i in np.linspace(0, len(rows) - 1, cfg.max_traces).round().astype(int)]
-    traces = traces.select(rows)
+    traces = traces.select(rows).select_columns(["id", "input_ids", "steps", "prompt_len"])
     ctx.log.info("attributing the steps of %d traces (splits %s)", len(traces), sorted(splits))
+    files = [trace_file(ctx.scratch, trace_id) for trace_id in traces["id"]]
+    subject, transcoders = ctx.inputs["subject"], ctx.inputs["transcoders"]
+    work = partial(attribute_traces, subject, transcoders, ctx.device, cfg)
+    n_resumed = run_sharded(list(traces), files, work, ctx.runtime, ctx.device)
 
     graph_stats: list[tuple[int, int, float, float]] = []  # nodes, edges, replacement, completeness
-    seconds, n_skipped, n_resumed = 0.0, 0, 0
-    for trace in tqdm(traces, desc="graphs", unit="trace"):
-        path = trace_file(ctx.scratch, trace["id"])
-        if path.is_file():
-            n_resumed += 1
-            graphs = read_step_graphs(path)
-            meta = read_metadata(path)
-        else:
-            start = time.perf_counter()
-            n_tokens = len(trace["input_ids"])
-            positions = explained_positions(
-                model, trace["input_ids"], trace["steps"], trace["prompt_len"], cfg.position
-            )
-            kept = [
-                (s["index"], p)
-                for s, p in zip(trace["steps"], positions, strict=True)
-                if 1 <= p < n_tokens
-            ]
-            graphs = []
-            if kept:
-                steps, kept_positions = zip(*kept, strict=True)
-                graphs = trace_graphs(
-                    adapter,
-                    tset,
-                    trace["input_ids"],
-                    list(kept_positions),
-                    cfg,
-                    trace["id"],
-                    list(steps),
-                )
-            meta = {
-                "seconds": str(time.perf_counter() - start),
-                "n_skipped_steps": str(len(trace["steps"]) - len(kept)),
-            }
-            save_step_graphs(path, trace["id"], graphs, meta)
+    seconds, n_skipped = 0.0, 0
+    out_dir = ctx.out / GRAPH_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        meta = read_metadata(path)
         seconds += float(meta["seconds"])
         n_skipped += int(meta["n_skipped_steps"])
         graph_stats += [
             (g.n_nodes, g.n_edges, g.scores["replacement_score"], g.scores["completeness_score"])
-            for g in graphs
+            for g in read_step_graphs(path)
         ]
-
-    out_dir = ctx.out / GRAPH_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for trace_id in traces["id"]:
-        shutil.copy2(trace_file(ctx.scratch, trace_id), out_dir)
+        shutil.copy2(path, out_dir)
 
     stats = np.array(graph_stats, dtype=np.float64).reshape(-1, 4)
     n_graphs = len(stats)
@@ -118,3 +86,47 @@ def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:
         "replacement_score": float(means[2]),
         "completeness_score": float(means[3]),
     }
+
+
+def attribute_traces(
+    subject_dir: Path,
+    transcoders_dir: Path,
+    device: str,
+    cfg: GraphsConfig,
+    traces: list[tuple[dict[str, Any], Path]],
+) -> None:
+    """Load the subject with its transcoders once, then build and save the step graphs of
+    each trace (`id`, `input_ids`, `steps`, `prompt_len`) to its file, with its time and
+    number of skipped steps as metadata: the work of one executor shard."""
+    from crv.transcoders.io import load_subject_with_transcoders
+
+    loaded = load_subject_with_transcoders(subject_dir, transcoders_dir, device)
+    model, adapter, tset = loaded.model, loaded.adapter, loaded.transcoders
+    for trace, file in tqdm(traces, desc="graphs", unit="trace"):
+        start = time.perf_counter()
+        n_tokens = len(trace["input_ids"])
+        positions = explained_positions(
+            model, trace["input_ids"], trace["steps"], trace["prompt_len"], cfg.position
+        )
+        kept = [
+            (s["index"], p)
+            for s, p in zip(trace["steps"], positions, strict=True)
+            if 1 <= p < n_tokens
+        ]
+        graphs = []
+        if kept:
+            steps, kept_positions = zip(*kept, strict=True)
+            graphs = trace_graphs(
+                adapter,
+                tset,
+                trace["input_ids"],
+                list(kept_positions),
+                cfg,
+                trace["id"],
+                list(steps),
+            )
+        meta = {
+            "seconds": str(time.perf_counter() - start),
+            "n_skipped_steps": str(len(trace["steps"]) - len(kept)),
+        }
+        save_step_graphs(file, trace["id"], graphs, meta)

@@ -48,10 +48,12 @@ def load_subject(
         trust_remote_code=False,
         use_safetensors=True,
     )
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_dir, local_files_only=True, trust_remote_code=False
-    )
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), load_subject_tokenizer(model_dir)
+
+
+def load_subject_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a subject artifact alone (no weights loaded); no remote code."""
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
 
 
 def resolve_source(cfg: SubjectConfig) -> str:

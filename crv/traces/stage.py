@@ -15,6 +15,11 @@ A step's `planted_rule` (the crv-tiny-bugs rule its reduction exercises, from th
 is filled only when the subject was trained with the planted rules; for any other subject
 it is empty, so no later stage reads planted errors into a model that has none.
 
+Generation runs through `crv.executor`, one item per generation batch (the batches
+`generate_greedy` forms, so a batch decodes the same tokens alone as among the others):
+in this process or sharded over Ray workers, each batch's results written to the scratch
+directory, so a killed run resumes with the batches it has not finished.
+
 The artifact is a `datasets.Dataset` (`save_to_disk`) with one row per problem; columns are
 listed in docs/architecture.md. Train/test split is by problem (`make_splits`), so no
 problem's steps appear in both.
@@ -176,6 +181,47 @@ def stats_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
+GENERATION_DIR = "generations"
+"""Scratch folder of the finished generation batches, one JSON file each."""
+
+
+def generate_batches(
+    subject_dir: Path,
+    device: str,
+    stop: Sequence[str],
+    add_special_tokens: bool,
+    batches: list[tuple[list[dict[str, Any]], Path]],
+) -> None:
+    """Load the subject once, then greedily decode each batch of `{id, prompt, cap}` and
+    write its results (`GenerationResult` fields by trace id) to the batch's JSON file: the
+    work of one executor shard."""
+    from dataclasses import asdict
+
+    from tqdm.auto import tqdm
+
+    from crv.generation import generate_greedy
+    from crv.io import atomic_write_json
+    from crv.models.loading import load_subject
+
+    model, tokenizer = load_subject(subject_dir, device)
+    for batch, file in tqdm(batches, desc="generate", unit="batch"):
+        caps = {r["prompt"]: r["cap"] for r in batch}
+        generated = generate_greedy(
+            model,
+            tokenizer,
+            [r["prompt"] for r in batch],
+            caps.__getitem__,
+            len(batch),
+            progress=False,
+            stop_patterns=stop,
+            add_special_tokens=add_special_tokens,
+        )
+        atomic_write_json(
+            file,
+            {r["id"]: asdict(g) for r, g in zip(batch, generated, strict=True)},
+        )
+
+
 def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
     """Generate (or teacher-force), segment and label traces; save the dataset and return
     its stats table."""
@@ -184,9 +230,10 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
 
     from datasets import Dataset
 
-    from crv.generation import generate_greedy, token_cap
-    from crv.io import atomic_write_json
-    from crv.models.loading import load_subject
+    from crv.executor import run_sharded
+    from crv.generation import GenerationResult, greedy_batches, token_cap
+    from crv.io import atomic_write_json, read_json
+    from crv.models.loading import load_subject_tokenizer
     from crv.subject.stage import trained_with_planted_rules
     from crv.tasks.label import judge_for, label_steps
     from crv.tokens import last_token_index, token_char_ends
@@ -194,7 +241,7 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
 
     cfg: TracesConfig = ctx.cfg
     judge_for(cfg.labels)  # an unknown label mode fails before the model loads
-    model, tokenizer = load_subject(ctx.inputs["subject"], ctx.device)
+    tokenizer = load_subject_tokenizer(ctx.inputs["subject"])
     planted = trained_with_planted_rules(ctx.inputs["subject"])
     style = resolve_style(cfg.prompt_style, tokenizer)
     prompt = functools.partial(build_prompt, tokenizer, style)
@@ -203,9 +250,7 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
         rows += _gsm8k_rows(cfg, ctx.seed, prompt)
     add_special = style == "plain"  # a rendered chat template holds its special tokens
     todo = [r for r in rows if r["given"] is None]
-    caps = {
-        r["prompt"]: token_cap(tokenizer, r["reference"], cfg.max_new_tokens_factor) for r in todo
-    }
+    caps = [token_cap(tokenizer, r["reference"], cfg.max_new_tokens_factor) for r in todo]
     ctx.log.info(
         "generating %d traces (%s prompts, %s labels); %d given traces teacher-forced",
         len(todo),
@@ -213,18 +258,23 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
         cfg.labels,
         len(rows) - len(todo),
     )
-    started = time.perf_counter()
-    generated = generate_greedy(
-        model,
-        tokenizer,
-        [r["prompt"] for r in todo],
-        caps.__getitem__,
-        cfg.runtime_batch_size,
-        stop_patterns=cfg.stop,
-        add_special_tokens=add_special,
+    lengths = [
+        len(tokenizer(r["prompt"], add_special_tokens=add_special)["input_ids"]) for r in todo
+    ]
+    batches = [
+        [{"id": todo[i]["id"], "prompt": todo[i]["prompt"], "cap": caps[i]} for i in batch]
+        for batch in greedy_batches(lengths, caps, cfg.runtime_batch_size)
+    ]
+    files = [ctx.scratch / GENERATION_DIR / f"{b:06d}.json" for b in range(len(batches))]
+    work = functools.partial(
+        generate_batches, ctx.inputs["subject"], ctx.device, cfg.stop, add_special
     )
+    started = time.perf_counter()
+    n_resumed = run_sharded(batches, files, work, ctx.runtime, ctx.device)
     seconds = time.perf_counter() - started
-    results = dict(zip((r["id"] for r in todo), generated, strict=True))
+    results = {
+        trace_id: GenerationResult(**res) for f in files for trace_id, res in read_json(f).items()
+    }
 
     out_rows = []
     for row in rows:
@@ -276,6 +326,7 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
         "prompt_style": style,
         "labels": cfg.labels,
         "generation_seconds": round(seconds, 1),
+        "n_resumed_batches": n_resumed,
         "seconds_per_trace": round(per_trace, 2),
         "table": table,
     }
