@@ -10,7 +10,7 @@ that both runs wrote the same traces and the same graph tensors, prints a table 
 `speedup: X` (graphs, 1-worker seconds over 2-worker seconds; `traces_speedup` is printed
 before it). Only meaningful on idle cores: the load average is printed with the table.
 
-    python benchmarks/scaling.py [--experiment default] [--graph-traces 120]
+    python benchmarks/scaling.py [--experiment default] [--graph-traces 400]
         [--trace-problems 24] [--cache outputs/cache]
 """
 
@@ -92,7 +92,7 @@ def same_output(name: str, a: Path, b: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="default")
-    parser.add_argument("--graph-traces", type=int, default=120, help="traces attributed")
+    parser.add_argument("--graph-traces", type=int, default=400, help="traces attributed")
     parser.add_argument(
         "--trace-problems", type=int, default=24, help="problems per task and complexity generated"
     )
