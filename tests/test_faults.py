@@ -237,7 +237,15 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_tmp(tmp_path: Path) -> None:
 
     cmd = [sys.executable, "-c", "from crv.cli.main import main; main()", "experiment=smoke",
            f"hydra.run.dir={tmp_path / 'run'}", f"pipeline.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as a terminal would.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 600  # generous: CI machines are shared and slow to start
     while not list((tmp_path / "cache").glob("traces/*.tmp-*")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1]
