@@ -346,10 +346,15 @@ def confident_half(test: pd.DataFrame) -> np.ndarray:
     return mask
 
 
+def planted_mask(steps: pd.DataFrame) -> np.ndarray:
+    """The steps that exercise a planted rule (`planted_rule` neither empty nor missing)."""
+    return steps["planted_rule"].fillna("").to_numpy() != ""
+
+
 def error_kind_mask(test: pd.DataFrame, kind: str) -> np.ndarray:
     """Correct steps plus the incorrect steps of one kind: `natural` (no planted rule) or
     `planted` (exercising a planted rule)."""
-    planted = test["planted_rule"].fillna("").to_numpy() != ""
+    planted = planted_mask(test)
     wrong = test["label"].to_numpy() == 1
     of_kind = planted if kind == "planted" else ~planted
     return ~wrong | of_kind
@@ -389,10 +394,9 @@ def task_report(test: pd.DataFrame, metrics: dict, scores: dict, boot: tuple) ->
         report["confident_half"] = subset_metrics(
             test, half, metrics, scores, boot, "no incorrect step in the confident half"
         )
-    if not (test["planted_rule"].fillna("") != "").any():
+    if not planted_mask(test).any():
         return report  # a subject without planted rules: "natural" would repeat `methods`
-    wrong = test[test["label"] == 1]
-    planted = wrong["planted_rule"].fillna("").to_numpy() != ""
+    planted = planted_mask(test[test["label"] == 1])
     report["n_test_incorrect_by_kind"] = {
         "natural": int((~planted).sum()),
         "planted": int(planted.sum()),
