@@ -29,7 +29,7 @@ from crv.verifier.config import VerifierConfig
 
 N_LAYERS, D_MODEL, CONTEXT = 2, 32, 96
 ATTRIBUTION = GraphsConfig(max_logits=3, max_feature_nodes=12, batch_size=16)
-FEATURES = FeaturesConfig(n_workers=1)
+FEATURES = FeaturesConfig()
 
 PROMPT = "Q: Evaluate (5+9)*(2+3)\n"
 STEPS = ["Step 1: 5+9=14, so 14*(2+3)", "Step 2: 2+3=5, so 14*5", "Step 3: 14*5=70, so 70"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
+import pandas as pd
 import pytest
 
 from crv.features.config import FeaturesConfig
@@ -48,13 +50,14 @@ def make_graph(kind, layer, activation, influence, edges, trace_id="t0", step=0,
 CHAIN_EDGES = [(3, 0, 2.0), (0, 1, -0.5), (1, 4, 1.0), (2, 4, 0.5)]
 
 
-def chain(edges=CHAIN_EDGES):
+def chain(edges=CHAIN_EDGES, trace_id="t0"):
     return make_graph(
         kind=[0, 0, 1, 2, 3],
         layer=[0, 2, 1, -1, 4],
         activation=[1.0, 3.0, 0.0, 0.0, 0.9],
         influence=[0.5, 0.8, 0.3, 0.2, 0.9],
         edges=edges,
+        trace_id=trace_id,
     )
 
 
@@ -177,7 +180,7 @@ def test_feature_table_keys_and_labels():
         chain(),
         make_graph([0, 3], [1, 4], [1.0, 1.0], [1.0, 1.0], [(0, 1, 1.0)], step=1, position=9),
     ]
-    table = feature_table(graphs, keys, 4, FeaturesConfig(n_workers=1), seed=0)
+    table = feature_table(graphs, keys, 4, FeaturesConfig(), seed=0)
     assert list(table.columns) == [*KEY_COLUMNS, *feature_names(4)]
     assert table["step_id"].tolist() == ["t0:0", "t0:1"]
     assert table["label"].tolist() == [0, 1]
@@ -185,10 +188,11 @@ def test_feature_table_keys_and_labels():
     assert table["task"].tolist() == ["arithmetic"] * 2
 
 
-def test_features_stage_writes_table(tmp_path, monkeypatch):
+@pytest.mark.parametrize("identity", [False, True])
+def test_features_stage_writes_table_and_resumes_from_its_scratch(tmp_path, identity):
+    """The stage reads the graph files, writes one result file per trace to its scratch
+    directory and keeps a finished one on a rerun: the table is the in-memory one."""
     import logging
-    import sys
-    import types
 
     from datasets import Dataset
 
@@ -198,42 +202,67 @@ def test_features_stage_writes_table(tmp_path, monkeypatch):
         load_feature_table,
         run_stage,
     )
+    from crv.graphs.store import save_step_graphs, trace_file
     from crv.pipeline import StageContext
 
-    steps = [
-        {"index": i, "text": "", "label": i == 0, "parsed": True, "last_token": 5 + i}
-        for i in range(2)
-    ]
-    row = {
-        "id": "t0",
-        "task": "boolean",
-        "complexity": 5,
-        "split": "test",
-        "prompt_len": 3,
-        "steps": steps,
-    }
-    Dataset.from_list([row]).save_to_disk(str(tmp_path / "traces" / "dataset"))
-    graphs = [
-        chain(),
-        make_graph([0, 3], [0, 4], [1.0, 1.0], [1.0, 1.0], [(0, 1, 1.0)], step=1, position=6),
-    ]
-    store = types.ModuleType("crv.graphs.store")
-    store.iter_step_graphs = lambda path: iter(graphs)
-    monkeypatch.setitem(sys.modules, "crv.graphs.store", store)
-    out = tmp_path / "out"
+    rows, graphs = [], {}
+    for t, task in enumerate(("boolean", "arithmetic")):
+        steps = [
+            {"index": i, "text": "", "label": i == 0, "parsed": True, "last_token": 5 + i}
+            for i in range(2)
+        ]
+        tid = f"t{t}"
+        rows.append(
+            {"id": tid, "task": task, "complexity": 5, "split": "test", "prompt_len": 3}
+            | {"steps": steps}
+        )
+        graphs[tid] = [
+            chain(trace_id=tid),
+            make_graph(
+                [0, 3], [0, 4], [1.0, 1.0], [1.0, 1.0], [(0, 1, 1.0)], tid, step=1, position=6
+            ),
+        ]
+        save_step_graphs(trace_file(tmp_path / "graphs", tid), tid, graphs[tid])
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "traces" / "dataset"))
     inputs = {"traces": tmp_path / "traces", "graphs": tmp_path / "graphs"}
-    ctx = StageContext(
-        "features", FeaturesConfig(), inputs, out, tmp_path, 0, "cpu", logging.getLogger("t")
+
+    def run(out: Path) -> dict:
+        ctx = StageContext(
+            "features",
+            FeaturesConfig(identity=identity),
+            inputs,
+            out,
+            tmp_path / "scratch",
+            0,
+            "cpu",
+            logging.getLogger("t"),
+        )
+        return run_stage(ctx)
+
+    report = run(tmp_path / "out")
+    assert report["n_layers"] == 4 and report["n_features"] == 27 and report["n_incorrect"] == 2
+    assert report["n_resumed_traces"] == 0
+    table = load_feature_table(tmp_path / "out")
+    assert table["step_id"].tolist() == ["t0:0", "t0:1", "t1:0", "t1:1"]
+    assert table["label"].tolist() == [0, 1, 0, 1]
+    assert table["n_prefix_tokens"].tolist() == [10, 7, 10, 7]
+    keys = step_key_table(Dataset.from_list(rows))
+    in_memory = feature_table(
+        [g for gs in graphs.values() for g in gs],
+        keys,
+        4,
+        FeaturesConfig(identity=identity),
+        seed=0,
     )
-    report = run_stage(ctx)
-    assert report["n_layers"] == 4 and report["n_features"] == 27 and report["n_incorrect"] == 1
-    table = load_feature_table(out)
-    assert table["label"].tolist() == [0, 1] and table["n_prefix_tokens"].tolist() == [10, 7]
-    assert load_feature_names(out) == feature_names(4)
-    assert (
-        load_feature_meta(out)["seed"] == 0
-        and load_feature_meta(out)["config"]["betweenness_k"] == 32
-    )
+    pd.testing.assert_frame_equal(table, in_memory)
+    assert load_feature_names(tmp_path / "out") == feature_names(4)
+    meta = load_feature_meta(tmp_path / "out")
+    assert meta["seed"] == 0 and meta["config"]["betweenness_k"] == 32
+
+    (tmp_path / "scratch" / "features" / "t1.json").unlink()
+    again = run(tmp_path / "again")
+    assert again["n_resumed_traces"] == 1
+    pd.testing.assert_frame_equal(load_feature_table(tmp_path / "again"), table)
 
 
 def identity_graph(trace_id="t0", step=0, position=9):

@@ -3,7 +3,8 @@ the random, margin-matched and second-choice controls, and the rates with their 
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import json
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -672,7 +673,7 @@ def test_run_stage_end_to_end(subject, tmp_path):
     from crv.features.config import FeaturesConfig
     from crv.features.stage import TABLE_FILE, feature_names, feature_table, step_key_table
     from crv.graphs.store import save_step_graphs, trace_file
-    from crv.interventions.stage import RESULTS_FILE, graph_scorer, run_stage
+    from crv.interventions.stage import RESULTS_FILE, attempt_from_dict, graph_scorer, run_stage
     from crv.io import atomic_write_json, read_json
     from crv.pipeline import MANIFEST, MissingArtifactError, StageContext
     from crv.transcoders.io import save_transcoder_set
@@ -781,3 +782,15 @@ def test_run_stage_end_to_end(subject, tmp_path):
         assert {"fixed_step_rate", "broke_rate", "diff", "diff_ci"} <= set(block)
         assert block["diff_ci"] is not None
     assert result["examples"] and "## " not in interventions_markdown(result)
+
+    # each step's attempt is a scratch file that reads back as the same attempt; a rerun
+    # keeps the finished ones and recomputes the missing one identically
+    assert result["n_resumed_steps"] == 0
+    for d in saved["attempts"]:
+        assert json.loads(json.dumps(attempt_from_dict(d).to_dict())) == d  # tuples: lists
+    attempt_files = sorted((tmp_path / "scratch" / "attempts").iterdir())
+    assert len(attempt_files) == len(saved["attempts"])
+    attempt_files[0].unlink()
+    again = run_stage(replace(ctx, out=tmp_path / "again"))
+    assert again["n_resumed_steps"] == len(attempt_files) - 1
+    assert read_json(tmp_path / "again" / RESULTS_FILE) == saved

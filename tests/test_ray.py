@@ -22,6 +22,7 @@ from test_config import composed  # noqa: E402
 
 from crv.baselines.stage import load_baseline_table, load_probe_inputs  # noqa: E402
 from crv.executor import run_sharded  # noqa: E402
+from crv.features.stage import load_feature_table  # noqa: E402
 from crv.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from crv.pipeline import run_pipeline  # noqa: E402
 from crv.runtime import RuntimeConfig  # noqa: E402
@@ -119,13 +120,14 @@ def figures(metrics: object) -> object:
 
 
 def test_pipeline_on_ray_gives_the_local_artifacts(tmp_path: Path):
-    """Smoke settings (smaller transcoders) through the verifier, once local and once with
+    """Smoke settings (smaller transcoders) through the interventions, once local and once with
     2 Ray workers on a fresh cache holding only the local subject and transcoders (their
     stages do not shard), plus two finished graphs in the graphs stage's scratch: same
-    traces, graphs, baseline scores and reported figures."""
-    cfg = composed(SMALL)
+    traces, graphs, features, baseline scores, intervention attempts and reported figures."""
+    # the training split: these small transcoders' verifier flags no test step
+    cfg = composed([*SMALL, "interventions.split=train"])
     sections = {name: getattr(cfg, name) for name in vars(cfg)}
-    run = partial(run_pipeline, sections, ["verifier"], seed=0, device="cpu")
+    run = partial(run_pipeline, sections, ["interventions"], seed=0, device="cpu")
     local = {r.name: r for r in run(cache_root=tmp_path / "local")}
 
     ray_cache = tmp_path / "ray"
@@ -141,13 +143,19 @@ def test_pipeline_on_ray_gives_the_local_artifacts(tmp_path: Path):
     assert not on_ray["traces"].reused and not on_ray["graphs"].reused
     assert on_ray["traces"].metrics["n_resumed_batches"] == 0
     assert on_ray["graphs"].metrics["n_resumed_traces"] == 2
-    for stage in ("traces", "graphs", "features", "baselines", "verifier"):
+    for stage in ("traces", "graphs", "features", "baselines", "verifier", "interventions"):
         assert figures(on_ray[stage].metrics) == figures(local[stage].metrics), stage
     assert (on_ray["traces"].path / "dataset").exists()
     from crv.traces.stage import load_traces
 
     assert (
         load_traces(on_ray["traces"].path).to_list() == load_traces(local["traces"].path).to_list()
+    )
+    attempts = read_json(on_ray["interventions"].path / "interventions.json")["attempts"]
+    assert attempts, "no flagged step attempted: the comparison would be empty"
+    assert attempts == read_json(local["interventions"].path / "interventions.json")["attempts"]
+    pd.testing.assert_frame_equal(
+        load_feature_table(on_ray["features"].path), load_feature_table(local["features"].path)
     )
     for load in (load_baseline_table, load_probe_inputs):
         pd.testing.assert_frame_equal(

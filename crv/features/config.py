@@ -20,10 +20,6 @@ class FeaturesConfig:
     betweenness_k: int = 32
     """Number of sampled source nodes for approximate betweenness on large graphs."""
 
-    n_workers: int = 1
-    """Processes computing features (graphs are independent); 1 computes in-process. Extra
-    processes pay a start-up cost and help only on otherwise idle cores."""
-
     identity: bool = False
     """Add the feature-identity family: which (layer, feature) nodes and which layers'
     error nodes carry influence in the step's graph, influence-weighted and sparse
@@ -36,6 +32,6 @@ class FeaturesConfig:
     def __post_init__(self) -> None:
         if self.n_layers is not None and self.n_layers < 1:
             raise ValueError(f"features.n_layers must be >= 1 or None, got {self.n_layers}")
-        for name in ("betweenness_exact_max_nodes", "betweenness_k", "n_workers"):
+        for name in ("betweenness_exact_max_nodes", "betweenness_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"features.{name} must be >= 1, got {getattr(self, name)}")

@@ -60,11 +60,10 @@ columns would not do.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
 import time
-from collections.abc import Iterable, Iterator
-from multiprocessing import get_context
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +75,7 @@ from scipy.sparse.csgraph import shortest_path
 
 from crv.features.config import FeaturesConfig
 from crv.graphs.graph import ERROR, FEATURE, LOGIT, TOKEN, StepGraph
+from crv.graphs.store import read_step_graphs
 from crv.io import atomic_write, atomic_write_json, read_json
 from crv.pipeline import StageContext, artifact_config
 
@@ -332,12 +332,31 @@ def step_key_table(traces) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*KEY_COLUMNS, "last_token", "prev_last_token"])
 
 
-def _features_job(
-    args: tuple[StepGraph, int, FeaturesConfig, int],
-) -> tuple[str, dict[str, float], dict[str, float] | None]:
-    g, n_layers, cfg, seed = args
+StepRow = tuple[str, dict[str, float], dict[str, float] | None]
+"""One step graph's features: (step_id, the aggregate families with `n_prefix_tokens`, the
+identity family or None when it is off)."""
+
+
+def step_row(g: StepGraph, n_layers: int, cfg: FeaturesConfig, seed: int) -> StepRow:
+    """The features of one step graph, as `table_from_rows` takes them."""
     dense = {"n_prefix_tokens": int(g.position) + 1, **_aggregate_features(g, n_layers, cfg, seed)}
     return f"{g.trace_id}:{int(g.step)}", dense, identity_features(g) if cfg.identity else None
+
+
+def trace_rows(
+    n_layers: int, cfg: FeaturesConfig, seed: int, items: list[tuple[Path, Path]]
+) -> None:
+    """The work of one executor shard: for each (trace's graph file, result file), the
+    `step_row` of every step graph of the trace, written to the result file as JSON
+    (floats round-trip exactly, NaN included)."""
+    for graph_file, out in items:
+        rows = [step_row(g, n_layers, cfg, seed) for g in read_step_graphs(graph_file)]
+        atomic_write_json(out, [list(r) for r in rows])
+
+
+def read_trace_rows(path: Path) -> list[StepRow]:
+    """The rows `trace_rows` wrote to `path`."""
+    return [(step_id, dense, identity) for step_id, dense, identity in read_json(path)]
 
 
 def feature_table(
@@ -347,19 +366,22 @@ def feature_table(
     cfg: FeaturesConfig,
     seed: int,
 ) -> pd.DataFrame:
+    """The feature table of step graphs held in memory (the stage computes the same from
+    the graph files, `trace_rows`)."""
+    rows = [step_row(g, n_layers, cfg, seed) for g in graphs]
+    return table_from_rows(rows, keys, n_layers, cfg.identity)
+
+
+def table_from_rows(
+    rows: list[StepRow], keys: pd.DataFrame, n_layers: int, identity: bool
+) -> pd.DataFrame:
     """The feature table: `KEY_COLUMNS` (from `keys`, n_prefix_tokens = position + 1)
-    followed by `feature_names(n_layers)`, one row per graph (every graph's step must be in
-    `keys`); when `cfg.identity`, then the identity family as pandas sparse columns
-    (`identity_matrix`; absent entries are missing)."""
-    jobs = ((g, n_layers, cfg, seed) for g in graphs)
-    if cfg.n_workers > 1:
-        with get_context("spawn").Pool(cfg.n_workers) as pool:
-            results = list(pool.imap(_features_job, jobs, chunksize=16))
-    else:
-        results = [_features_job(j) for j in jobs]
+    followed by `feature_names(n_layers)`, one row per step row (every step must be in
+    `keys`), sorted by trace and step; with `identity`, then the identity family as pandas
+    sparse columns (`identity_matrix`; absent entries are missing)."""
     names = feature_names(n_layers)
     feats = pd.DataFrame(
-        [{"step_id": step_id, **f} for step_id, f, _ in results],
+        [{"step_id": step_id, **f} for step_id, f, _ in rows],
         columns=["step_id", "n_prefix_tokens", *names],
     )
     unknown = feats.loc[~feats["step_id"].isin(keys["step_id"]), "step_id"]
@@ -369,9 +391,9 @@ def feature_table(
     table = keys[key_cols].merge(feats, on="step_id", how="inner", validate="one_to_one")
     table = table[[*KEY_COLUMNS, *names]].astype({n: np.float64 for n in names})
     table = table.sort_values(["trace_id", "step"], kind="stable").reset_index(drop=True)
-    if not cfg.identity:
+    if not identity:
         return table
-    identity_of = {step_id: ident for step_id, _, ident in results}
+    identity_of = {step_id: ident for step_id, _, ident in rows}
     matrix, id_names = identity_matrix([identity_of[s] for s in table["step_id"]])
     return with_identity(table, matrix, id_names)
 
@@ -391,31 +413,40 @@ def split_identity(table: pd.DataFrame) -> tuple[pd.DataFrame, csr_matrix, list[
     return dense, table[names].sparse.to_coo().tocsr(), names
 
 
-def _infer_n_layers(graphs: Iterator[StepGraph]) -> tuple[int, Iterator[StepGraph]]:
-    """n_layers from the first graph with logit nodes; returns the graphs unconsumed."""
-    seen: list[StepGraph] = []
+def infer_n_layers(graphs: Iterable[StepGraph]) -> int:
+    """n_layers from the first graph with logit nodes (their `layer` is n_layers)."""
     for g in graphs:
-        seen.append(g)
         if np.any(g.kind == LOGIT):
-            return int(g.layer[g.kind == LOGIT].max()), itertools.chain(seen, graphs)
+            return int(g.layer[g.kind == LOGIT].max())
     raise ValueError("cannot infer n_layers: no graph has logit nodes; set features.n_layers")
 
 
 def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
-    """`features` stage: one row of graph features per step graph (+ the identity block)."""
-    from crv.graphs.store import iter_step_graphs
+    """`features` stage: one row of graph features per step graph (+ the identity block).
+    Traces are computed by `crv.executor` (in this process, or sharded over Ray workers),
+    one result file per trace in the scratch directory, then merged: every step's features
+    depend only on its graph, the config and the seed, so both give the same table."""
+    from urllib.parse import quote
+
+    from crv.executor import run_sharded
+    from crv.graphs.store import iter_step_graphs, trace_file, trace_ids
     from crv.traces.stage import load_traces
 
     cfg: FeaturesConfig = ctx.cfg
     t0 = time.perf_counter()
     keys = step_key_table(load_traces(ctx.inputs["traces"]))
-    graphs: Iterator[StepGraph] = iter(iter_step_graphs(ctx.inputs["graphs"]))
     if cfg.n_layers is None:
-        n_layers, graphs = _infer_n_layers(graphs)
+        n_layers = infer_n_layers(iter_step_graphs(ctx.inputs["graphs"]))
     else:
         n_layers = cfg.n_layers
+    ids = trace_ids(ctx.inputs["graphs"])
+    graph_files = [trace_file(ctx.inputs["graphs"], trace_id) for trace_id in ids]
+    files = [ctx.scratch / "features" / f"{quote(t, safe='')}.json" for t in ids]
+    work = partial(trace_rows, n_layers, cfg, ctx.seed)
+    n_resumed = run_sharded(graph_files, files, work, ctx.runtime, ctx.device)
+    rows = [row for f in files for row in read_trace_rows(f)]
     table, matrix, identity_names = split_identity(
-        feature_table(graphs, keys, n_layers, cfg, ctx.seed)
+        table_from_rows(rows, keys, n_layers, cfg.identity)
     )
     atomic_write(ctx.out / TABLE_FILE, lambda p: table.to_parquet(p, index=False))
     if cfg.identity:
@@ -441,6 +472,7 @@ def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
         "n_incorrect": int((labelled["label"] == 1).sum()),
         "n_features": len(names),
         "n_layers": n_layers,
+        "n_resumed_traces": n_resumed,
         "seconds_per_graph": seconds / max(len(table), 1),
     }
     if cfg.identity:

@@ -149,6 +149,12 @@ class Outcome:
             "replacement": self.replacement,
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Outcome:
+        """The outcome `to_dict` gave."""
+        proposal = Proposal.from_dict(d["proposal"]) if d["proposal"] else None
+        return cls(**{**d, "proposal": proposal})
+
 
 def relabel(
     tokenizer: Any,

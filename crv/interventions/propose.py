@@ -52,6 +52,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,11 @@ class Proposal:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Proposal:
+        """The proposal `to_dict` gave."""
+        return cls(**{**d, "positions": tuple(d["positions"])})
 
 
 def _candidate_nodes(graph: StepGraph, lo: int) -> np.ndarray:

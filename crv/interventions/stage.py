@@ -3,15 +3,18 @@
 Flagged steps are the labelled steps of the configured split (tasks with a programmatic
 checker only) whose verifier score reaches the verifier's threshold. Incorrect ones (true
 alarms) get the no-intervention regeneration, N proposals, N random and N margin-matched
-controls (one batch per step), and the second-choice regeneration (every step's in one
-batch at the end); correct ones (false alarms) the same with N = 1. Every attempt goes to
+controls (one batch per step), and the second-choice regeneration; correct ones (false
+alarms) the same with N = 1. Each step is attempted on its own (`crv.executor`: in this
+process or sharded over Ray workers), its attempt written to the stage's scratch directory
+so that a killed run resumes with the steps it has not finished. Every attempt goes to
 `interventions.json`; the returned dict is the report section.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +26,7 @@ from crv.graphs.graph import StepGraph
 from crv.interventions.apply import (
     Outcome,
     SecondChoice,
+    StepSpan,
     active_features,
     margin_drops,
     regenerate_batch,
@@ -38,7 +42,7 @@ from crv.interventions.propose import (
     random_control,
     step_rng,
 )
-from crv.io import atomic_write_json
+from crv.io import atomic_write_json, read_json
 from crv.pipeline import StageContext
 from crv.tasks import TASKS, Problem
 
@@ -106,20 +110,20 @@ def attempt_step(
     tset: TranscoderSet,
     tokenizer: PreTrainedTokenizerBase,
     row: dict[str, Any],
-    flagged: Any,
+    flagged: Mapping[str, Any],
     graph: StepGraph,
     cfg: InterventionsConfig,
     seed: int,
     score_graph: Callable[[StepGraph], float] | None,
-) -> tuple[StepAttempt, SecondChoice]:
-    """The feature-edit regenerations of one flagged step (`flagged`: its feature-table row
-    + score, a pandas `itertuples` row), and its second-choice regeneration still to run
-    (`add_second_choices`)."""
-    step = row["steps"][int(flagged.step)]
+) -> StepAttempt:
+    """Everything tried on one flagged step (`flagged`: its `step_id`, `step`, `label` and
+    verifier `score`): the feature-edit regenerations as one batch, then the second-choice
+    regeneration."""
+    step = row["steps"][int(flagged["step"])]
     span = step_span(row, step, tokenizer)
     window = span.window(graph.position)
     active = active_features(adapter, tset, row["input_ids"], window)
-    incorrect = int(flagged.label) == 1
+    incorrect = int(flagged["label"]) == 1
     n = cfg.n_proposals if incorrect else 1
 
     def drops(proposals: list[Proposal]) -> list[float]:
@@ -127,7 +131,7 @@ def attempt_step(
 
     choice = (cfg.rank_by, cfg.action, cfg.amplify_scale, cfg.scope)
     proposals = propose(graph, window, active, n, *choice, score_graph, cfg.candidate_pool, drops)
-    rng = step_rng(seed, flagged.step_id)
+    rng = step_rng(seed, flagged["step_id"])
     controls = random_control(proposals, active, rng)
     pool = propose(graph, window, active, cfg.candidate_pool, "influence", *choice[1:])
     matched = margin_matched_control(pool, proposals, active, n, rng, drops)
@@ -145,12 +149,12 @@ def attempt_step(
     for outcome in outcomes[1:]:
         by_condition.setdefault(outcome.condition, []).append(outcome)
     attempt = StepAttempt(
-        step_id=flagged.step_id,
+        step_id=flagged["step_id"],
         trace_id=row["id"],
         step=int(step["index"]),
         task=row["task"],
         incorrect=incorrect,
-        score=float(flagged.score),
+        score=float(flagged["score"]),
         original_text=step["text"],
         original_final_correct=bool(row["final_correct"]),
         span=span,
@@ -162,35 +166,88 @@ def attempt_step(
         margin_matched=by_condition.get("margin_matched", []),
         planted_rule=str(step.get("planted_rule") or ""),
     )
-    return attempt, SecondChoice(row, step["index"], span, graph.position, budget)
+    second = SecondChoice(row, step["index"], span, graph.position, budget)
+    attempt.second_choice = [
+        o for o in regenerate_second_choices(adapter, tokenizer, [second]) if o
+    ]
+    return attempt
 
 
-def add_second_choices(
-    adapter: ArchAdapter,
-    tokenizer: PreTrainedTokenizerBase,
-    attempts: list[StepAttempt],
-    todo: list[SecondChoice],
+def attempt_from_dict(d: Mapping[str, Any]) -> StepAttempt:
+    """The attempt `StepAttempt.to_dict` gave (a proposal or control is the proposal of
+    its outcome)."""
+    outcomes = [Outcome.from_dict(o) for o in d["outcomes"]]
+
+    def of(condition: str) -> list[Outcome]:
+        return [o for o in outcomes if o.condition == condition]
+
+    graph, random = of("graph"), of("random")
+    return StepAttempt(
+        step_id=d["step_id"],
+        trace_id=d["trace_id"],
+        step=d["step"],
+        task=d["task"],
+        incorrect=d["incorrect"],
+        score=d["score"],
+        original_text=d["original_text"],
+        original_final_correct=d["original_final_correct"],
+        span=StepSpan(d["first_token"], d["last_token"]),
+        proposals=[o.proposal for o in graph if o.proposal],
+        controls=[o.proposal for o in random if o.proposal],
+        none=of("none")[0],
+        graph=graph,
+        random=random,
+        margin_matched=of("margin_matched"),
+        second_choice=of("second_choice"),
+        planted_rule=d["planted_rule"],
+    )
+
+
+def attempt_steps(
+    inputs: Mapping[str, Path],
+    cfg: InterventionsConfig,
+    seed: int,
+    device: str,
+    items: list[tuple[dict[str, Any], Path]],
 ) -> None:
-    """Run the steps' second-choice regenerations as one batch and file each under its
-    attempt."""
-    for attempt, outcome in zip(
-        attempts, regenerate_second_choices(adapter, tokenizer, todo), strict=True
-    ):
-        attempt.second_choice = [outcome] if outcome else []
-
-
-def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
-    """Intervene on a sample of flagged steps; write every attempt; return the rates."""
-    from crv.features.stage import load_feature_table
+    """The work of one executor shard: load the subject with its transcoders (and the
+    verifiers, to rank by them) once, then write each flagged step's attempt
+    (`attempt_step`) to its file as JSON."""
     from crv.graphs.store import load_step_graphs
     from crv.traces.stage import load_traces
     from crv.transcoders.io import load_subject_with_transcoders
 
-    cfg = ctx.cfg
-    loaded = load_subject_with_transcoders(
-        ctx.inputs["subject"], ctx.inputs["transcoders"], ctx.device
-    )
+    loaded = load_subject_with_transcoders(inputs["subject"], inputs["transcoders"], device)
     tokenizer, adapter, tset = loaded.tokenizer, loaded.adapter, loaded.transcoders
+    scorer = None
+    if cfg.rank_by == "verifier":
+        verifiers = load_verifiers(inputs["verifier"], sorted(TASKS), cfg.verifier)
+        scorer = graph_scorer(inputs["features"], verifiers, adapter.n_layers, seed)
+    traces = load_traces(inputs["traces"])
+    row_of = {tid: i for i, tid in enumerate(traces["id"])}
+    for flag, file in tqdm(items, desc="interventions", unit="step"):
+        row = traces[row_of[flag["trace_id"]]]
+        graph = next(
+            g
+            for g in load_step_graphs(inputs["graphs"], flag["trace_id"])
+            if g.step == flag["step"]
+        )
+        score_graph = (lambda g, task=row["task"]: scorer(task, g)) if scorer else None
+        attempt = attempt_step(adapter, tset, tokenizer, row, flag, graph, cfg, seed, score_graph)
+        atomic_write_json(file, attempt.to_dict())
+
+
+def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
+    """Intervene on a sample of flagged steps; write every attempt; return the rates. The
+    steps are attempted by `crv.executor` (in this process, or sharded over Ray workers
+    with one model replica each), one result file per step in the scratch directory: every
+    step's attempt depends only on the step, the config and the seed."""
+    from urllib.parse import quote
+
+    from crv.executor import run_sharded
+    from crv.features.stage import load_feature_table
+
+    cfg = ctx.cfg
     verifiers = load_verifiers(ctx.inputs["verifier"], sorted(TASKS), cfg.verifier)
     flagged = flag_steps(load_feature_table(ctx.inputs["features"]), verifiers, cfg.split)
     wrong, right = flagged[flagged["label"] == 1], flagged[flagged["label"] == 0]
@@ -198,31 +255,21 @@ def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
     chosen = pd.concat(
         [sample_steps(wrong, cfg.max_steps, rng), sample_steps(right, cfg.max_correct_steps, rng)]
     )
-    scorer = None
-    if cfg.rank_by == "verifier":
-        scorer = graph_scorer(ctx.inputs["features"], verifiers, adapter.n_layers, ctx.seed)
-    traces = load_traces(ctx.inputs["traces"])
-    row_of = {tid: i for i, tid in enumerate(traces["id"])}
     ctx.log.info(
         "interventions: %d flagged incorrect, %d false alarms; attempting %d steps",
         len(wrong),
         len(right),
         len(chosen),
     )
-    attempts: list[StepAttempt] = []
-    second_choices: list[SecondChoice] = []
-    for flag in tqdm(list(chosen.itertuples(index=False)), desc="interventions", unit="step"):
-        row = traces[row_of[flag.trace_id]]
-        graph = next(
-            g for g in load_step_graphs(ctx.inputs["graphs"], flag.trace_id) if g.step == flag.step
-        )
-        score_graph = (lambda g, task=row["task"]: scorer(task, g)) if scorer else None
-        attempt, second = attempt_step(
-            adapter, tset, tokenizer, row, flag, graph, cfg, ctx.seed, score_graph
-        )
-        attempts.append(attempt)
-        second_choices.append(second)
-    add_second_choices(adapter, tokenizer, attempts, second_choices)
+    items = [
+        {"step_id": f.step_id, "trace_id": f.trace_id, "step": int(f.step)}
+        | {"label": int(f.label), "score": float(f.score)}
+        for f in chosen.itertuples(index=False)
+    ]
+    files = [ctx.scratch / "attempts" / f"{quote(it['step_id'], safe='')}.json" for it in items]
+    work = partial(attempt_steps, dict(ctx.inputs), cfg, ctx.seed, ctx.device)
+    n_resumed = run_sharded(items, files, work, ctx.runtime, ctx.device)
+    attempts = [attempt_from_dict(read_json(f)) for f in files]
     atomic_write_json(
         ctx.out / RESULTS_FILE,
         {"config": dataclasses.asdict(cfg), "attempts": [a.to_dict() for a in attempts]},
@@ -231,4 +278,4 @@ def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
     settings = {
         k: getattr(cfg, k) for k in ("rank_by", "action", "scope", "n_proposals", "verifier")
     }
-    return {**settings, **result}
+    return {**settings, **result, "n_resumed_steps": n_resumed}
