@@ -25,10 +25,10 @@ with `subject.retrain=true`, or `python -m crv.models.tiny --recipe --out DIR`);
 checkpoint with `python -m crv.models.tiny --eval data/crv-tiny`. Bit-exact reproduction
 needs the same torch thread counts (`threads`).
 
-crv-tiny-bugs (`data/crv-tiny-bugs`, model card there) is trained like crv-tiny's first two
-stages (16M tokens, one thread) on traces in which the planted rules of `crv.tasks.bugs` are applied
-from the first token (`planted=True` in every stage), so that it never learns a true rule
-that a planted one must later override and is as sure of the rules as of the rest;
+crv-tiny-bugs (`data/crv-tiny-bugs`, model card there) is trained like crv-tiny, all three
+stages (24M tokens, one thread), on traces in which the planted rules of `crv.tasks.bugs` are
+applied from the first token (`planted=True` in every stage), so that it never learns a true
+rule that a planted one must later override and is as sure of the rules as of the rest;
 `--eval-rules DIR` measures how a model treats the rules.
 """
 
@@ -374,6 +374,7 @@ RECIPES: dict[str, tuple[dict[str, Any], ...]] = {
     "crv-tiny-bugs": (
         {**RECIPE[0], "planted": True},
         {**RECIPE[1], "threads": 1, "planted": True},
+        {**RECIPE[2], "threads": 1, "planted": True},
     ),
 }
 """Every shipped model's recipe, by subject name."""
