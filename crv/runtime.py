@@ -22,7 +22,8 @@ class Executor(Choice):
 
 @dataclass
 class RuntimeConfig:
-    """How per-trace stages (traces generation, graphs) run; never part of a cache key."""
+    """How per-item stages (traces generation, graphs, features, baselines, interventions)
+    run; never part of a cache key."""
 
     executor: Executor = Executor.local
     """`local`: in this process, as one shard; `ray`: shards run as Ray tasks, one model
