@@ -99,13 +99,15 @@ def generate_greedy(
     progress: bool | None = None,
     stop_patterns: Sequence[str] = (),
     add_special_tokens: bool = True,
+    on_done: Callable[[int], object] | None = None,
 ) -> list[GenerationResult]:
     """Greedy-decode every prompt; results come back in the order of `prompts`.
 
     `max_new_tokens` is either one cap for all prompts or a function of the prompt text (for
     example one that grows with the problem's size). `progress=None` shows a bar, moving per
-    finished prompt, for more than one prompt. `add_special_tokens=False` for prompts that
-    already hold them (a rendered chat template).
+    finished prompt, for more than one prompt; `on_done(n)` is called as n more prompts
+    finish (a caller's own bar over several calls). `add_special_tokens=False` for prompts
+    that already hold them (a rendered chat template).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -125,6 +127,12 @@ def generate_greedy(
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
+
+    def finished(n: int) -> None:
+        bar.update(n)
+        if on_done is not None:
+            on_done(n)
+
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -136,7 +144,7 @@ def generate_greedy(
                     pad_id,
                     device,
                     should_stop=should_stop,
-                    on_done=bar.update,
+                    on_done=finished,
                 )
                 for i, (ids, stopped) in zip(batch, outs, strict=True):
                     results[i] = GenerationResult(

@@ -140,3 +140,14 @@ def test_progress_moves_per_finished_prompt(model, tokenizer):
         on_done=finished.append,
     )
     assert finished == [1, 1, 1, 1, 1]
+
+
+def test_generate_greedy_reports_each_finished_prompt_to_its_caller(model, tokenizer):
+    """The traces stage's bar spans several calls (batches) and moves per prompt."""
+    finished = []
+    caps = dict(zip(PROMPTS, [2, 4, 6, 8, 10], strict=True))
+    generate_greedy(
+        model, tokenizer, PROMPTS, caps.__getitem__, len(PROMPTS), progress=False,
+        on_done=finished.append,
+    )  # fmt: skip
+    assert sum(finished) == len(PROMPTS) and len(finished) > 1

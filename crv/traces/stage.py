@@ -204,7 +204,9 @@ def generate_batches(
     from crv.models.loading import load_subject
 
     model, tokenizer = load_subject(subject_dir, device)
-    for batch, file in tqdm(batches, desc="generate", unit="batch"):
+    # moves per finished prompt: a real model's batch takes minutes
+    bar = tqdm(total=sum(len(b) for b, _ in batches), desc="generate", unit="prompt")
+    for batch, file in batches:
         caps = {r["prompt"]: r["cap"] for r in batch}
         generated = generate_greedy(
             model,
@@ -215,11 +217,13 @@ def generate_batches(
             progress=False,
             stop_patterns=stop,
             add_special_tokens=add_special_tokens,
+            on_done=bar.update,
         )
         atomic_write_json(
             file,
             {r["id"]: asdict(g) for r, g in zip(batch, generated, strict=True)},
         )
+    bar.close()
 
 
 def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
