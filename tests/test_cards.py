@@ -77,6 +77,26 @@ def test_logit_effects_equal_a_hand_computation():
     np.testing.assert_allclose(down_val, [[-3.0, 0.0], [-1.0, 0.2]])
 
 
+def test_logit_effects_go_in_chunks_that_fit_the_budget(monkeypatch):
+    """Rows go as many at a time as the logits budget holds; the result does not depend on
+    it."""
+    import crv.cards.stage as cards_stage
+
+    gen = torch.Generator().manual_seed(0)
+    W_dec, W_U = torch.randn(10, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    whole = logit_effects(W_dec, W_U, 3, chunk=10)
+    seen = []
+    real_topk = torch.Tensor.topk
+    monkeypatch.setattr(
+        torch.Tensor, "topk", lambda t, *a, **k: seen.append(t.shape[0]) or real_topk(t, *a, **k)
+    )
+    monkeypatch.setattr(cards_stage, "LOGITS_BUDGET_BYTES", 3 * 50 * 4)  # 3 rows of logits
+    chunked = logit_effects(W_dec, W_U, 3)
+    assert max(seen) == 3 and sum(seen) == 2 * 10
+    for a, b in zip(whole, chunked, strict=True):  # ids, values (matmul shapes: last bits)
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_compute_cards_matches_a_direct_pass():
     """Batched streaming cards equal frequencies and top activations computed from one
     forward pass per sequence, and every context window is the sequence around the token."""

@@ -41,6 +41,7 @@ from safetensors.numpy import load_file, save_file
 
 from crv.cards.config import CardsConfig
 from crv.cards.topk import StreamingTopK
+from crv.device import LOGITS_BUDGET_BYTES
 from crv.io import atomic_write, atomic_write_json, read_json
 from crv.pipeline import StageContext
 
@@ -90,12 +91,15 @@ def _token_table(batch: Sequence[Sequence[int]], row0: int, before: int, after: 
 
 @torch.no_grad()
 def logit_effects(
-    W_dec_FD: torch.Tensor, W_U_VD: torch.Tensor, m: int, chunk: int = 4096
+    W_dec_FD: torch.Tensor, W_U_VD: torch.Tensor, m: int, chunk: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The m most promoted and most suppressed tokens of each decoder row through the
     unembedding, `W_dec[f] @ W_U.T` (no final norm): ids and values, [F, m] each, promoted
-    largest first, suppressed most negative first."""
+    largest first, suppressed most negative first. Rows go `chunk` at a time, by default as
+    many as `LOGITS_BUDGET_BYTES` holds (a 3,584-row layer against Qwen's 152k-token
+    vocabulary is 2.2 GB of logits in one piece; it set the Qwen benchmark's peak)."""
     m = min(m, W_U_VD.shape[0])
+    chunk = chunk or max(1, LOGITS_BUDGET_BYTES // (4 * W_U_VD.shape[0]))
     out: list[list[np.ndarray]] = [[], [], [], []]
     W_U_VD = W_U_VD.float()
     for start in range(0, W_dec_FD.shape[0], chunk):

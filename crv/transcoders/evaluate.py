@@ -30,12 +30,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from crv.device import LOGITS_BUDGET_BYTES
 from crv.transcoders.activations import autocast_for, batch_sequences, model_activations, pad_batch
 from crv.transcoders.module import TranscoderSet
 from crv.transcoders.splice import splice, zero_ablate
-
-LOGITS_BUDGET_BYTES = 256 * 2**20
-"""Most fp32 logits one behaviour forward may produce (batch x longest sequence x vocab)."""
 
 
 def logits_batch_seqs(seqs: Sequence[Sequence[int]], batch_seqs: int, vocab_size: int) -> int:
