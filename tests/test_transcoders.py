@@ -15,6 +15,7 @@ from crv.transcoders.activations import (
     ActivationCache,
     batch_sequences,
     model_activations,
+    pad_batch,
     training_batches,
 )
 from crv.transcoders.config import Activation, TranscodersConfig
@@ -203,6 +204,38 @@ def test_activations_skip_bos_and_padding(tiny_model: torch.nn.Module) -> None:
     alone_x, alone_y = next(model_activations(tiny_model, adapter, [[seqs[1]]], [0, 1]))
     torch.testing.assert_close(chunks[0][0][:, :2], alone_x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunks[0][1][:, :2], alone_y, atol=1e-5, rtol=1e-5)
+
+
+def test_activations_never_compute_logits(tiny_model: torch.nn.Module) -> None:
+    """The activation pass stops before the unembedding (a real vocabulary's logits are
+    gigabytes per batch) and captures exactly what a full forward's hooks see."""
+    from crv.models.adapter import ArchAdapter
+
+    adapter = ArchAdapter.for_model(tiny_model)
+    seqs = [[1, 5, 6, 7], [1, 8, 9]]
+    heads = []
+    handle = tiny_model.get_output_embeddings().register_forward_hook(lambda *_: heads.append(1))
+    try:
+        x_LND, y_LND = next(model_activations(tiny_model, adapter, [seqs], [0, 1]))
+    finally:
+        handle.remove()
+    assert not heads
+    seen = {}
+    hooks = [
+        adapter.mlp(layer).register_forward_hook(
+            lambda _m, i, o, layer=layer: seen.__setitem__(layer, (i[0], o))
+        )
+        for layer in (0, 1)
+    ]
+    ids_BT, mask_BT = pad_batch(seqs, "cpu")
+    tiny_model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
+    for h in hooks:
+        h.remove()
+    keep_BT = mask_BT.bool()
+    keep_BT[:, 0] = False
+    for li in (0, 1):
+        torch.testing.assert_close(x_LND[li], seen[li][0][keep_BT], rtol=0, atol=0)
+        torch.testing.assert_close(y_LND[li], seen[li][1][keep_BT], rtol=0, atol=0)
 
 
 def test_training_batches_budget_and_cache(tmp_path: Path, tiny_model: torch.nn.Module) -> None:

@@ -237,6 +237,12 @@ class ArchAdapter:
         """Layer `layer`'s MLP: forward input[0] is MLP in [B, T, D], its output MLP out."""
         return _get(self.layers[layer], self._spec.mlp)
 
+    def run_body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """A forward pass through the embedding, the decoder blocks and the final norm, not
+        the unembedding: for work that reads activations through hooks. Logits would cost
+        tokens x vocabulary x 4 bytes (6.8 GB for 32 Qwen traces of 350 tokens)."""
+        self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
     def _check_norms(self) -> None:
         """Fail early if a norm module does not compute what its frozen version assumes."""
         for norm, frozen_norm in self._frozen_norms.items():

@@ -273,7 +273,7 @@ def model_activations(
         for seqs in seq_batches:
             ids_BT, mask_BT = pad_batch(seqs, device)
             with autocast_for(device):
-                model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)
+                adapter.run_body(ids_BT, mask_BT)  # no logits: only the hooks' captures
             keep_BT = mask_BT.bool()
             keep_BT[:, 0] = False
             x_LND = torch.stack([captured[layer][0][keep_BT] for layer in layers]).to(dtype)
