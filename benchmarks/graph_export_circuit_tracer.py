@@ -17,14 +17,15 @@ standard library, never crv:
 3. with `--screenshot FILE`, headless Chromium (`apt-get install chromium`) loads the viewer
    on the first graph (or `--slug`, with node `--clicked` selected) and saves a PNG.
 
-The viewer loads d3, its jetpack helpers, dagre and pako from script hosts. Without network,
-`--offline-libs node_modules` serves a copy of it that loads them from npm packages instead
-(`npm install d3-jetpack@2.3.0 dagre@0.8.5 pako@2.1.0`; jetpack 2.3's d3 7 bundle, with a
-small shim for what the viewer's newer jetpack adds: see `JETPACK_SHIM`).
+The bundled viewer loads d3, dagre and pako from script hosts. Without network, pass
+`--frontend` the offline copy that `crv-graphs serve` builds (`crv.graphs.viewer`: the same
+page with those libraries from npm), e.g. ~/.cache/crv/viewer/circuit-tracer-0.5.0.
+circuit-tracer's models need only pydantic, so a virtualenv with
+`pip install --no-deps circuit-tracer==0.5.0 pydantic` runs this script.
 
     crv-graphs export run=outputs/runs/<date>/<time> out=/tmp/view limit=5
     /tmp/ctvenv/bin/python benchmarks/graph_export_circuit_tracer.py /tmp/view \\
-        [--screenshot docs/viewer.png --slug SLUG --clicked NODE_ID --offline-libs node_modules]
+        [--screenshot docs/viewer.png --slug SLUG --clicked NODE_ID --frontend DIR]
 
 Prints one line per checked file kind and ends with `ok: N graphs, M feature files`.
 """
@@ -37,7 +38,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -97,62 +97,6 @@ def check_served(out: Path, port: int, slugs: list[str], features: list[Path]) -
     print(f"served: index.html, the index, {len(slugs)} graphs, {len(features)} feature files")
 
 
-OFFLINE_SCRIPTS = {
-    "static_js/lib/d3.js": "lib/d3v7+jetpack.js",  # d3 7 with the jetpack helpers
-    "dagre@0.8.5/dist/dagre.min.js": "lib/dagre.min.js",
-    "pako@2.1.0/dist/pako.min.js": "lib/pako.min.js",
-}
-"""The viewer's scripts from script hosts (tail of the URL) -> the local copy served instead;
-its jetpack_2024-07-20.js, npy_v0.js and hotserver-client-ws.js are left out."""
-JETPACK_SHIM = """
-  // offline copy: the bundle adds jetpack's methods to a second d3-selection; copy them over,
-  // and give conventions() the drawAxis(svg) of the viewer's newer jetpack
-  ['translate', 'append', 'insert', 'parent', 'selectAppend', 'tspans', 'appendMany', 'at',
-   'st', 'prop'].forEach(function (k) { exports.selection.prototype[k] = selection.prototype[k]; });
-  ['translate', 'at', 'st'].forEach(function (k) {
-    exports.transition.prototype[k] = transition.prototype[k]; });
-  var conventions0 = exports.conventions;
-  exports.conventions = function (c) {
-    c = conventions0(c);
-    c.drawAxis = function (svg) {
-      svg = svg || c.svg;
-      svg.append('g').attr('class', 'x axis')
-        .attr('transform', 'translate(0,' + c.height + ')').call(c.xAxis);
-      svg.append('g').attr('class', 'y axis').call(c.yAxis);
-    };
-    return c;
-  };
-"""
-
-
-def offline_frontend(node_modules: Path, dest: Path) -> Path:
-    """A copy of circuit-tracer's viewer that loads its libraries from `dest/lib`."""
-    from circuit_tracer.frontend.local_server import DEFAULT_FRONTEND_DIR
-
-    out = dest / "assets"
-    shutil.copytree(str(DEFAULT_FRONTEND_DIR), out)
-    (out / "lib").mkdir()
-    bundle = (node_modules / "d3-jetpack/build/d3v7+jetpack.js").read_text()
-    end = bundle.rindex("}));")
-    (out / OFFLINE_SCRIPTS["static_js/lib/d3.js"]).write_text(
-        bundle[:end] + JETPACK_SHIM + bundle[end:]
-    )
-    for name in ("dagre/dist/dagre.min.js", "pako/dist/pako.min.js"):
-        shutil.copy(node_modules / name, out / "lib")
-    page = out / "index.html"
-    lines = []
-    for line in page.read_text().splitlines():
-        if "<script src='https://" in line:
-            url = line.split("'")[1]
-            local = [v for k, v in OFFLINE_SCRIPTS.items() if url.endswith(k)]
-            if not local:
-                continue
-            line = line.replace(url, "./" + local[0])
-        lines.append(line)
-    page.write_text("\n".join(lines) + "\n")
-    return out
-
-
 def screenshot(port: int, slug: str, path: Path, clicked: str | None) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -190,27 +134,22 @@ def main() -> None:
     parser.add_argument("--slug", help="graph shown in the screenshot (default: the first)")
     parser.add_argument("--clicked", help="node id selected in the screenshot")
     parser.add_argument(
-        "--offline-libs",
+        "--frontend",
         type=Path,
-        help="a node_modules folder with d3-jetpack@2.3.0, dagre@0.8.5 and pako@2.1.0: serve a "
-        "copy of the viewer that loads them instead of its script hosts (no network here)",
+        help="a viewer page folder served instead of the bundled one, e.g. the offline copy "
+        "crv-graphs serve builds (~/.cache/crv/viewer/circuit-tracer-0.5.0)",
     )
     args = parser.parse_args()
     from circuit_tracer.frontend.local_server import serve
 
     slugs, features = validate(args.out)
-    scratch = tempfile.TemporaryDirectory(prefix="ct_viewer_")
-    frontend = (
-        offline_frontend(args.offline_libs, Path(scratch.name)) if args.offline_libs else None
-    )
-    server = serve(str(args.out.resolve()), frontend_dir=frontend, port=args.port)
+    server = serve(str(args.out.resolve()), frontend_dir=args.frontend, port=args.port)
     try:
         check_served(args.out, args.port, slugs, features)
         if args.screenshot:
             screenshot(args.port, args.slug or slugs[0], args.screenshot, args.clicked)
     finally:
         server.stop()
-        scratch.cleanup()
     print(f"ok: {len(slugs)} graphs, {len(features)} feature files")
 
 

@@ -1,28 +1,29 @@
-"""`crv-graphs export`: a run's step graphs in circuit-tracer's viewer format.
+"""`crv-graphs export` / `crv-graphs serve`: a run's step graphs in circuit-tracer's viewer.
 
 Usage (Hydra overrides)::
 
     crv-graphs export run=outputs/runs/<date>/<time> out=graphs-view limit=5
+    crv-graphs serve run=outputs/runs/<date>/<time>    # or run=graphs-view; port=8032
 
 The run directory's `artifacts.json` names the artifacts read: `graphs` (which steps were
 attributed, at which position, with which settings), `traces`, `transcoders`, `subject` and,
 when present, `cards` (feature labels and the viewer's feature files). The chosen steps are
 re-attributed with the graphs artifact's settings, since the stored graphs are pruned and
 the viewer's node scores need the unpruned influence (`crv.graphs.export`), and written as
-`<out>/<slug>.json`, `<out>/graph-metadata.json` and `<out>/features/...`. View them with
-circuit-tracer's local server, from circuit-tracer's own virtualenv::
+`<out>/<slug>.json`, `<out>/graph-metadata.json` and `<out>/features/...`.
 
-    python -c "from circuit_tracer.frontend.local_server import serve; \\
-        serve('graphs-view', port=8032).server_thread.join()"
-    # open http://localhost:8032/index.html
+`serve` shows an export directory, or a run's graphs (exported first into `<run>/graphs-view`
+with export's defaults), in circuit-tracer's viewer on 127.0.0.1, offline: the viewer's
+page and libraries are fetched once (PyPI, npm) into a cache (`crv.graphs.viewer`).
 
 Exit status 0 on success, 2 with a one-line error naming the problem (missing artifact,
-unknown trace, bad option) and no traceback.
+unknown trace, bad option, a port in use, a failed fetch) and no traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import defaultdict
@@ -30,8 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crv.errors import CRVError
+from crv.graphs.viewer import NodeIds
+
 log = logging.getLogger("crv.graphs.export")
 REQUIRED = ("subject", "traces", "transcoders", "graphs")
+INDEX = "graph-metadata.json"
 
 
 @dataclass
@@ -59,6 +64,35 @@ class ExportConfig:
 
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
+
+    node_ids: NodeIds = NodeIds.current
+    """Error-node ids as circuit-tracer writes them now (`current`: `{layer}_-1_{pos}`) or
+    as 0.5.0 did (`0.5.0`: `0_{layer}_{pos}`); the viewer loads either."""
+
+
+@dataclass
+class ServeConfig:
+    """Options of `crv-graphs serve` (Hydra overrides, e.g. `run=DIR port=8032`)."""
+
+    run: str | None = None
+    """A crv run directory (its graphs are exported into `out` first, unless there already)
+    or a directory written by `crv-graphs export` or `crv-verify export_graphs=`."""
+
+    out: str | None = None
+    """Where a run's graphs are exported (default `<run>/graphs-view`)."""
+
+    port: int = 8032
+    """Port on 127.0.0.1, the only address served (0: any free port)."""
+
+    browser: bool = True
+    """Open the page in the desktop's web browser (where there is a display)."""
+
+    cache: str | None = None
+    """Folder of the offline viewer (default ~/.cache/crv/viewer), built on first use from
+    circuit-tracer's wheel (PyPI) and npm packages, then reused offline."""
+
+    stop_after: float = 0.0
+    """Stop serving after this many seconds (0: until Ctrl-C)."""
 
 
 class ExportError(Exception):
@@ -164,6 +198,7 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
         graphs_cfg.node_threshold,
         graphs_cfg.edge_threshold,
         cards,
+        str(cfg.node_ids),
     )
     by_trace: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for r, step, position in chosen:
@@ -190,25 +225,93 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
     }
 
 
+def export_line(summary: dict[str, Any]) -> str:
+    """What an export wrote, in one line."""
+    labels = "feature cards" if summary["cards"] else "L/F numbers (the run has no cards)"
+    return (
+        f"wrote {len(summary['slugs'])} graphs ({summary['n_features']} features, labelled by "
+        f"{labels}) to {summary['out']} in {summary['seconds']:.2f} s"
+    )
+
+
 def run_export(cfg: ExportConfig) -> int:
     """`crv-graphs export`: 0 on success, 2 with a one-line error."""
     try:
         summary = export_run(cfg)
-    except ExportError as exc:
+    except (ExportError, CRVError) as exc:
         print(f"crv-graphs: error: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
         print(f"crv-graphs: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    labels = "feature cards" if summary["cards"] else "L/F numbers (the run has no cards)"
-    print(
-        f"wrote {len(summary['slugs'])} graphs ({summary['n_features']} features, labelled by "
-        f"{labels}) to {summary['out']} in {summary['seconds']:.2f} s\n"
-        "view in circuit-tracer's virtualenv: python -c \"from circuit_tracer.frontend."
-        f"local_server import serve; serve('{summary['out']}', port=8032).server_thread.join()\""
-        f"\nthen open http://localhost:8032/index.html?slug={summary['slugs'][0]}"
-    )
+    print(f"{export_line(summary)}\nview: crv-graphs serve run={summary['out']}")
     return 0
+
+
+def serve_dir(cfg: ServeConfig) -> Path:
+    """The export directory `serve` shows: `run` itself, or a run's export (made if absent)."""
+    if not cfg.run:
+        raise ExportError("usage: crv-graphs serve run=RUN_DIR|EXPORT_DIR [port=8032]")
+    run = Path(cfg.run)
+    if (run / INDEX).is_file():
+        if cfg.out:
+            raise ExportError(f"out= is for a run directory; {run} is already an export")
+        return run
+    if not (run / "artifacts.json").is_file():
+        raise ExportError(
+            f"{run}: neither a crv run directory (artifacts.json) nor an export ({INDEX})"
+        )
+    out = Path(cfg.out) if cfg.out else run / "graphs-view"
+    if not (out / INDEX).is_file():
+        print(f"exporting the run's graphs first (crv-graphs export run={run} out={out})")
+        print(export_line(export_run(ExportConfig(run=str(run), out=str(out)))), flush=True)
+    return out
+
+
+def has_display() -> bool:
+    """Whether a desktop browser can open (elsewhere Python's webbrowser falls back to a
+    text browser in the terminal)."""
+    return sys.platform in ("darwin", "win32") or bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    )
+
+
+def run_serve(cfg: ServeConfig) -> int:
+    """`crv-graphs serve`: serves until Ctrl-C (or `stop_after`); 0, or 2 with one line."""
+    import webbrowser
+
+    from crv.graphs.viewer import VIEWER_VERSION, ViewerServer, graph_slugs, prepare_viewer
+
+    try:
+        data_dir = serve_dir(cfg)
+        slugs = graph_slugs(data_dir)
+        frontend = prepare_viewer(cfg.cache)
+        server = ViewerServer(data_dir, frontend, cfg.port)
+    except (ExportError, CRVError) as exc:
+        print(f"crv-graphs: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"crv-graphs: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    url = server.url(slugs[0] if slugs else None)
+    until = f"for {cfg.stop_after:g} s" if cfg.stop_after > 0 else "until Ctrl-C"
+    print(
+        f"serving {len(slugs)} graphs from {data_dir.resolve()} in circuit-tracer "
+        f"{VIEWER_VERSION}'s viewer (offline copy: {frontend}) {until} at\n  {url}",
+        flush=True,
+    )
+    if cfg.browser and has_display():
+        webbrowser.open(url)
+    try:
+        server.thread.join(cfg.stop_after if cfg.stop_after > 0 else None)
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.stop()
+    return 0
+
+
+COMMANDS = {"export": (ExportConfig, run_export), "serve": (ServeConfig, run_serve)}
 
 
 def main() -> None:
@@ -220,15 +323,24 @@ def main() -> None:
     from crv.options import options_help
 
     wants_help = "--help" in sys.argv or "-h" in sys.argv
-    if wants_help or len(sys.argv) < 2 or sys.argv[1] != "export":
-        print("usage: crv-graphs export run=RUN_DIR out=DIR [option=value ...]\n\nOptions:")
-        print("\n".join(options_help(ExportConfig)))
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command not in COMMANDS:
+        print("usage: crv-graphs export run=RUN_DIR out=DIR [option=value ...]")
+        print("       crv-graphs serve run=RUN_DIR|EXPORT_DIR [option=value ...]")
+        for name, (config, _) in COMMANDS.items():
+            print(f"\n{name} options:")
+            print("\n".join(options_help(config)))
         sys.exit(0 if wants_help else 2)
+    if wants_help:
+        print(f"usage: crv-graphs {command} [option=value ...]\n\nOptions:")
+        print("\n".join(options_help(COMMANDS[command][0])))
+        sys.exit(0)
+    config, runner = COMMANDS[command]
     del sys.argv[1]
-    ConfigStore.instance().store(name="crv_graphs_export", node=ExportConfig)
+    ConfigStore.instance().store(name=f"crv_graphs_{command}", node=config)
 
     def _task(cfg: Any) -> None:
-        sys.exit(run_export(OmegaConf.to_object(cfg)))
+        sys.exit(runner(OmegaConf.to_object(cfg)))
 
     sys.argv += [
         "hydra.run.dir=.",
@@ -236,4 +348,8 @@ def main() -> None:
         "hydra/job_logging=disabled",
         "hydra/hydra_logging=disabled",
     ]
-    hydra.main(config_path=None, config_name="crv_graphs_export", version_base="1.3")(_task)()
+    hydra.main(config_path=None, config_name=f"crv_graphs_{command}", version_base="1.3")(_task)()
+
+
+if __name__ == "__main__":
+    main()

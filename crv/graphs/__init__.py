@@ -7,4 +7,6 @@
 - `store.py`: one file per trace; `load_step_graphs(dir, trace_id)`, `iter_step_graphs(dir)`.
 - `stage.py`: `run_stage(ctx)`; `config.py`: `GraphsConfig`.
 - `export.py`: graphs as circuit-tracer graph JSON for its viewer (`crv-graphs export`).
+- `viewer.py`: that viewer offline (its page and libraries, fetched once) and a local
+  server (`crv-graphs serve`).
 """

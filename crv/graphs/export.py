@@ -4,13 +4,16 @@ Why: people who work with attribution graphs read them in circuit-tracer's viewe
 Neuronpedia graph format); crv's graphs are the same kind of object (same node kinds, same
 direct-effect edges, same influence pruning), so they are written in that format rather than
 drawn by crv. The format, from circuit-tracer 0.5.0 (`frontend/graph_models.py`,
-`utils/create_graph_files.py`, `frontend/local_server.py`; facts only):
+`utils/create_graph_files.py`, `frontend/local_server.py`; facts only), with the error-node
+ids of the versions after it:
 
 - `<out>/<slug>.json` = {`metadata`, `qParams`, `nodes`, `links`} and `<out>/graph-metadata.json`
   = {"graphs": [metadata, ...]} (one entry per slug, a re-export replaces its entry).
 - Nodes, ids and numbering: a feature is `"{layer}_{latent}_{pos}"` with `feature` = the
   Cantor pairing of (layer, latent) and type "cross layer transcoder"; an error node
-  `"0_{layer}_{pos}"` (feature -1, "mlp reconstruction error"); a token node
+  `"{layer}_-1_{pos}"` (feature -1, "mlp reconstruction error"; circuit-tracer pull
+  requests 100 and 102, merged after 0.5.0, since 0.5.0's `"0_{layer}_{pos}"` is also the id
+  of latent `layer` of layer 0; `node_ids="0.5.0"` writes that format); a token node
   `"E_{token id}_{pos}"` (layer "E", feature = pos, "embedding"); a logit
   `"{n_layers + 1}_{token id}_{last pos}"` ("logit", `token_prob`, the most probable one is
   the target logit, clerp `Output "tok" (p=0.123)`). `influence` is circuit-tracer's
@@ -42,6 +45,7 @@ import torch
 from crv.graphs.attribute import StepAttribution
 from crv.graphs.graph import ERROR, FEATURE, LOGIT, TOKEN
 from crv.graphs.prune import prune
+from crv.graphs.viewer import NodeIds, error_node_id
 from crv.io import atomic_write_json, read_json
 
 SCHEMA_VERSION = 1
@@ -116,11 +120,12 @@ def graph_json(
     node_threshold: float,
     edge_threshold: float,
     label: Callable[[int, int], str] = default_label,
+    node_ids: str = "current",
 ) -> dict[str, Any]:
     """One step's pruned graph as circuit-tracer graph JSON (see the module docstring).
 
     `prompt_tokens` are the strings of tokens 0..att.position, `logit_tokens` those of the
-    attributed logits, in order.
+    attributed logits, in order; `node_ids` picks the error-node ids (`crv.graphs.viewer.NodeIds`).
     """
     if len(prompt_tokens) != att.position + 1:
         raise ValueError(
@@ -154,7 +159,7 @@ def graph_json(
             }
         elif kind == ERROR:
             node |= {
-                "node_id": f"0_{layer}_{pos}",
+                "node_id": error_node_id(layer, pos, node_ids),
                 "feature": -1,
                 "layer": str(layer),
                 "jsNodeId": f"{layer}_{pos}-0",
@@ -262,7 +267,8 @@ class GraphExporter:
     """Writes step graphs into one viewer data directory, then the features and the index.
 
     `name` names the transcoder set (the features' folder); `cards` (optional) label the
-    features and fill their feature files. Call `add` per graph, then `finish`.
+    features and fill their feature files; `node_ids` picks the error-node ids
+    (`crv.graphs.viewer.NodeIds`). Call `add` per graph, then `finish`.
     """
 
     def __init__(
@@ -274,11 +280,12 @@ class GraphExporter:
         node_threshold: float,
         edge_threshold: float,
         cards: Cards | None = None,
+        node_ids: str = "current",
     ) -> None:
         self.out = Path(out)
         self.tokenizer, self.n_layers, self.name = tokenizer, n_layers, safe_slug(name)
         self.node_threshold, self.edge_threshold = node_threshold, edge_threshold
-        self.cards = cards
+        self.cards, self.node_ids = cards, str(NodeIds(node_ids))
         self.scan = f"./data/{FEATURE_DIR}/{self.name}"
         self.metadata: list[dict[str, Any]] = []
         self.features: set[tuple[int, int]] = set()
@@ -302,6 +309,7 @@ class GraphExporter:
             self.node_threshold,
             self.edge_threshold,
             self.cards.label if self.cards is not None else default_label,
+            self.node_ids,
         )
         for node in data["nodes"]:
             if node["feature_type"] == FEATURE_TYPES[FEATURE]:
