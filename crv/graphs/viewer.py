@@ -55,7 +55,8 @@ circuit-tracer after 0.5.0) or `0.5.0` (`0_{layer}_{pos}`)."""
 ERROR_ID = {"current": "{layer}_-1_{pos}", "0.5.0": "0_{layer}_{pos}"}
 
 VIEWER_VERSION = "0.5.0"
-"""circuit-tracer release whose viewer page is served (the newest on PyPI when written)."""
+"""circuit-tracer release whose viewer page is served (pinned: the newest the package index
+served when written; the JETPACK_SHIM and SCRIPT_HOSTED are checked against its page)."""
 ASSETS = "circuit_tracer/frontend/assets/"
 NPM_FILES = {
     "d3-jetpack@2.3.0": {"package/build/d3v7+jetpack.js": "lib/d3v7+jetpack.js"},
