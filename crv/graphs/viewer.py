@@ -27,6 +27,7 @@ ids only as keys, so both formats load in either.
 
 from __future__ import annotations
 
+import functools
 import http.server
 import json
 import logging
@@ -109,8 +110,8 @@ def error_node_id(layer: int, pos: int, node_ids: str = "current") -> str:
     return ERROR_ID[str(NodeIds(node_ids))].format(layer=layer, pos=pos)
 
 
-def _run(cmd: list[str], what: str) -> str:
-    """Run a fetch command; its stdout, or a ViewerError with its last line of stderr."""
+def _run(cmd: list[str], what: str) -> None:
+    """Run a fetch command; a ViewerError with its last line of stderr if it fails."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -118,7 +119,6 @@ def _run(cmd: list[str], what: str) -> str:
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise ViewerError(f"{what} failed (exit {done.returncode}): {last}")
-    return done.stdout
 
 
 def fetch_wheel(downloads: Path) -> Path:
@@ -146,7 +146,7 @@ def fetch_npm(downloads: Path) -> dict[str, Path]:
                 "npm not found: the viewer's libraries come from the npm registry "
                 "(Debian: apt-get install npm)"
             )
-        cmd = [npm, "pack", *missing, "--pack-destination", str(downloads), "--json"]
+        cmd = [npm, "pack", *missing, "--pack-destination", str(downloads)]
         _run(cmd, f"npm pack {' '.join(missing)}")
     for spec, path in tarball.items():
         if not path.is_file():
@@ -234,7 +234,9 @@ def prepare_viewer(cache: str | Path | None = None) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
-        raise ViewerError(f"building the offline viewer in {cache}: {exc}") from None
+        raise ViewerError(
+            f"building the offline viewer in {cache}: {exc} (delete {downloads} to fetch again)"
+        ) from None
     log.info("offline viewer built in %s", folder)
     return folder
 
@@ -279,8 +281,7 @@ class ViewerServer:
         directory = str(Path(frontend).resolve())
         try:
             self.httpd = http.server.ThreadingHTTPServer(
-                ("127.0.0.1", port),
-                lambda *a: handler(*a, directory=directory),
+                ("127.0.0.1", port), functools.partial(handler, directory=directory)
             )
         except OSError as exc:
             raise ViewerError(
