@@ -106,7 +106,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("cards", ("subject", "traces", "transcoders"), "crv.cards.stage:run_stage"),
     Stage("graphs", ("subject", "traces", "transcoders"), "crv.graphs.stage:run_stage"),
     Stage("features", ("traces", "graphs"), "crv.features.stage:run_stage"),
-    Stage("baselines", ("subject", "traces"), "crv.baselines.stage:run_stage"),
+    Stage("baselines", ("subject", "traces", "transcoders"), "crv.baselines.stage:run_stage"),
     Stage("verifier", ("traces", "features", "baselines"), "crv.verifier.stage:run_stage"),
     Stage("mechanisms", ("traces", "graphs", "cards"), "crv.mechanisms.stage:run_stage"),
     Stage(

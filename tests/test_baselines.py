@@ -11,25 +11,27 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from factories import tiny_llama
+from factories import random_transcoder_set, tiny_llama
 
 from crv.baselines.config import BaselinesConfig
-from crv.baselines.stage import (
+from crv.baselines.scores import (
+    POOLINGS,
     SCORE_COLUMNS,
-    baseline_table,
     coe_scores,
     fit_temperature,
     load_baseline_meta,
     load_baseline_table,
+    load_hidden_states,
+    load_latents,
     load_probe_inputs,
     resolve_probe_layer,
-    run_stage,
     trace_step_scores,
 )
+from crv.baselines.stage import baseline_table, run_stage
 from crv.features.stage import KEY_COLUMNS
 from crv.pipeline import StageContext
 from crv.verifier.config import VerifierConfig
-from crv.verifier.stage import POSITION_COLUMNS, build_methods, fit_method
+from crv.verifier.methods import POSITION_COLUMNS, ProbeData, build_methods, fit_method
 
 
 @pytest.fixture(scope="module", name="tiny_llama")
@@ -44,7 +46,9 @@ SPANS = [(4, 8), (9, 12), (13, 15)]  # prompt of 4 tokens, three steps
 
 
 def test_scores_are_finite_and_shaped(tiny_llama):
-    scores, probe, conf = trace_step_scores(tiny_llama, IDS, SPANS, BaselinesConfig())
+    scores, probe, conf, hidden, latents = trace_step_scores(
+        tiny_llama, IDS, SPANS, BaselinesConfig()
+    )
     assert set(scores) == set(SCORE_COLUMNS) - {"temperature"}
     for v in scores.values():
         assert v.shape == (3,) and np.all(np.isfinite(v))
@@ -54,12 +58,62 @@ def test_scores_are_finite_and_shaped(tiny_llama):
     assert np.all((scores["maxprob"] > 0) & (scores["maxprob"] < 1)) and np.all(
         scores["perplexity"] >= 1
     )
+    assert hidden.shape == (3, len(POOLINGS), 5, 32) and hidden.dtype == np.float16
+    assert latents is None
+
+
+def test_hidden_states_pooled_three_ways_over_each_step(tiny_llama):
+    """Every layer's hidden state pooled over the step's own tokens: mean, last token, max."""
+    out = trace_step_scores(tiny_llama, IDS, SPANS, BaselinesConfig(), hidden_layers=[0, 2, 4])
+    with torch.no_grad():
+        states = tiny_llama(input_ids=torch.tensor([IDS]), output_hidden_states=True).hidden_states
+    for i, (first, last) in enumerate(SPANS):
+        for j, layer in enumerate([0, 2, 4]):
+            block = states[layer][0, first : last + 1].numpy()
+            expected = [block.mean(0), block[-1], block.max(0)]
+            for p, want in enumerate(expected):
+                np.testing.assert_allclose(out.hidden[i, p, j], want, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(out.hidden[:, 0, 1], out.probe, rtol=2e-3, atol=2e-3)
+
+
+def test_latents_are_the_transcoders_codes_of_the_mlp_inputs_pooled(tiny_llama):
+    from crv.models.adapter import ArchAdapter
+
+    tset = random_transcoder_set(32, 24, 3, [1, 3], seed=1)
+    out = trace_step_scores(tiny_llama, IDS, SPANS, BaselinesConfig(), transcoders=tset)
+    captured = {}
+    adapter = ArchAdapter.for_model(tiny_llama)
+    handles = [
+        adapter.mlp(layer).register_forward_hook(
+            lambda _m, inp, _o, layer=layer: captured.__setitem__(layer, inp[0][0])
+        )
+        for layer in (1, 3)
+    ]
+    with torch.no_grad():
+        tiny_llama(input_ids=torch.tensor([IDS]))
+    for h in handles:
+        h.remove()
+    from crv.baselines.scores import latent_layout
+
+    layout = latent_layout(tset)
+    assert out.latents.shape == (3, layout.n_columns)
+    dense = out.latents.toarray()
+    for layer in (1, 3):
+        with torch.no_grad():
+            acts, idx = tset[layer].encode(captured[layer])
+        codes = torch.zeros(len(IDS), 24).scatter_(1, idx, acts).numpy()
+        for i, (first, last) in enumerate(SPANS):
+            block = codes[first : last + 1]
+            for pooling, want in zip(POOLINGS, [block.mean(0), block[-1], block.max(0)]):
+                cols = [layout.column(layer, j, pooling) for j in range(24)]
+                np.testing.assert_allclose(dense[i, cols], want, rtol=1e-5, atol=1e-6)
+    assert layout.describe(layout.column(3, 7, "max")) == (3, 7, "max")
 
 
 def test_step_scores_read_the_predictions_of_the_step_tokens(tiny_llama):
     """Each step scores the predictions of its own tokens (logits at first-1 .. last-1),
     computed here from one plain forward pass over the whole trace."""
-    scores, _, _ = trace_step_scores(tiny_llama, IDS, SPANS, BaselinesConfig(coe=False))
+    scores = trace_step_scores(tiny_llama, IDS, SPANS, BaselinesConfig(coe=False)).scores
     with torch.no_grad():
         logp_TV = tiny_llama(input_ids=torch.tensor([IDS])).logits[0].float().log_softmax(-1)
     for i, (first, last) in enumerate(SPANS):
@@ -74,8 +128,8 @@ def test_flatter_logits_raise_uncertainty_scores(tiny_llama):
     with torch.no_grad():
         sharp_model.lm_head.weight.mul_(20.0)
         flat_model.lm_head.weight.mul_(0.05)
-    sharp, _, _ = trace_step_scores(sharp_model, IDS, SPANS, BaselinesConfig(coe=False))
-    flat, _, _ = trace_step_scores(flat_model, IDS, SPANS, BaselinesConfig(coe=False))
+    sharp = trace_step_scores(sharp_model, IDS, SPANS, BaselinesConfig(coe=False)).scores
+    flat = trace_step_scores(flat_model, IDS, SPANS, BaselinesConfig(coe=False)).scores
     assert np.all(flat["maxprob"] > sharp["maxprob"])
     assert np.all(flat["entropy"] > sharp["entropy"])
     assert np.allclose(flat["entropy"], math.log(40), atol=0.05)  # nearly uniform
@@ -134,14 +188,14 @@ def two_traces():
 
 def test_baseline_table_on_traces(tiny_llama):
     traces = two_traces()
-    table, hidden, meta = baseline_table(tiny_llama, traces, BaselinesConfig())
+    table, hidden, _, _, meta = baseline_table(tiny_llama, traces, BaselinesConfig())
     assert list(table.columns) == [*KEY_COLUMNS, *SCORE_COLUMNS]
     assert table["step_id"].tolist() == ["a:0", "a:1", "a:2", "b:0", "b:1"]
     assert table["label"].tolist() == [0, 1, -1, 0, 0]
     assert hidden.shape == (5, 32)
     assert meta["temperature"] in BaselinesConfig().temperature_grid and meta["probe_layer"] == 2
     assert np.all(np.isfinite(table[list(SCORE_COLUMNS)].to_numpy()))
-    single, _, _ = trace_step_scores(tiny_llama, IDS, SPANS, BaselinesConfig())
+    single = trace_step_scores(tiny_llama, IDS, SPANS, BaselinesConfig()).scores
     np.testing.assert_allclose(table["maxprob"].to_numpy()[:3], single["maxprob"], rtol=1e-6)
 
 
@@ -162,7 +216,7 @@ def test_position_baseline_uses_only_its_three_columns():
     cfg = VerifierConfig(n_estimators=20, early_stopping_rounds=5, n_threads=1)
     position = next(
         m
-        for m in build_methods(cfg, ["f0"], ["maxprob"], np.zeros((n, 2)), 0)
+        for m in build_methods(cfg, ["f0"], ["maxprob"], ProbeData(np.zeros((n, 2))), 0)
         if m.name == "position"
     )
     assert position.inputs(df).shape == (n, 3)
@@ -182,6 +236,10 @@ def test_stage_scores_traces_through_scratch_files_and_resumes(tiny_llama, tmp_p
     tiny_llama.save_pretrained(tmp_path / "subject")
     build_tokenizer().save_pretrained(tmp_path / "subject")
     two_traces().save_to_disk(str(tmp_path / "traces" / "dataset"))
+    from crv.transcoders.io import load_transcoder_set, save_transcoder_set
+
+    save_transcoder_set(random_transcoder_set(32, 24, 3, [0, 2], seed=2), tmp_path / "tc")
+    tset = load_transcoder_set(tmp_path / "tc")
     cfg = BaselinesConfig()
 
     def run(out: str) -> dict:
@@ -189,7 +247,11 @@ def test_stage_scores_traces_through_scratch_files_and_resumes(tiny_llama, tmp_p
         ctx = StageContext(
             name="baselines",
             cfg=cfg,
-            inputs={"subject": tmp_path / "subject", "traces": tmp_path / "traces"},
+            inputs={
+                "subject": tmp_path / "subject",
+                "traces": tmp_path / "traces",
+                "transcoders": tmp_path / "tc",
+            },
             out=tmp_path / out,
             scratch=tmp_path / "scratch",
             seed=0,
@@ -199,9 +261,15 @@ def test_stage_scores_traces_through_scratch_files_and_resumes(tiny_llama, tmp_p
         return run_stage(ctx)
 
     assert run("out1")["n_resumed_traces"] == 0
-    table, hidden, meta = baseline_table(tiny_llama, two_traces(), cfg)
+    table, hidden, pooled, latents, meta = baseline_table(
+        tiny_llama, two_traces(), cfg, transcoders=tset
+    )
     pd.testing.assert_frame_equal(load_baseline_table(tmp_path / "out1"), table)
     np.testing.assert_array_equal(load_probe_inputs(tmp_path / "out1"), hidden)
+    np.testing.assert_array_equal(load_hidden_states(tmp_path / "out1")[0], pooled)
+    saved, layout = load_latents(tmp_path / "out1")
+    assert layout.layers == (0, 2) and latents.nnz > 0
+    np.testing.assert_array_equal(saved.toarray(), latents.toarray())
     assert load_baseline_meta(tmp_path / "out1") == meta
     files = sorted((tmp_path / "scratch" / "scores").iterdir())
     assert len(files) == 2

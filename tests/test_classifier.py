@@ -9,6 +9,16 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from safetensors.numpy import save_file
+from scipy.sparse import csr_matrix
+
+from crv.baselines.scores import (
+    LatentLayout,
+    load_baseline_table,
+    load_hidden_states,
+    load_latents,
+    save_latents,
+)
 from crv.features.stage import KEY_COLUMNS, feature_names
 from crv.io import atomic_write, atomic_write_json
 from crv.pipeline import StageContext
@@ -19,6 +29,7 @@ from crv.verifier.classifier import (
     split_train_val,
 )
 from crv.verifier.config import VerifierConfig
+from crv.verifier.methods import HiddenInputs, StepInputs, load_method, selected_method
 from crv.verifier.stage import run_stage
 
 FAST = VerifierConfig(
@@ -116,7 +127,17 @@ def write_inputs(tmp_path, df, names, hidden_dim=6):
     hidden[:, 0] += lab
     with open(base / "hidden.npy", "wb") as f:
         np.save(f, hidden, allow_pickle=False)
-    atomic_write_json(base / "baselines.json", {"score_columns": ["maxprob", "energy"]})
+    # pooled hidden states [n, 3 poolings, 2 layers, D]: the label is in layer 4's last token
+    pooled = rng.normal(size=(len(b), 3, 2, hidden_dim)).astype(np.float16)
+    pooled[:, 1, 1, 0] += 2 * lab
+    save_file({"hidden": pooled}, str(base / "hidden_states.safetensors"), {"layers": "[0, 4]"})
+    # transcoder latents: latent 5 of layer 1, max-pooled, fires on incorrect steps
+    layout = LatentLayout((0, 1), 8)
+    dense = (rng.random((len(b), layout.n_columns)) < 0.05) * rng.random((len(b), layout.n_columns))
+    dense[:, layout.column(1, 5, "max")] = lab * (1 + rng.random(len(b)))
+    save_latents(base / "latents.safetensors", csr_matrix(dense), layout)
+    meta = {"score_columns": ["maxprob", "energy"], "temperature": 1.0}
+    atomic_write_json(base / "baselines.json", meta)
     return feat, base
 
 
@@ -140,11 +161,37 @@ def test_verifier_stage_end_to_end(tmp_path):
         logging.getLogger("t"),
     )
     det = run_stage(ctx)
-    methods = ["crv", "crv+confidence", "position", "maxprob", "energy", "lr_probe", "mlp_probe"]
+    methods = [
+        "crv",
+        "crv+confidence",
+        "crv+probes",
+        "position",
+        "maxprob",
+        "energy",
+        "probe",
+        "tc_probe",
+        "probes+confidence",
+        "lr_probe",
+        "mlp_probe",
+    ]
     ari = det["arithmetic"]
     assert list(ari["methods"]) == methods
-    best = max(methods[2:], key=lambda m: ari["methods"][m]["auroc"])
-    for m in ("crv", "crv+confidence"):
+    val = ari["validation_auroc"]
+    baselines = [m for m in methods if m not in ("crv", "crv+confidence", "crv+probes")]
+    best = max((m for m in baselines if val[m] is not None), key=val.__getitem__)
+    assert ari["strongest_baseline"] == {
+        "method": best,
+        "val_auroc": val[best],
+        "chosen_on": "validation",
+    }
+    probe = ari["strongest_probe"]["method"]
+    assert probe in ("probe", "tc_probe", "lr_probe", "mlp_probe")
+    # the planted signals: layer 4's last token, latent 5 of layer 1 max-pooled
+    assert ari["probe_choice"]["probe"]["layer"] == 4
+    assert ari["probe_choice"]["probe"]["pooling"] == "last"
+    top = ari["probe_choice"]["tc_probe"]["top_features"][0]
+    assert (top["layer"], top["latent"], top["pooling"]) == (1, 5, "max") and top["coef"] > 0
+    for m in ("crv", "crv+confidence", "crv+probes"):
         paired = ari["paired"][m]
         assert paired["baseline"] == best
         assert paired["diff"] == pytest.approx(
@@ -166,7 +213,16 @@ def test_verifier_stage_end_to_end(tmp_path):
                 kind_methods[m]["auroc"] - kind_methods["maxprob"]["auroc"]
             )
             assert vs["ci"][0] <= vs["diff"] <= vs["ci"][1]
+        for m in ("crv", "crv+confidence", "crv+probes", "maxprob"):
+            vs = ari["by_error_kind_vs_probe"][kind][m]
+            assert vs["probe"] == probe
+            assert vs["diff"] == pytest.approx(
+                kind_methods[m]["auroc"] - kind_methods[probe]["auroc"]
+            )
+        assert probe not in ari["by_error_kind_vs_probe"][kind]
         assert ari["by_error_kind"][kind]["crv"]["auroc_ci"] is not None
+    for key in ("vs_maxprob", "vs_probe", "confident_half_vs_maxprob", "confident_half_vs_probe"):
+        assert ari[key]["crv+probes"]["diff"] is not None
     # report.md shows the paired differences against MaxProb per error kind
     from crv.verifier.metrics import _fmt_diff, detection_markdown
 
@@ -196,6 +252,37 @@ def test_verifier_stage_end_to_end(tmp_path):
     pooled, per_task = load_verifier(out), load_verifier(out, task="arithmetic")
     assert pooled.feature_names == names and per_task.feature_names == names
     assert np.all((pooled.predict_proba(df) >= 0) & (pooled.predict_proba(df) <= 1))
+    # every saved method, read back, scores the test steps as the stage did
+    test = df[(df["task"] == "arithmetic") & (df["split"] == "test") & (df["label"] >= 0)]
+    test = test.reset_index(drop=True)
+    table = load_baseline_table(base)
+    rows = table.reset_index().set_index("step_id").loc[test["step_id"], "index"].to_numpy()
+    hidden, layers = load_hidden_states(base)
+    latents, layout = load_latents(base)
+    inputs = StepInputs(
+        features=test[names],
+        scores=table.iloc[rows].reset_index(drop=True),
+        hidden=HiddenInputs(hidden[rows], layers),
+        latents=(latents[rows], layout),
+    )
+    saved = ["crv", "crv+confidence", "crv+probes", "maxprob", "probe", "tc_probe"]
+    for m in [*saved, "probes+confidence", "energy"]:
+        method = load_method(out, "arithmetic", m)
+        auroc = roc_auc_score(test["label"], method.score(inputs))
+        assert auroc == pytest.approx(ari["methods"][m]["auroc"]), m
+    assert load_method(out, "arithmetic", "tc_probe").needs == {"latents"}
+    assert load_method(out, "arithmetic", "crv+probes").needs == {
+        "features",
+        "scores",
+        "hidden",
+        "latents",
+    }
+    chosen, threshold = selected_method(out, "arithmetic")
+    assert chosen.name == ari["selected"]["method"] and threshold == ari["selected"]["threshold"]
+    assert ari["validation_auroc"][chosen.name] == max(
+        ari["validation_auroc"][m] for m in [*saved, "probes+confidence", "energy"]
+    )
+    assert selected_method(out, "all")[0].name in saved + ["probes+confidence", "energy"]
 
 
 def test_verifier_stage_refuses_a_task_without_test_steps(tmp_path):

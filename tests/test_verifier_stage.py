@@ -11,14 +11,8 @@ from scipy.sparse import csr_matrix
 from crv.verifier.classifier import XGBVerifier, feature_matrix
 from crv.verifier.config import VerifierConfig
 from crv.verifier.metrics import detection_metrics, group_weights, paired_auroc_difference
-from crv.verifier.stage import (
-    ablation_methods,
-    best_baseline,
-    build_methods,
-    confident_half,
-    error_kind_mask,
-    fit_method,
-)
+from crv.verifier.methods import ProbeData, ablation_methods, build_methods, fit_method
+from crv.verifier.stage import confident_half, error_kind_mask, strongest
 
 FAST = VerifierConfig(n_estimators=30, early_stopping_rounds=5, n_threads=1)
 
@@ -78,7 +72,9 @@ def test_crv_plus_confidence_uses_graph_and_confidence_columns():
     df = steps_with_confidence()
     methods = {
         m.name: m
-        for m in build_methods(FAST, ["f0", "f1"], ["maxprob", "energy"], np.zeros((len(df), 2)), 0)
+        for m in build_methods(
+            FAST, ["f0", "f1"], ["maxprob", "energy"], ProbeData(np.zeros((len(df), 2))), 0
+        )
     }
     assert list(methods)[:3] == ["crv", "crv+confidence", "position"]
     scorer, _ = fit_method(methods["crv+confidence"], df)
@@ -108,7 +104,7 @@ def test_identity_block_reaches_the_verifier_and_the_ablation():
         shape=(n, 2),
     )
     identity = (ident, ["id_L1_F5", "err_L0"])
-    crv = build_methods(FAST, ["f1"], [], np.zeros((n, 2)), 0, identity)[0]
+    crv = build_methods(FAST, ["f1"], [], ProbeData(np.zeros((n, 2))), 0, identity)[0]
     x = crv.inputs(df)
     assert x.shape == (n, 3) and x.format == "csr"
     assert x.nnz == n + ident.nnz  # the dense column stored in full, identity sparse
@@ -168,13 +164,80 @@ def test_error_kinds_pair_each_kind_with_all_correct_steps():
     np.testing.assert_array_equal(error_kind_mask(test, "planted"), [1, 0, 1, 1, 0])
 
 
-def test_best_baseline_ignores_crv_methods_and_missing():
-    metrics = {
-        "crv": {"auroc": 0.99},
-        "crv+confidence": {"auroc": 0.995},
-        "position": {"auroc": 0.7},
-        "maxprob": {"auroc": 0.9},
-        "energy": {"auroc": None},
+def test_strongest_is_chosen_on_validation_auroc_only():
+    class Fitted:
+        def __init__(self, val_auroc):
+            self.info = {"val_auroc": val_auroc}
+
+    fitted = {"maxprob": Fitted(0.8), "probe": Fitted(0.9), "energy": Fitted(None), "x": None}
+    assert strongest(fitted, ["maxprob", "probe", "energy", "x"]) == {
+        "method": "probe",
+        "val_auroc": 0.9,
+        "chosen_on": "validation",
     }
-    assert best_baseline(metrics) == "maxprob"
-    assert best_baseline({"crv": {"auroc": 0.9}}) is None
+    assert strongest(fitted, ["maxprob"])["method"] == "maxprob"
+    assert strongest(fitted, ["energy", "x"]) is None
+
+
+def probe_steps(
+    n_traces: int, seed: int, informative_layer: int
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Steps of 4 per trace whose label shows in one layer's last-token state."""
+    rng = np.random.default_rng(seed)
+    n = 4 * n_traces
+    y = (rng.random(n) < 0.3).astype(int)
+    hidden = rng.normal(size=(n, 3, 2, 8)).astype(np.float16)
+    hidden[:, 1, informative_layer, 0] += 3 * y
+    df = pd.DataFrame(
+        {"trace_id": np.repeat(np.arange(n_traces), 4).astype(str) + f"-{seed}", "label": y}
+    )
+    return df, hidden
+
+
+def test_probe_layer_is_chosen_without_test_steps():
+    """Layer 0 carries the label on training steps, layer 3 on test steps: a choice that
+    looked at test steps would take layer 3."""
+    from crv.verifier.methods import HiddenInputs
+    from crv.verifier.stage import evaluate_methods
+
+    train, h_train = probe_steps(60, 0, informative_layer=0)
+    test, h_test = probe_steps(60, 1, informative_layer=1)
+    hidden = HiddenInputs(np.concatenate([h_train, h_test]), [0, 3])
+    train["hidden_row"] = np.arange(len(train))
+    test["hidden_row"] = len(train) + np.arange(len(test))
+    data = ProbeData(np.zeros((len(hidden), 2)), hidden)
+    probe = [m for m in build_methods(FAST, [], [], data, 0) if m.name == "probe"]
+    metrics, fitted, _ = evaluate_methods(probe, train, {"all": test}, 0, 0)
+    chosen = fitted["probe"]
+    assert (chosen.layer, chosen.pooling) == (0, "last")
+    assert chosen.info["val_auroc"] > 0.9
+    assert metrics["all"]["probe"]["auroc"] < 0.7  # the test steps' signal went unused
+    # the grid holds every layer x pooling x C, each with its validation AUROC
+    assert len(chosen.info["grid"]) == 2 * 3 * len(FAST.probe_c_grid)
+
+
+def test_stacked_verifier_trains_on_out_of_fold_probe_scores():
+    """Random labels on many dimensions: a probe scores its own training steps far above
+    chance (it memorises them), its out-of-fold scores do not; each fold's scores are those
+    of a probe fit without that fold."""
+    from sklearn.model_selection import GroupKFold
+
+    from crv.verifier.methods import HiddenInputs, HiddenProbe, StackedVerifier, StackInputs
+
+    rng = np.random.default_rng(0)
+    n = 240
+    y = (rng.random(n) < 0.4).astype(int)
+    groups = np.repeat(np.arange(n // 2), 2).astype(str)
+    hidden = HiddenInputs(rng.normal(size=(n, 3, 1, 300)).astype(np.float16), [2])
+    cfg = VerifierConfig(n_estimators=20, early_stopping_rounds=5, n_threads=1, probe_c_grid=[10.0])
+    stacked = StackedVerifier(cfg, ["f0"], {"probe": lambda: HiddenProbe(cfg, 0)}, 0, {})
+    x = StackInputs(rng.normal(size=(n, 1)), {"probe": hidden})
+    oof = stacked.out_of_fold(x, y, groups)[:, 0]
+    in_sample = HiddenProbe(cfg, 0).fit(hidden, y, groups).score(hidden)
+    assert detection_metrics(y, in_sample)["auroc"] > 0.95
+    assert detection_metrics(y, oof)["auroc"] < 0.7
+    tr, te = next(GroupKFold(n_splits=cfg.stack_folds).split(np.zeros(n), y, groups))
+    alone = HiddenProbe(cfg, 0).fit(hidden[tr], y[tr], groups[tr]).score(hidden[te])
+    np.testing.assert_allclose(oof[te], alone)
+    stacked.fit(x, y, groups)
+    assert stacked.xgb.feature_names == ["f0", "probe_score"]

@@ -62,9 +62,18 @@ def feature_matrix(dense: np.ndarray, identity: csr_matrix | None) -> Matrix:
     return hstack([explicit_csr(dense), identity], format="csr")
 
 
+def _is_identity(name: str) -> bool:
+    """Whether a column is in the identity block (a baseline or probe score is not a
+    graph feature at all, so it is a dense column)."""
+    try:
+        return family_of(name) == "identity"
+    except KeyError:
+        return False
+
+
 def frame_matrix(frame: pd.DataFrame, names: list[str]) -> Matrix:
     """The columns `names` of a frame, in that order (identity semantics: module docstring)."""
-    is_id = np.array([family_of(n) == "identity" for n in names], dtype=bool)
+    is_id = np.array([_is_identity(n) for n in names], dtype=bool)
     missing = [n for n, i in zip(names, is_id, strict=True) if not i and n not in frame]
     if missing:
         raise ValueError(f"feature columns missing from the input: {missing[:5]}")

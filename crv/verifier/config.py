@@ -61,6 +61,18 @@ class VerifierConfig:
     lr_probe_c: float = 1.0
     """Inverse L2 regularisation strength of the logistic-regression probe."""
 
+    probe_c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
+    """Inverse L2 strengths tried by the layer-selecting probe `probe` (with every kept
+    layer and pooling; the combination with the best validation AUROC is refit)."""
+
+    tc_probe_c_grid: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    """Inverse L1 strengths tried by the transcoder-feature probe `tc_probe` (chosen on
+    validation; smaller = fewer latents used)."""
+
+    stack_folds: int = 5
+    """Folds of whole training traces for the out-of-fold probe scores that the stacked
+    methods (`crv+probes`, `probes+confidence`) are trained on."""
+
     mlp_probe_hidden: list[int] = field(default_factory=lambda: [64])
     """Hidden layer sizes of the MLP probe."""
 
@@ -88,6 +100,8 @@ class VerifierConfig:
             "n_threads": self.n_threads,
             "lr_probe_c": self.lr_probe_c,
             "mlp_probe_max_iter": self.mlp_probe_max_iter,
+            "probe_c_grid": min(self.probe_c_grid, default=0),
+            "tc_probe_c_grid": min(self.tc_probe_c_grid, default=0),
         }
         for name, value in positive.items():
             if value <= 0:
@@ -95,6 +109,8 @@ class VerifierConfig:
         for name in ("subsample", "colsample_bytree"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"verifier.{name} must lie in (0, 1], got {getattr(self, name)}")
+        if self.stack_folds < 2:
+            raise ValueError(f"verifier.stack_folds must be >= 2, got {self.stack_folds}")
         if not 0 < self.val_frac < 1:
             raise ValueError(f"verifier.val_frac must lie in (0, 1), got {self.val_frac}")
         if min(self.n_bootstrap, self.min_child_weight, self.mlp_probe_alpha) < 0:

@@ -47,197 +47,43 @@ set, so all methods are compared on the same resamples.
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import csr_matrix
 
 from crv.errors import CRVError
-from crv.features.stage import FAMILIES, family_of
+from crv.io import atomic_write_json
 from crv.pipeline import StageContext
-from crv.verifier.classifier import Matrix, XGBVerifier, feature_matrix
+from crv.verifier.classifier import XGBVerifier
 from crv.verifier.config import VerifierConfig
+from crv.verifier.methods import (
+    CRV_METHODS,
+    FORMAT_VERSION,
+    PROBE_METHODS,
+    SELECTED_FILE,
+    HiddenInputs,
+    HiddenProbe,
+    Method,
+    ProbeData,
+    Scorer,
+    SparseProbe,
+    ablation_methods,
+    build_methods,
+    fit_method,
+    method_dir_name,
+    savable,
+    save_method,
+    select_on_validation,
+    task_methods_dir,
+)
 from crv.verifier.metrics import (
     ERROR_KINDS,
     evaluate_scores,
     null_metrics,
     paired_auroc_difference,
 )
-
-POSITION_COLUMNS = ("step", "n_prefix_tokens", "complexity")
-"""The only inputs of the position baseline."""
-
-CONFIDENCE_COLUMNS = ("maxprob", "perplexity", "entropy", "temperature", "energy")
-"""Baseline scores added to the graph features by `crv+confidence`."""
-
-CRV_METHODS = ("crv", "crv+confidence")
-"""Methods that read the graph; every other method is a baseline for the paired test."""
-
-
-class Scorer(Protocol):
-    """What every method is: fit on training rows, score test rows (higher = incorrect)."""
-
-    def fit(self, x: Matrix, y: np.ndarray, groups: np.ndarray) -> Scorer: ...
-
-    def score(self, x: Matrix) -> np.ndarray: ...
-
-
-class FixedScore:
-    """A precomputed score column; nothing to fit."""
-
-    trained = False
-
-    def fit(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> FixedScore:
-        return self
-
-    def score(self, x: np.ndarray) -> np.ndarray:
-        return x[:, 0]
-
-
-class SklearnProbe:
-    """A scikit-learn classifier on standardised inputs; score = P(incorrect)."""
-
-    def __init__(self, make: Callable[[], object]) -> None:
-        self.make = make
-
-    def fit(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> SklearnProbe:
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        self.model = make_pipeline(StandardScaler(), self.make())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            self.model.fit(x, y)
-        return self
-
-    def score(self, x: np.ndarray) -> np.ndarray:
-        return self.model.predict_proba(x)[:, 1]
-
-
-@dataclass
-class Method:
-    """A named method: how to read its inputs from the step table, how to build a scorer."""
-
-    name: str
-    inputs: Callable[[pd.DataFrame], Matrix]
-    make: Callable[[], Scorer]
-
-
-def column_inputs(
-    columns: list[str] | tuple[str, ...], identity: csr_matrix | None = None
-) -> Callable[[pd.DataFrame], Matrix]:
-    """Inputs read from step-table columns, followed by the rows (`feature_row`) of the
-    identity block when one is given."""
-
-    def inputs(df: pd.DataFrame) -> Matrix:
-        dense = df[list(columns)].to_numpy(dtype=np.float64)
-        if identity is None:
-            return dense
-        return feature_matrix(dense, identity[df["feature_row"].to_numpy()])
-
-    return inputs
-
-
-def graph_method(
-    name: str,
-    cfg: VerifierConfig,
-    columns: list[str],
-    identity: tuple[csr_matrix, list[str]] | None,
-    seed: int,
-) -> Method:
-    """The xgboost verifier on step-table `columns` plus the identity block, if any."""
-    matrix, id_names = identity or (None, [])
-    names = [*columns, *id_names]
-    return Method(name, column_inputs(columns, matrix), lambda: XGBVerifier(cfg, names, seed))
-
-
-def build_methods(
-    cfg: VerifierConfig,
-    feature_names: list[str],
-    score_columns: list[str],
-    hidden: np.ndarray,
-    seed: int,
-    identity: tuple[csr_matrix, list[str]] | None = None,
-) -> list[Method]:
-    """CRV, CRV + confidence, position, every fixed score present and the two probes, in
-    report order. `identity`: the features' identity block (rows = `feature_row`), names."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neural_network import MLPClassifier
-
-    def probe_inputs(df: pd.DataFrame) -> np.ndarray:
-        return hidden[df["hidden_row"].to_numpy()]
-
-    confidence = [c for c in CONFIDENCE_COLUMNS if c in score_columns]
-    methods = [graph_method("crv", cfg, list(feature_names), identity, seed)]
-    if confidence:
-        methods.append(
-            graph_method("crv+confidence", cfg, [*feature_names, *confidence], identity, seed)
-        )
-    methods += [
-        Method(
-            "position",
-            column_inputs(POSITION_COLUMNS),
-            lambda: XGBVerifier(cfg, list(POSITION_COLUMNS), seed),
-        )
-    ]
-    methods += [Method(c, column_inputs([c]), FixedScore) for c in score_columns]
-    methods += [
-        Method(
-            "lr_probe",
-            probe_inputs,
-            lambda: SklearnProbe(
-                lambda: LogisticRegression(C=cfg.lr_probe_c, class_weight="balanced", max_iter=2000)
-            ),
-        ),
-        Method(
-            "mlp_probe",
-            probe_inputs,
-            lambda: SklearnProbe(
-                lambda: MLPClassifier(
-                    hidden_layer_sizes=tuple(cfg.mlp_probe_hidden),
-                    alpha=cfg.mlp_probe_alpha,
-                    max_iter=cfg.mlp_probe_max_iter,
-                    random_state=seed,
-                )
-            ),
-        ),
-    ]
-    return methods
-
-
-def ablation_methods(
-    cfg: VerifierConfig,
-    feature_names: list[str],
-    seed: int,
-    identity: tuple[csr_matrix, list[str]] | None = None,
-) -> list[Method]:
-    """CRV without each feature family present (leave-one-family-out)."""
-    present = {family_of(n) for n in feature_names} | ({"identity"} if identity else set())
-    return [
-        graph_method(
-            f"without_{fam}",
-            cfg,
-            [n for n in feature_names if family_of(n) != fam],
-            None if fam == "identity" else identity,
-            seed,
-        )
-        for fam in FAMILIES
-        if fam in present
-    ]
-
-
-def fit_method(method: Method, train: pd.DataFrame) -> tuple[Scorer | None, str | None]:
-    """Fit a method on training steps; (None, reason) when it cannot be trained."""
-    scorer = method.make()
-    y = train["label"].to_numpy(dtype=np.int64)
-    if getattr(scorer, "trained", True) and (len(y) == 0 or y.min() == y.max()):
-        return None, "the training steps hold only one class"
-    return scorer.fit(method.inputs(train), y, train["trace_id"].to_numpy()), None
 
 
 def score_and_evaluate(
@@ -305,35 +151,44 @@ def step_table(
     return data[data["label"] >= 0].reset_index(drop=True)
 
 
-def best_baseline(metrics: dict[str, dict]) -> str | None:
-    """The non-CRV method with the highest AUROC (None when none has one)."""
+def strongest(
+    fitted: dict[str, Scorer | None], candidates: list[str] | tuple[str, ...]
+) -> dict[str, Any] | None:
+    """The candidate method with the highest AUROC on the validation part of the training
+    split (never a test step): `{method, val_auroc, chosen_on}`; None when none has one."""
     aurocs = {
-        m: e["auroc"] for m, e in metrics.items() if m not in CRV_METHODS and e["auroc"] is not None
+        m: fitted[m].info.get("val_auroc")
+        for m in candidates
+        if fitted.get(m) is not None and fitted[m].info.get("val_auroc") is not None
     }
-    return max(aurocs, key=aurocs.__getitem__) if aurocs else None
+    if not aurocs:
+        return None
+    best = max(aurocs, key=aurocs.__getitem__)
+    return {"method": best, "val_auroc": aurocs[best], "chosen_on": "validation"}
 
 
-def paired_against_best(
+def paired_against(
     test: pd.DataFrame,
     metrics: dict[str, dict],
     scores: dict[str, np.ndarray],
     boot: tuple,
-    base: str | None = None,
+    base: str | None,
+    methods: list[str] | tuple[str, ...] = CRV_METHODS,
+    key: str = "baseline",
 ) -> dict[str, dict]:
-    """`paired.<crv method>`: AUROC difference against `base` (default: the best
-    baseline), with a bootstrap that resamples traces."""
-    base = base or best_baseline(metrics)
+    """`<method>`: AUROC difference against `base` on the same steps, with a bootstrap
+    that resamples traces; `key` names `base` in each entry."""
     out: dict[str, dict] = {}
-    for m in CRV_METHODS:
-        if m not in metrics:
+    for m in methods:
+        if m not in metrics or m == base:
             continue
-        if base is None or m not in scores or metrics[m]["auroc"] is None:
-            reason = metrics[m].get("reason") or "no baseline has a test AUROC"
-            out[m] = {"diff": None, "ci": None, "baseline": base, "reason": reason}
+        if base is None or base not in scores or m not in scores or metrics[m]["auroc"] is None:
+            reason = metrics[m].get("reason") or f"no {key} with test scores"
+            out[m] = {"diff": None, "ci": None, key: base, "reason": reason}
             continue
         y, groups = test["label"].to_numpy(), test["trace_id"].to_numpy()
         diff = paired_auroc_difference(y, scores[m], scores[base], groups, *boot)
-        out[m] = {**diff, "baseline": base}
+        out[m] = {**diff, key: base}
     return out
 
 
@@ -385,15 +240,46 @@ def _counts(df: pd.DataFrame) -> dict[str, int]:
     return {"n_test_steps": len(df), "n_test_incorrect": int((df["label"] == 1).sum())}
 
 
-def task_report(test: pd.DataFrame, metrics: dict, scores: dict, boot: tuple) -> dict:
-    """The paired, confident-half and by-error-kind entries of one task's test steps."""
-    report: dict = {"paired": paired_against_best(test, metrics, scores, boot)}
+COMPARED = (*CRV_METHODS, "probes+confidence", *PROBE_METHODS, "maxprob")
+"""Methods held against MaxProb and against the strongest probe (each but itself)."""
+
+
+def task_report(
+    test: pd.DataFrame,
+    metrics: dict,
+    scores: dict,
+    boot: tuple,
+    baseline: str | None,
+    probe: str | None,
+) -> dict:
+    """The paired, confident-half and by-error-kind entries of one task's test steps.
+    `baseline` and `probe`: the strongest baseline and probe, chosen on validation."""
+    compared = [m for m in COMPARED if m in metrics]
+
+    def against(sub: pd.DataFrame, mask: np.ndarray, kind_metrics: dict, prefix: str) -> dict:
+        sub_scores = {m: sc[mask] for m, sc in scores.items()}
+        out = {}
+        if "maxprob" in scores:
+            out[f"{prefix}vs_maxprob"] = paired_against(
+                sub, kind_metrics, sub_scores, boot, "maxprob", compared
+            )
+        out[f"{prefix}vs_probe"] = paired_against(
+            sub, kind_metrics, sub_scores, boot, probe, compared, "probe"
+        )
+        return out
+
+    everything = np.ones(len(test), dtype=bool)
+    report: dict = {
+        "paired": paired_against(test, metrics, scores, boot, baseline),
+        **against(test, everything, metrics, ""),
+    }
     if "maxprob" in test.columns:
         half = confident_half(test)
         report["confident_half_counts"] = _counts(test[half])
         report["confident_half"] = subset_metrics(
             test, half, metrics, scores, boot, "no incorrect step in the confident half"
         )
+        report |= against(test[half], half, report["confident_half"], "confident_half_")
     if not planted_mask(test).any():
         return report  # a subject without planted rules: "natural" would repeat `methods`
     planted = planted_mask(test[test["label"] == 1])
@@ -401,23 +287,67 @@ def task_report(test: pd.DataFrame, metrics: dict, scores: dict, boot: tuple) ->
         "natural": int((~planted).sum()),
         "planted": int(planted.sum()),
     }
-    report["by_error_kind"], report["by_error_kind_vs_maxprob"] = {}, {}
+    for key in ("by_error_kind", "by_error_kind_vs_maxprob", "by_error_kind_vs_probe"):
+        report[key] = {}
     for kind in ERROR_KINDS:
         mask = error_kind_mask(test, kind)
         kind_metrics = subset_metrics(
             test, mask, metrics, scores, boot, f"no {kind}-error incorrect test steps"
         )
         report["by_error_kind"][kind] = kind_metrics
-        if "maxprob" in scores:  # planted errors are confident: is the graph above MaxProb?
-            report["by_error_kind_vs_maxprob"][kind] = paired_against_best(
-                test[mask], kind_metrics, {m: sc[mask] for m, sc in scores.items()}, boot, "maxprob"
-            )
+        for key, entry in against(test[mask], mask, kind_metrics, "").items():
+            report[f"by_error_kind_{key}"][kind] = entry
     return report
+
+
+def probe_choices(fitted: dict[str, Scorer | None]) -> dict[str, Any]:
+    """What the probes chose on validation: the hidden-state probe's layer, pooling and C;
+    the transcoder probe's C and its top latents."""
+    out: dict[str, Any] = {}
+    probe, tc = fitted.get("probe"), fitted.get("tc_probe")
+    if isinstance(probe, HiddenProbe):
+        out["probe"] = {k: probe.info[k] for k in ("layer", "pooling", "c", "val_auroc")}
+    if isinstance(tc, SparseProbe):
+        out["tc_probe"] = {k: tc.info[k] for k in ("c", "val_auroc", "n_used")} | {
+            "top_features": tc.info["top_features"][:10]
+        }
+    return out
+
+
+def save_task_methods(
+    out: Path, task: str, methods: list[Method], fitted: dict, temperature: float
+) -> dict[str, Any] | None:
+    """Save every savable fitted method of one task (or `all`); the selected.json entry of
+    the one with the highest validation AUROC."""
+    specs, dirs = {}, {}
+    for m in methods:
+        scorer = fitted.get(m.name)
+        if scorer is None or not savable(m, scorer):
+            continue
+        path = task_methods_dir(out, task) / method_dir_name(m.name)
+        specs[m.name] = save_method(path, m.name, m.spec_inputs, scorer, temperature)
+        dirs[m.name] = path.relative_to(out).as_posix()
+    best = select_on_validation(specs)
+    if best is None:
+        return None
+    spec = specs[best]
+    return {
+        "method": best,
+        "dir": dirs[best],
+        "threshold": spec["threshold"],
+        "val_auroc": spec["val_auroc"],
+    }
 
 
 def run_stage(ctx: StageContext[VerifierConfig]) -> dict[str, Any]:
     """`verifier` stage: train and evaluate CRV and every baseline; save the verifiers."""
-    from crv.baselines.stage import load_baseline_meta, load_baseline_table, load_probe_inputs
+    from crv.baselines.scores import (
+        load_baseline_meta,
+        load_baseline_table,
+        load_hidden_states,
+        load_latents,
+        load_probe_inputs,
+    )
     from crv.features.stage import load_feature_names, load_feature_table, load_identity
     from crv.verifier.plots import plot_feature_importance, plot_roc
 
@@ -425,14 +355,20 @@ def run_stage(ctx: StageContext[VerifierConfig]) -> dict[str, Any]:
     t0 = time.perf_counter()
     names = load_feature_names(ctx.inputs["features"])
     identity = load_identity(ctx.inputs["features"])
-    score_cols = list(load_baseline_meta(ctx.inputs["baselines"])["score_columns"])
-    hidden = load_probe_inputs(ctx.inputs["baselines"])
+    meta = load_baseline_meta(ctx.inputs["baselines"])
+    score_cols = list(meta["score_columns"])
+    pooled = load_hidden_states(ctx.inputs["baselines"])
+    probe_data = ProbeData(
+        load_probe_inputs(ctx.inputs["baselines"]),
+        HiddenInputs(*pooled) if pooled is not None else None,
+        load_latents(ctx.inputs["baselines"]),
+    )
     data = step_table(
         load_feature_table(ctx.inputs["features"], identity=False),
         load_baseline_table(ctx.inputs["baselines"]),
         score_cols,
     )
-    methods = build_methods(cfg, names, score_cols, hidden, ctx.seed, identity)
+    methods = build_methods(cfg, names, score_cols, probe_data, ctx.seed, identity)
     ablations = ablation_methods(cfg, names, ctx.seed, identity) if cfg.ablation else []
     tasks = sorted(data["task"].unique())
     train_of = {t: data[(data["task"] == t) & (data["split"] == "train")] for t in tasks}
@@ -449,18 +385,36 @@ def run_stage(ctx: StageContext[VerifierConfig]) -> dict[str, Any]:
     per_complexity: dict = {}
     ablation: dict = {}
     crv_by_task: dict[str, Scorer | None] = {}
+    selected: dict[str, Any] = {}
+    baselines = [m.name for m in methods if m.name not in CRV_METHODS]
     for t in tasks:
         test = test_of[t]
         tests = {"all": test} | {str(c): g for c, g in test.groupby("complexity")}
         metrics, fitted, scores = evaluate_methods(methods, train_of[t], tests, *boot)
+        base, probe = strongest(fitted, baselines), strongest(fitted, PROBE_METHODS)
         detection[t] = {
             **_counts(test),
             "n_train_steps": len(train_of[t]),
             # for choosing settings without looking at the test steps
             "crv_validation_auroc": getattr(fitted["crv"], "info", {}).get("val_auroc"),
+            "validation_auroc": {
+                m: (f.info.get("val_auroc") if f is not None else None) for m, f in fitted.items()
+            },
+            "strongest_baseline": base,
+            "strongest_probe": probe,
+            "probe_choice": probe_choices(fitted),
             "methods": metrics["all"],
-            **task_report(test, metrics["all"], scores["all"], boot),
+            **task_report(
+                test,
+                metrics["all"],
+                scores["all"],
+                boot,
+                base and base["method"],
+                probe and probe["method"],
+            ),
         }
+        selected[t] = save_task_methods(ctx.out, t, methods, fitted, meta.get("temperature"))
+        detection[t]["selected"] = selected[t]
         per_complexity[t] = {
             c: {**_counts(tests[c]), "methods": metrics[c]} for c in tests if c != "all"
         }
@@ -483,6 +437,15 @@ def run_stage(ctx: StageContext[VerifierConfig]) -> dict[str, Any]:
     pooled_train = data[data["split"] == "train"]
     metrics, fitted, _ = evaluate_methods(methods, pooled_train, test_of, *boot)
     detection["all_tasks"] = {t: {**_counts(test_of[t]), "methods": metrics[t]} for t in tasks}
+    selected["all"] = save_task_methods(ctx.out, "all", methods, fitted, meta.get("temperature"))
+    atomic_write_json(
+        ctx.out / SELECTED_FILE,
+        {
+            "format_version": FORMAT_VERSION,
+            "rule": "highest validation AUROC among saved methods",
+            "tasks": {t: e for t, e in selected.items() if e is not None},
+        },
+    )
     pooled = fitted["crv"]
     if isinstance(pooled, XGBVerifier):
         pooled.save(ctx.out)
