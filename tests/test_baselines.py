@@ -104,7 +104,9 @@ def test_latents_are_the_transcoders_codes_of_the_mlp_inputs_pooled(tiny_llama):
         codes = torch.zeros(len(IDS), 24).scatter_(1, idx, acts).numpy()
         for i, (first, last) in enumerate(SPANS):
             block = codes[first : last + 1]
-            for pooling, want in zip(POOLINGS, [block.mean(0), block[-1], block.max(0)]):
+            for pooling, want in zip(
+                POOLINGS, [block.mean(0), block[-1], block.max(0)], strict=True
+            ):
                 cols = [layout.column(layer, j, pooling) for j in range(24)]
                 np.testing.assert_allclose(dense[i, cols], want, rtol=1e-5, atol=1e-6)
     assert layout.describe(layout.column(3, 7, "max")) == (3, 7, "max")

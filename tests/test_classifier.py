@@ -7,10 +7,9 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
-
 from safetensors.numpy import save_file
 from scipy.sparse import csr_matrix
+from sklearn.metrics import roc_auc_score
 
 from crv.baselines.scores import (
     LatentLayout,

@@ -10,8 +10,8 @@ from scipy.sparse import csr_matrix
 
 from crv.verifier.classifier import XGBVerifier, feature_matrix
 from crv.verifier.config import VerifierConfig
-from crv.verifier.metrics import detection_metrics, group_weights, paired_auroc_difference
 from crv.verifier.methods import ProbeData, ablation_methods, build_methods, fit_method
+from crv.verifier.metrics import detection_metrics, group_weights, paired_auroc_difference
 from crv.verifier.stage import confident_half, error_kind_mask, strongest
 
 FAST = VerifierConfig(n_estimators=30, early_stopping_rounds=5, n_threads=1)
