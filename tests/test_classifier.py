@@ -229,6 +229,9 @@ def test_verifier_stage_end_to_end(tmp_path):
     assert "against MaxProb by error kind" in md
     vs = ari["by_error_kind_vs_maxprob"]["planted"]["crv"]
     assert f"| arithmetic | planted | crv | {_fmt_diff(vs)} |" in md
+    vs = ari["by_error_kind_vs_probe"]["planted"]["crv+probes"]
+    assert f"| arithmetic | planted | crv+probes | {probe} | {_fmt_diff(vs)} |" in md
+    assert "layer 4, last" in md
     # no planted rule among boolean steps: no split by error kind there
     assert "by_error_kind" not in det["boolean"] and "| boolean | planted |" not in md
     assert ari["methods"]["crv"]["auroc"] > 0.75

@@ -258,10 +258,26 @@ def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) ->
         for m, e in detection[t].get("paired", {}).items()
     ]
     parts += _section(
-        "Paired AUROC difference against the best baseline",
-        "AUROC points, method minus the baseline with the highest test AUROC; 95% interval "
-        "from a bootstrap resampling test traces (same resamples for both).",
-        ["task", "method", "best baseline", "difference"],
+        "Paired AUROC difference against the strongest baseline",
+        "AUROC points, method minus the baseline with the highest AUROC on the validation "
+        "part of the training split (no test step chooses it); 95% interval from a "
+        "bootstrap resampling test traces (same resamples for both).",
+        ["task", "method", "strongest baseline", "difference"],
+        rows,
+    )
+    parts += _probe_choice_section(detection, tasks)
+    rows = [
+        [t, subset, m, _fmt_diff(e), _fmt_diff(detection[t][f"{prefix}vs_probe"].get(m, {}))]
+        for t in tasks
+        for subset, prefix in (("all", ""), ("confident half", "confident_half_"))
+        for m, e in detection[t].get(f"{prefix}vs_maxprob", {}).items()
+    ]
+    parts += _section(
+        "Paired AUROC differences against MaxProb and against the strongest probe",
+        "AUROC points, method minus MaxProb / minus the probe with the highest validation "
+        "AUROC, on all test steps and on the confident half; 95% interval from the trace "
+        "bootstrap.",
+        ["task", "test steps", "method", "- MaxProb", "- strongest probe"],
         rows,
     )
     halves = [t for t in tasks if "confident_half" in detection[t]]
@@ -299,7 +315,55 @@ def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) ->
         ["task", "error kind", "method", "difference"],
         rows,
     )
+    rows = [
+        [t, k, m, e.get("probe") or "n/a", _fmt_diff(e)]
+        for t in kinds
+        for k in ERROR_KINDS
+        for m, e in (detection[t].get("by_error_kind_vs_probe", {}).get(k) or {}).items()
+    ]
+    parts += _section(
+        "Paired AUROC difference against the strongest probe by error kind",
+        "AUROC points, method minus the probe with the highest validation AUROC, on the "
+        "steps of one error kind (and all correct test steps); 95% interval from the trace "
+        "bootstrap.",
+        ["task", "error kind", "method", "probe", "difference"],
+        rows,
+    )
     return parts
+
+
+def _probe_choice_section(detection: dict, tasks: list[str]) -> list[str]:
+    """What was chosen on validation: the strongest baseline and probe, the hidden-state
+    probe's layer, pooling and C, the transcoder probe's C and its top latents."""
+    rows = []
+    for t in tasks:
+        d = detection[t]
+        choice = d.get("probe_choice", {})
+        hidden = choice.get("probe")
+        tc = choice.get("tc_probe")
+        top = ", ".join(
+            f"L{f['layer']}/F{f['latent']} {f['pooling']} {f['coef']:+.2f}"
+            for f in (tc or {}).get("top_features", [])[:5]
+        )
+        rows.append(
+            [
+                t,
+                (d.get("strongest_baseline") or {}).get("method", "n/a"),
+                (d.get("strongest_probe") or {}).get("method", "n/a"),
+                f"layer {hidden['layer']}, {hidden['pooling']}, C={hidden['c']:g}"
+                if hidden
+                else "n/a",
+                f"C={tc['c']:g}, {tc['n_used']} latents: {top}" if tc else "n/a",
+                (d.get("selected") or {}).get("method", "n/a"),
+            ]
+        )
+    return _section(
+        "Chosen on validation",
+        "Everything here is chosen on the validation part of the training split; "
+        "`selected` is the saved method a bundle ships for the task.",
+        ["task", "strongest baseline", "strongest probe", "probe", "tc_probe", "selected"],
+        rows,
+    )
 
 
 def _section(title: str, note: str, header: list[str], rows: list[list[str]]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The `verifier` stage: train the CRV verifier and evaluate it against every baseline.
+"""The `verifier` stage: train every method (`crv.verifier.methods`) and evaluate it.
 
 Every method goes through the same path (`evaluate_methods`): fit on the training steps
 (no-op for fixed scores), score the test steps, compute AUROC, AUPR and FPR@95 with
@@ -8,34 +8,42 @@ bootstrap intervals (`crv.verifier.metrics`). Methods:
   family included when the features artifact has it);
 - `crv+confidence`: the same classifier on the graph features plus the confidence
   baselines' scores (`CONFIDENCE_COLUMNS` present): does the graph add to confidence?
+- `crv+probes`: the same classifier on graph features + confidence + the out-of-fold
+  scores of `probe` and `tc_probe` (stacked): the best verifier crv builds; and
+  `probes+confidence`, the same without the graph: does the graph add to the probes?
 - `position`: the same classifier on the step's index, `n_prefix_tokens` (the explained
-  position + 1: tokens up to the one whose prediction the step's graph explains, by default
-  the least confident one, not the step's end) and the problem's complexity only (how
-  much is explained by *where* a step is);
+  position + 1) and the problem's complexity only (how much is explained by *where* a
+  step is);
 - fixed scores from the `baselines` stage: `maxprob`, `perplexity`, `entropy`,
   `temperature`, `energy` (and `coe_r`, `coe_c` when present);
-- `lr_probe`: logistic regression (L2, balanced class weights) and `mlp_probe`: an MLP
-  (ReLU, Adam, fixed epochs so that no step-level validation split is needed; unweighted
-  classes, as scikit-learn's MLP has no class weights), both on standardised
-  step-averaged hidden states at the baselines' `probe_layer`.
+- `probe`: logistic regression on the hidden states of the layer, pooling and C with the
+  best validation AUROC; `tc_probe`: sparse (L1) logistic regression on the transcoder
+  latents of every layer and pooling, naming the latents it uses;
+- `lr_probe` (L2, balanced class weights) and `mlp_probe` (ReLU, Adam, fixed epochs):
+  the fixed-layer probes on the mean-pooled hidden state at the baselines' `probe_layer`.
 
-All methods are compared on the same steps: those with a graph, a baseline row and a
-known label. Reported per task (train and test on the task's own splits):
+Everything that is chosen is chosen on the validation part of the training split (the
+traces xgboost stops early on), never on a test step: the probes' settings, the strongest
+baseline (every non-CRV method) and the strongest probe (`PROBE_METHODS`), and the method
+each task's bundle ships (`selected.json`). All methods are compared on the same steps:
+those with a graph, a baseline row and a known label. Reported per task:
 
-- every method's metrics on the test steps;
-- `paired.<crv | crv+confidence>`: AUROC difference against the best baseline (the
-  non-CRV method with the highest test AUROC, named in `baseline`), 95% interval from a
-  bootstrap resampling test *traces*, the same resamples for both methods;
-- `confident_half.<method>`: metrics on the half of the test steps the model was most sure
-  of (the lowest `maxprob` scores, i.e. highest mean max-probability; ties broken by row
-  order), where confidence by construction separates little;
+- every method's metrics on the test steps, and its `validation_auroc`;
+- `paired.<crv method>`: AUROC difference against the strongest baseline, 95% interval
+  from a bootstrap resampling test *traces*, the same resamples for both methods;
+- `vs_maxprob.<method>` and `vs_probe.<method>` ({diff, ci, probe}): the CRV methods,
+  probes and MaxProb against MaxProb and against the strongest probe;
+- `confident_half.<method>` (and `confident_half_vs_maxprob`, `confident_half_vs_probe`):
+  on the half of the test steps the model was most sure of (the lowest `maxprob`
+  scores; ties broken by row order), where confidence by construction separates little;
 - `by_error_kind.<natural | planted>.<method>`: natural errors (incorrect steps with no
   planted rule) or planted errors (incorrect steps exercising a planted bug) against all
   correct test steps; null entries with a reason when a kind has no incorrect test step.
   Only for a task whose test steps exercise planted rules (crv-tiny-bugs): without them the
-  natural block would repeat the methods' own metrics.
-- `by_error_kind_vs_maxprob.<natural | planted>.<crv method>`: {diff, ci} of the CRV
-  methods against MaxProb on the same steps, trace bootstrap;
+  natural block would repeat the methods' own metrics. `by_error_kind_vs_maxprob` and
+  `by_error_kind_vs_probe` hold the paired differences on those steps;
+- `probe_choice`: the probe's layer, pooling and C, the transcoder probe's C and top
+  latents; `selected`: the shipped method and its threshold.
 
 Also per complexity (the task's models, test steps of one complexity), the
 leave-one-family-out ablation of CRV, the cross-task transfer matrix of CRV (trained on one
