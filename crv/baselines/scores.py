@@ -345,7 +345,7 @@ def save_latents(path: Path, latents: csr_matrix, layout: LatentLayout) -> None:
 
     tensors = {
         "data": latents.data.astype(np.float32),
-        "indices": latents.indices.astype(np.int64),
+        "indices": latents.indices.astype(np.int32),
         "indptr": latents.indptr.astype(np.int64),
     }
     meta = {"shape": json.dumps(list(latents.shape)), "layout": json.dumps(layout.to_json())}

@@ -183,7 +183,7 @@ def score_traces(
         if sc.latents is not None:
             tensors |= {
                 "latents.data": sc.latents.data.astype(np.float32),
-                "latents.indices": sc.latents.indices.astype(np.int64),
+                "latents.indices": sc.latents.indices.astype(np.int32),
                 "latents.indptr": sc.latents.indptr.astype(np.int64),
             }
         atomic_write(file, lambda p, t=tensors: save_file(t, str(p), meta))
