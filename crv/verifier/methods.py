@@ -79,6 +79,9 @@ STACK_PARTS = ("probe", "tc_probe")
 SPEC_FILE = "spec.json"
 LOGISTIC_FILE = "logistic.json"
 SELECTED_FILE = "selected.json"
+INPUTS_FILE = "inputs.json"
+"""The baselines' metadata (temperature, grid, hidden layers, latent layout) the saved
+methods were trained with, copied into the verifier artifact."""
 METHODS_DIR = "methods"
 FORMAT_VERSION = 1
 

@@ -69,6 +69,7 @@ from crv.verifier.config import VerifierConfig
 from crv.verifier.methods import (
     CRV_METHODS,
     FORMAT_VERSION,
+    INPUTS_FILE,
     PROBE_METHODS,
     SELECTED_FILE,
     HiddenInputs,
@@ -446,6 +447,7 @@ def run_stage(ctx: StageContext[VerifierConfig]) -> dict[str, Any]:
     metrics, fitted, _ = evaluate_methods(methods, pooled_train, test_of, *boot)
     detection["all_tasks"] = {t: {**_counts(test_of[t]), "methods": metrics[t]} for t in tasks}
     selected["all"] = save_task_methods(ctx.out, "all", methods, fitted, meta.get("temperature"))
+    atomic_write_json(ctx.out / INPUTS_FILE, meta)  # what a bundle needs to build StepInputs
     atomic_write_json(
         ctx.out / SELECTED_FILE,
         {
