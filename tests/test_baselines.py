@@ -278,3 +278,26 @@ def test_stage_scores_traces_through_scratch_files_and_resumes(tiny_llama, tmp_p
     files[1].unlink()
     assert run("out2")["n_resumed_traces"] == 1
     pd.testing.assert_frame_equal(load_baseline_table(tmp_path / "out2"), table)
+
+
+def test_step_inputs_from_trace_scores_stack_the_traces(tiny_llama):
+    """What a bundle builds for a user's traces: the rows of each trace in order, the
+    temperature column at T*, hidden states and latents stacked."""
+    from crv.baselines.scores import latent_layout
+    from crv.verifier.methods import StepInputs
+
+    tset = random_transcoder_set(32, 24, 3, [1], seed=1)
+    cfg = BaselinesConfig()
+    a = trace_step_scores(tiny_llama, IDS, SPANS, cfg, transcoders=tset)
+    b = trace_step_scores(tiny_llama, IDS[:10], [(4, 6), (7, 9)], cfg, transcoders=tset)
+    t_star = cfg.temperature_grid[7]
+    x = StepInputs.from_trace_scores(
+        [a, b], t_star, cfg.temperature_grid, list(range(5)), latent_layout(tset)
+    )
+    assert len(x.scores) == 5 and x.hidden.hidden.shape == (5, 3, 5, 32)
+    np.testing.assert_allclose(x.scores["temperature"], 1 - np.r_[a.conf[:, 7], b.conf[:, 7]])
+    np.testing.assert_array_equal(
+        x.scores["maxprob"], np.r_[a.scores["maxprob"], b.scores["maxprob"]]
+    )
+    np.testing.assert_array_equal(x.latents[0][3:].toarray(), b.latents.toarray())
+    np.testing.assert_array_equal(x.hidden.at(4, "last")[:3], a.hidden[:, 1, 4].astype(np.float64))
