@@ -241,3 +241,28 @@ def test_stacked_verifier_trains_on_out_of_fold_probe_scores():
     np.testing.assert_allclose(oof[te], alone)
     stacked.fit(x, y, groups)
     assert stacked.xgb.feature_names == ["f0", "probe_score"]
+
+
+def test_saved_methods_refuse_unknown_formats_and_missing_inputs(tmp_path):
+    from crv.io import atomic_write_json
+    from crv.verifier.methods import MethodError, SavedMethod, StepInputs, selected_method
+
+    with pytest.raises(MethodError, match="no spec.json"):
+        SavedMethod(tmp_path / "nothing")
+    spec = {"format_version": 99, "name": "maxprob", "kind": "fixed", "inputs": {}}
+    atomic_write_json(tmp_path / "m" / "spec.json", spec)
+    with pytest.raises(MethodError, match="format_version 99"):
+        SavedMethod(tmp_path / "m")
+    inputs = {"features": [], "scores": ["maxprob"], "hidden": None, "latents": [], "parts": []}
+    atomic_write_json(
+        tmp_path / "m" / "spec.json",
+        {**spec, "format_version": 1, "threshold": 0.3, "inputs": inputs},
+    )
+    method = SavedMethod(tmp_path / "m")
+    assert method.needs == {"scores"} and method.threshold == 0.3
+    with pytest.raises(MethodError, match="reads scores, not given"):
+        method.score(StepInputs())
+    scores = pd.DataFrame({"maxprob": [0.2, 0.9]})
+    np.testing.assert_array_equal(method.score(StepInputs(scores=scores)), [0.2, 0.9])
+    with pytest.raises(MethodError, match="no selected.json"):
+        selected_method(tmp_path, "arithmetic")
