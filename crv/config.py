@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from crv.baselines.config import BaselinesConfig
 from crv.bundle import BundleConfig
 from crv.cards.config import CardsConfig
+from crv.device import check_device_name
 from crv.features.config import FeaturesConfig
 from crv.graphs.config import GraphsConfig
 from crv.interventions import InterventionsConfig
 from crv.mechanisms.config import MechanismsConfig
-from crv.options import Choice
+from crv.options import Choice, check_names
 from crv.runtime import RuntimeConfig
 from crv.subject.config import SubjectConfig
 from crv.traces.config import TracesConfig
@@ -61,6 +62,9 @@ class PipelineConfig:
     """What a damaged cached artifact leads to: `recompute` it (with a warning naming the
     file), or `fail` with that message."""
 
+    def __post_init__(self) -> None:
+        check_names(self.stages, ALL_STAGES, "pipeline.stages")
+
 
 @dataclass
 class CRVConfig:
@@ -80,7 +84,10 @@ class CRVConfig:
     seed: int = 0
     """Global seed: every stage is seeded with it and it is part of every cache key."""
     device: str = "auto"
-    """"auto" (CUDA when available), "cpu" or "cuda"."""
+    """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"."""
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device, "device")
 
 
 def register_configs() -> None:

@@ -12,8 +12,10 @@ other value when the config is composed, and `check_choices` (called from each s
 from __future__ import annotations
 
 import ast
+import difflib
 import inspect
 import textwrap
+from collections.abc import Iterable
 from dataclasses import MISSING, fields, is_dataclass
 from enum import Enum
 from typing import Any, get_type_hints
@@ -45,6 +47,24 @@ def check_choices(cfg: Any, section: str) -> None:
                 raise ValueError(f"{where} must be one of {allowed}, got {value!r}") from None
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """` (did you mean X?)` for the known name closest to a misspelt one, else ""."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_names(values: Iterable[str], known: Iterable[str], where: str) -> None:
+    """ValueError naming `where`, the first unknown value and the known ones, when one of
+    `values` is not among `known` (stage names, task names)."""
+    known = list(known)
+    for value in values:
+        if value not in known:
+            raise ValueError(
+                f"{where}: unknown name {value!r}{did_you_mean(value, known)}; "
+                f"known: {', '.join(known)}"
+            )
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass, read from its source."""
     try:
@@ -73,15 +93,45 @@ def _default(f: Any) -> Any:
     return "???"
 
 
-def options_help(cls: type, prefix: str = "") -> list[str]:
-    """One line per option: `section.field=default  help`, nested dataclasses flattened."""
+def override_value(value: Any) -> str:
+    """A config value as it is written on the command line (`[a,b]`, `null`, `true`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def options_help(cls: type, prefix: str = "", values: Any = None) -> list[str]:
+    """One line per option: `section.field=value  help`, nested dataclasses flattened.
+    The value is the field's default, or its value in `values` (an instance of `cls`,
+    e.g. the composed config, so that help shows what a run would use)."""
     lines: list[str] = []
     docs = field_docs(cls)
     for f in fields(cls):
         name = f"{prefix}{f.name}"
+        value = _default(f) if values is None else getattr(values, f.name)
+        if is_dataclass(value):
+            lines.extend(options_help(type(value), f"{name}.", None if values is None else value))
+            continue
+        shown = f"  {name}={override_value(value)}"
+        lines.append(shown.ljust(44) + f"  {docs.get(f.name, '')}".rstrip())
+    return lines
+
+
+def option_names(cls: type, prefix: str = "") -> list[str]:
+    """Every option's dotted name (`graphs.max_feature_nodes`), nested dataclasses flattened."""
+    names: list[str] = []
+    for f in fields(cls):
         default = _default(f)
         if is_dataclass(default):
-            lines.extend(options_help(type(default), prefix=f"{name}."))
-            continue
-        lines.append(f"  {name}={default}".ljust(44) + f"  {docs.get(f.name, '')}".rstrip())
-    return lines
+            names += option_names(type(default), f"{prefix}{f.name}.")
+        else:
+            names.append(f"{prefix}{f.name}")
+    return names

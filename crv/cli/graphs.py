@@ -316,39 +316,29 @@ COMMANDS = {"export": (ExportConfig, run_export), "serve": (ServeConfig, run_ser
 
 def main() -> None:
     """Console script `crv-graphs`."""
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
+    from crv.cli.checks import command_config, print_command_help
     from crv.options import options_help
 
+    usage = (
+        "usage: crv-graphs export run=RUN_DIR out=DIR [option=value ...]\n"
+        "       crv-graphs serve run=RUN_DIR|EXPORT_DIR [option=value ...]"
+    )
     wants_help = "--help" in sys.argv or "-h" in sys.argv
     command = sys.argv[1] if len(sys.argv) > 1 else None
     if command not in COMMANDS:
-        print("usage: crv-graphs export run=RUN_DIR out=DIR [option=value ...]")
-        print("       crv-graphs serve run=RUN_DIR|EXPORT_DIR [option=value ...]")
+        if not wants_help:
+            print(f"crv-graphs: error: {usage.splitlines()[0]} (or serve)", file=sys.stderr)
+            sys.exit(2)
+        print(usage)
         for name, (config, _) in COMMANDS.items():
-            print(f"\n{name} options:")
+            print(f"\n{name} options (name=default, then the help):")
             print("\n".join(options_help(config)))
-        sys.exit(0 if wants_help else 2)
-    if wants_help:
-        print(f"usage: crv-graphs {command} [option=value ...]\n\nOptions:")
-        print("\n".join(options_help(COMMANDS[command][0])))
-        sys.exit(0)
+        return
     config, runner = COMMANDS[command]
-    del sys.argv[1]
-    ConfigStore.instance().store(name=f"crv_graphs_{command}", node=config)
-
-    def _task(cfg: Any) -> None:
-        sys.exit(runner(OmegaConf.to_object(cfg)))
-
-    sys.argv += [
-        "hydra.run.dir=.",
-        "hydra.output_subdir=null",
-        "hydra/job_logging=disabled",
-        "hydra/hydra_logging=disabled",
-    ]
-    hydra.main(config_path=None, config_name=f"crv_graphs_{command}", version_base="1.3")(_task)()
+    if wants_help:
+        print_command_help(f"usage: crv-graphs {command} [option=value ...]", config)
+        return
+    sys.exit(runner(command_config("crv-graphs", config, sys.argv[2:])))
 
 
 if __name__ == "__main__":

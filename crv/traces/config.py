@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from crv.options import check_names
+from crv.tasks.format import TASKS
+
 STOP_PATTERNS = (r"^Answer:[^\n]*\n", r"^####[^\n]*\n")
 """Default stop patterns: a completion ends with its answer line (canonical or GSM8K)."""
 
@@ -46,6 +49,7 @@ class TracesConfig:
     def __post_init__(self) -> None:
         if not self.tasks and not self.gsm8k_path:
             raise ValueError("traces.tasks is empty and no traces.gsm8k_path is given")
+        check_names(self.tasks, TASKS, "traces.tasks")
         if not self.complexities or min(self.complexities) < 1:
             raise ValueError(f"traces.complexities must be >= 1, got {self.complexities}")
         if self.n_per_complexity < 1:
