@@ -136,6 +136,10 @@ def test_end_to_end_intervene_proposes_and_regenerates(
     assert step["interventions"][0]["action"] == "suppress"
     assert step["interventions"][0]["scale"] == 0.0
     assert isinstance(step["regenerated"]["continuation"], str)
+    table = verify.render_table([record], 0.0)
+    assert "  ->    L" in table  # the regenerated step under its row, with its intervention
+    regenerated = step["regenerated"]["step"] or "(no step)"
+    assert regenerated.replace("\n", "\\n")[:40] in table
 
 
 def test_exit_status_zero_when_all_lines_verify(
@@ -230,3 +234,43 @@ def test_stdin_to_stdout_and_table(
     captured = capsys.readouterr()
     assert "Step 2: 2+3=5, so 14*5" in captured.out and "ERR" in captured.out
     assert captured.err == ""
+
+
+def test_integer_ids_are_kept_as_given(
+    tmp_path: Path, tiny_bundle: Path, stub_scoring: None
+) -> None:
+    data = jsonl({**GOOD, "id": 7}, {**GOOD, "id": 0}, {**GOOD, "id": "x"}, {**GOOD, "id": True})
+    code, records = run(tmp_path, tiny_bundle, data)
+    assert [r["id"] for r in records[:3]] == [7, 0, "x"]
+    assert all(r["error"] is None for r in records[:3])
+    assert code == 1 and "'id' must be a string or an integer" in records[3]["error"]
+    table = verify.render_table(records, 0.5)
+    assert "    1  7   " in table and "    2  0   " in table
+
+
+def test_table_shows_warnings_and_regenerated_steps() -> None:
+    step = {
+        "index": 2, "text": "Step 3: 8*5=45, so 45", "score": 0.9, "flagged": True,
+        "top_features": [], "warning": "characters the tokenizer cannot represent were dropped",
+        "interventions": [{"layer": 3, "feature": 17, "action": "suppress", "scale": 0.0}],
+        "regenerated": {"intervention": 0, "step": "Step 3: 8*5=40, so 40", "continuation": ""},
+    }  # fmt: skip
+    rows = verify.render_table([{"id": 1, "line": 1, "steps": [step], "error": None}], 0.5)
+    rows = rows.splitlines()
+    assert "Step 3: 8*5=45" in rows[1]
+    assert rows[2].strip() == "warning: characters the tokenizer cannot represent were dropped"
+    assert rows[3].split() == ["->", "L3/F17", "suppress", "Step", "3:", "8*5=40,", "so", "40"]
+
+
+def test_bundle_may_be_a_run_directory(
+    tmp_path: Path, tiny_bundle: Path, stub_scoring: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "artifacts.json").write_text(json.dumps({"bundle": str(tiny_bundle)}))
+    code, records = run(tmp_path, run_dir, jsonl(GOOD))
+    assert code == 0 and len(records[0]["steps"]) == len(STEPS)
+    (run_dir / "artifacts.json").write_text(json.dumps({"subject": str(tmp_path)}))
+    code, _ = run(tmp_path, run_dir, jsonl(GOOD))
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "is a run directory without a bundle" in err and "subject" in err

@@ -8,7 +8,9 @@ Usage (Hydra overrides)::
 
 `input=-` reads standard input and `output=-` writes standard output.
 
-**Input**: JSONL, one trace per line, either ``{"id": optional str, "prompt": str,
+`bundle=` also takes a run directory of `crv` (its `artifacts.json` names the bundle).
+
+**Input**: JSONL, one trace per line, either ``{"id": optional str or int, "prompt": str,
 "steps": [str, ...]}`` or ``{"id": ..., "prompt": str, "completion": str}``. A completion is
 split into steps with the bundle's step regex. Given `steps`, the completion is their
 concatenation joined by "\\n" (no trailing newline), so the same trace given either way is
@@ -21,7 +23,7 @@ tokenised and scored). Blank lines are skipped; every other line gets one record
      [{"layer", "feature", "label", "influence"}], "interventions": [{"layer", "feature", "action",
      "scale"}]}], "error": null}
 
-`id` echoes the input's (null when absent or unreadable) and `line` is the 1-based input
+`id` echoes the input's as given, a string or an integer (null when absent or unreadable) and `line` is the 1-based input
 line number. `score` is the verifier's probability that the step is incorrect; `flagged` is
 `score >= threshold` (the threshold chosen on validation data, stored in the bundle).
 `top_features` are the transcoder features of the step's attribution graph with the most
@@ -39,7 +41,9 @@ the line number and the problem; the other lines are still verified. A trace lon
 the context has every step that fits scored and the others marked `"error": "beyond
 context: ..."`; a step with characters the tokenizer cannot represent (dropped, so they
 cannot count) gets a `warning` naming them. A human-readable table
-goes to stderr (or is the output with `format=table`), with a progress bar for long inputs.
+goes to stderr (or is the output with `format=table`), with a progress bar for long inputs;
+under a step's row it shows the step's warning and, with `intervene=true`, the regenerated
+step and the intervention that produced it.
 
 **Verify while generating** (`generate=true [correct=none|intervention|second_choice]
 [max_corrections=2]`): each input line is a prompt, ``{"id": optional str, "prompt": str}``
@@ -71,6 +75,15 @@ from crv.verify.scorer import StepVerifier
 
 if TYPE_CHECKING:
     from crv.bundle import Bundle
+
+
+USAGE = """usage: crv-verify bundle=DIR input=traces.jsonl output=scores.jsonl [option=value ...]
+       crv-verify bundle=DIR input=prompts.jsonl output=out.jsonl generate=true [correct=...]
+
+Scores every reasoning step of JSONL traces with a bundle exported by `crv` (bundle= is the
+bundle directory, or a crv run directory whose artifacts.json lists one); `-` is stdin or
+stdout. Exit status 0: every step scored; 1: some lines or steps failed; 2: nothing could
+run (one line on stderr)."""
 
 
 class LineWorker(Protocol):
@@ -115,7 +128,7 @@ def render_table(records: list[dict[str, Any]], threshold: float) -> str:
     ]
     n_steps = n_flagged = 0
     for rec in records:
-        rid = _shorten(rec["id"] or "-", 14)
+        rid = _shorten("-" if rec["id"] is None else str(rec["id"]), 14)
         if rec["error"] is not None:
             rows.append(
                 f"{rec['line']:>5}  {rid:<14} {'-':>4}  {'-':>6}  {'ERR':<4}  {rec['error']}"
@@ -137,6 +150,7 @@ def render_table(records: list[dict[str, Any]], threshold: float) -> str:
                 f"{rec['line']:>5}  {rid:<14} {step['index']:>4}  {step['score']:>6.3f}  "
                 f"{flag:<4}  {feat:<20} {_shorten(step['text'], 60)}"
             )
+            rows += _step_notes(step)
     failed = sum(rec["error"] is not None for rec in records)
     n_corrections = sum(len(rec.get("corrections") or ()) for rec in records)
     corrected = f", {n_corrections} corrections (* rewritten)" if n_corrections else ""
@@ -145,6 +159,19 @@ def render_table(records: list[dict[str, Any]], threshold: float) -> str:
         f"{n_steps} steps, {n_flagged} flagged at threshold {threshold:.4g}{corrected}"
     )
     return "\n".join(rows) + "\n"
+
+
+def _step_notes(step: dict[str, Any]) -> list[str]:
+    """Rows under a step's row: its tokenizer warning, and its regeneration (`intervene`)."""
+    indent = " " * 36
+    rows = [f"{indent}warning: {step['warning']}"] if step.get("warning") else []
+    regen = step.get("regenerated")
+    if regen:
+        edit = step["interventions"][regen["intervention"]]
+        name = f"L{edit['layer']}/F{edit['feature']} {edit['action']}"
+        text = regen["step"] if regen["step"] is not None else f"(no step) {regen['continuation']}"
+        rows.append(f"{indent}{'->':<4}  {name:<20} {_shorten(text, 60)}")
+    return rows
 
 
 class _Failure(Exception):
@@ -158,9 +185,33 @@ def _read_input(source: str) -> bytes:
         raise _Failure(f"cannot read input {source}: {exc.strerror or exc}") from None
 
 
+def bundle_dir(given: str) -> str:
+    """The bundle directory `bundle=` names: itself, or for a crv run directory the bundle
+    its `artifacts.json` lists; _Failure saying where the bundle is when that has none."""
+    from crv.io import read_json
+
+    listing = Path(given) / "artifacts.json"
+    if not listing.is_file():
+        return given
+    try:
+        artifacts = read_json(listing)
+    except (OSError, ValueError) as exc:
+        raise _Failure(f"bundle={given}: cannot read {listing}: {exc}") from None
+    if "bundle" not in artifacts:
+        raise _Failure(
+            f"bundle={given} is a run directory without a bundle ({listing} lists "
+            f"{', '.join(artifacts) or 'nothing'}): rerun crv with the bundle stage, e.g. "
+            "pipeline.stages=[bundle] and the run's options"
+        )
+    if not Path(artifacts["bundle"]).is_dir():
+        raise _Failure(f"bundle={given}: its bundle {artifacts['bundle']} no longer exists")
+    return str(artifacts["bundle"])
+
+
 def _check_config(cfg: VerifyConfig) -> None:
     if not cfg.bundle:
         raise _Failure("no bundle given: crv-verify bundle=PATH input=FILE output=FILE")
+    cfg.bundle = bundle_dir(cfg.bundle)
     if cfg.generate and (cfg.intervene or cfg.export_graphs is not None):
         option = "intervene=true" if cfg.intervene else "export_graphs"
         raise _Failure(f"generate=true corrects steps with correct=...; {option} is for traces")

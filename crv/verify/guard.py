@@ -150,7 +150,7 @@ class _Run:
                     self.prompt.id,
                 )
         self.context = context
-        self.trace_id = self.prompt.id or f"line{self.prompt.line}"
+        self.trace_id = f"line{self.prompt.line}" if self.prompt.id is None else str(self.prompt.id)
         self.decoder = GreedyDecoder(b.model, prompt_ids)
         self.probs: list[float] = [1.0] * (self.prompt_len - 1)
         """probs[p]: the model's probability of token p + 1 when it was decoded (prompt

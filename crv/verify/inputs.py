@@ -14,7 +14,7 @@ from typing import Any
 class TraceError(ValueError):
     """A problem with one input line; its message names the line and the problem."""
 
-    def __init__(self, message: str, trace_id: str | None = None) -> None:
+    def __init__(self, message: str, trace_id: str | int | None = None) -> None:
         super().__init__(message)
         self.trace_id = trace_id
         """The line's `id` when it could be read, for the error record."""
@@ -25,7 +25,7 @@ class Trace:
     """One parsed input line: the text the model sees and the steps' character spans."""
 
     line: int
-    id: str | None
+    id: str | int | None
     prompt: str
     completion: str
     spans: list[tuple[int, int]]
@@ -46,11 +46,11 @@ class Prompt:
     """One parsed input line of `generate=true`: a prompt whose steps the model writes."""
 
     line: int
-    id: str | None
+    id: str | int | None
     prompt: str
 
 
-def _fail(line: int, problem: str, trace_id: str | None = None) -> TraceError:
+def _fail(line: int, problem: str, trace_id: str | int | None = None) -> TraceError:
     return TraceError(f"line {line}: {problem}", trace_id)
 
 
@@ -69,9 +69,11 @@ def parse_prompt(raw: bytes, line: int) -> tuple[dict[str, Any], Prompt]:
         raise _fail(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise _fail(line, f"expected a JSON object, got {type(obj).__name__}")
-    if obj.get("id") is not None and not isinstance(obj["id"], str):
-        raise _fail(line, f"'id' must be a string, got {type(obj['id']).__name__}")
     trace_id = obj.get("id")
+    if trace_id is not None and (
+        not isinstance(trace_id, (str, int)) or trace_id is True or trace_id is False
+    ):
+        raise _fail(line, f"'id' must be a string or an integer, got {type(trace_id).__name__}")
     if "prompt" not in obj:
         raise _fail(line, "missing 'prompt'", trace_id)
     prompt = obj["prompt"]

@@ -117,7 +117,7 @@ class StepVerifier:
             raise TraceError(
                 f"line {trace.line}: the prompt is empty; step 0 has no token before it"
             )
-        trace_id = trace.id or f"line{trace.line}"
+        trace_id = f"line{trace.line}" if trace.id is None else str(trace.id)
         atts = attribute_trace(b.adapter, b.transcoders, enc.input_ids, positions, cfg, trace_id)
         if self.exporter is not None:
             for att in atts:
