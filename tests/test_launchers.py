@@ -81,11 +81,11 @@ def test_local_sweep_shares_one_cache(tmp_path: Path) -> None:
     assert n_steps > 0 and all(f"| {n_steps} |" in r for r in rows)
 
 
-def test_sweep_summary_default_metric_is_the_crv_auroc(tmp_path: Path) -> None:
+def test_sweep_summary_ranks_by_the_metric_given(tmp_path: Path) -> None:
     for run, auroc in (("0", 0.7), ("1", 0.9)):
         (tmp_path / run / ".hydra").mkdir(parents=True)
         (tmp_path / run / ".hydra" / "overrides.yaml").write_text(f"- seed={run}\n")
         report = {"verifier": {"arithmetic": {"methods": {"crv": {"auroc": auroc}}}}}
         (tmp_path / run / "report.json").write_text(json.dumps(report))
-    lines = summarize_sweep(tmp_path).splitlines()
+    lines = summarize_sweep(tmp_path, "verifier.arithmetic.methods.crv.auroc").splitlines()
     assert lines[2].startswith("| 1 | seed=1 | 0.9 |") and lines[3].startswith("| 0 | seed=0 | 0.7")
