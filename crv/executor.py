@@ -52,15 +52,27 @@ def run_sharded(
     work: Work[T],
     runtime: RuntimeConfig,
     device: str = "cpu",
+    unit: str = "items",
+    stage_log: logging.Logger | None = None,
 ) -> int:
     """Make sure every `files[i]` holds `items[i]`'s result; returns how many were already
-    there (reused from a killed run). `work` must be picklable for `executor=ray` (a
-    module-level function, or a `functools.partial` of one)."""
+    there (reused from a killed run), which it logs on `stage_log` ("resumed 40 of 100
+    traces from scratch": `unit` names the items). `work` must be picklable for
+    `executor=ray` (a module-level function, or a `functools.partial` of one)."""
     if len(items) != len(files):
         raise ValueError(f"{len(items)} items but {len(files)} result files")
     pending = [
         (item, Path(f)) for item, f in zip(items, files, strict=True) if not Path(f).is_file()
     ]
+    if len(pending) < len(items):
+        (stage_log or log).info(
+            "resumed %d of %d %s from scratch (%s); computing the other %d",
+            len(items) - len(pending),
+            len(items),
+            unit,
+            Path(files[0]).parent,
+            len(pending),
+        )
     if pending:
         if runtime.executor is Executor.ray:
             _run_on_ray(pending, work, runtime, device)

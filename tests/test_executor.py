@@ -3,6 +3,7 @@ settings (tests/test_ray.py runs it on Ray)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -32,13 +33,19 @@ def test_shards_deal_items_round_robin():
     assert shards([1, 2], 4) == [[1], [2]]
 
 
-def test_local_run_computes_only_the_unfinished_items(tmp_path: Path):
+def test_local_run_computes_only_the_unfinished_items(tmp_path: Path, caplog):
     files = [tmp_path / "out" / f"{i}.txt" for i in range(6)]
     for i in (1, 4):  # finished by a killed run
         atomic_write_text(files[i], "kept")
     log = tmp_path / "log"
-    resumed = run_sharded(list(range(6)), files, partial(square, log), RuntimeConfig())
+    stage_log = logging.getLogger("crv.graphs")
+    with caplog.at_level(logging.INFO, logger="crv.graphs"):
+        resumed = run_sharded(
+            list(range(6)), files, partial(square, log), RuntimeConfig(), "cpu", "traces", stage_log
+        )
     assert resumed == 2
+    [said] = [r.getMessage() for r in caplog.records if r.name == "crv.graphs"]
+    assert said.startswith("resumed 2 of 6 traces from scratch") and "other 4" in said
     assert log.read_text().split() == ["0", "2", "3", "5"]
     assert [f.read_text() for f in files] == ["0", "kept", "4", "9", "kept", "25"]
     assert (

@@ -243,7 +243,7 @@ def run_stage(ctx: StageContext[BaselinesConfig]) -> dict[str, Any]:
     transcoders = ctx.inputs.get("transcoders") if ctx.cfg.latents else None
     files = [ctx.scratch / "scores" / f"{quote(it['id'], safe='')}.safetensors" for it in items]
     work = partial(score_traces, ctx.inputs["subject"], transcoders, ctx.device, ctx.cfg, n_steps)
-    n_resumed = run_sharded(items, files, work, ctx.runtime, ctx.device)
+    n_resumed = run_sharded(items, files, work, ctx.runtime, ctx.device, "traces", ctx.log)
     read = [read_scores(f) for f in files]
     meta0 = read[0][1]
     layout = LatentLayout.from_json(meta0["layout"]) if meta0["layout"] is not None else None

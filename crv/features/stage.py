@@ -444,7 +444,7 @@ def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
     files = [ctx.scratch / "features" / f"{quote(t, safe='')}.json" for t in ids]
     work = partial(trace_rows, n_layers, cfg, ctx.seed)
     cpu_only = dataclasses.replace(ctx.runtime, gpus_per_worker=0.0)  # graphs in, numbers out
-    n_resumed = run_sharded(graph_files, files, work, cpu_only, "cpu")
+    n_resumed = run_sharded(graph_files, files, work, cpu_only, "cpu", "traces", ctx.log)
     rows = [row for f in files for row in read_trace_rows(f)]
     table, matrix, identity_names = split_identity(
         table_from_rows(rows, keys, n_layers, cfg.identity)

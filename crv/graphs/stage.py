@@ -54,7 +54,7 @@ def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:
     files = [trace_file(ctx.scratch, trace_id) for trace_id in traces["id"]]
     subject, transcoders = ctx.inputs["subject"], ctx.inputs["transcoders"]
     work = partial(attribute_traces, subject, transcoders, ctx.device, cfg)
-    n_resumed = run_sharded(list(traces), files, work, ctx.runtime, ctx.device)
+    n_resumed = run_sharded(list(traces), files, work, ctx.runtime, ctx.device, "traces", ctx.log)
 
     graph_stats: list[tuple[int, int, float, float]] = []  # nodes, edges, replacement, completeness
     seconds, n_skipped = 0.0, 0

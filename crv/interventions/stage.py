@@ -268,7 +268,7 @@ def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
     ]
     files = [ctx.scratch / "attempts" / f"{quote(it['step_id'], safe='')}.json" for it in items]
     work = partial(attempt_steps, dict(ctx.inputs), cfg, ctx.seed, ctx.device)
-    n_resumed = run_sharded(items, files, work, ctx.runtime, ctx.device)
+    n_resumed = run_sharded(items, files, work, ctx.runtime, ctx.device, "flagged steps", ctx.log)
     attempts = [attempt_from_dict(read_json(f)) for f in files]
     atomic_write_json(
         ctx.out / RESULTS_FILE,

@@ -274,7 +274,9 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
         generate_batches, ctx.inputs["subject"], ctx.device, cfg.stop, add_special
     )
     started = time.perf_counter()
-    n_resumed = run_sharded(batches, files, work, ctx.runtime, ctx.device)
+    n_resumed = run_sharded(
+        batches, files, work, ctx.runtime, ctx.device, "generation batches", ctx.log
+    )
     seconds = time.perf_counter() - started
     results = {
         trace_id: GenerationResult(**res) for f in files for trace_id, res in read_json(f).items()
