@@ -208,11 +208,15 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
+    # xgboost's CPU-only build is the distribution xgboost-cpu (pyproject.toml)
+    names = {"xgboost": ("xgboost", "xgboost-cpu")}
     for pkg in ("crv", "torch", "transformers", "xgboost", "networkx", "datasets"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
+        for dist in names.get(pkg, (pkg,)):
+            try:
+                out[pkg] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
     return out
 
 
