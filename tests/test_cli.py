@@ -63,6 +63,7 @@ MISUSES = [
     ("crv-graphs", ["export", "limt=3"], ["unknown option limt", "did you mean limit?"], {}),
     ("crv-graphs", ["export", "run=x", "device=gpu"], ["device='gpu' is not a device"], {}),
     ("crv-graphs", ["exprot"], ["usage: crv-graphs export"], {}),
+    ("crv-graphs", ["serve", "portt=1"], ["unknown option portt", "did you mean port?"], {}),
     ("crv-sweep-summary", ["/no/such/sweep"], ["/no/such/sweep: no such directory"], {}),
     ("crv-sweep-summary", ["{tmp}/sweep", "transcoders.ce_loss_recoverd"], ["in none of the 1 reports", "did you mean transcoders.ce_loss_recovered?"], {}),
     ("crv-sweep-summary", ["{tmp}/sweep", "transcoders"], ["is not a number"], {}),
@@ -93,7 +94,10 @@ def test_every_misuse_is_one_line_exit_2_before_anything_runs(
     ran: list[str] = []
     monkeypatch.setattr(crv.pipeline, "run_pipeline", lambda *a, **k: ran.append("pipeline"))
     monkeypatch.setattr(crv.cli.verify, "verify_main", lambda cfg: ran.append("verify") or 0)
-    monkeypatch.setattr(crv.cli.graphs, "run_export", lambda cfg: ran.append("export") or 0)
+    for name, (config, _) in crv.cli.graphs.COMMANDS.items():
+        monkeypatch.setitem(
+            crv.cli.graphs.COMMANDS, name, (config, lambda cfg: ran.append("graphs"))
+        )
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
