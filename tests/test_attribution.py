@@ -202,11 +202,19 @@ def source_vector(
 
 
 def expected_column(
-    att: StepAttribution, tangent_in: torch.Tensor, tangent_final: torch.Tensor, adapter, tset
+    att: StepAttribution,
+    tangent_in: torch.Tensor,
+    tangent_final: torch.Tensor,
+    adapter,
+    tset,
+    baseline: int | None = None,
 ):
-    """Change of every row node's pre-activation / demeaned logit, in row order."""
+    """Change of every row node's pre-activation / demeaned logit (minus the `baseline`
+    token's logit: a contrastive target), in row order."""
     W_U = adapter.unembed_weight.float()
     dirs = W_U - W_U.mean(0)
+    if baseline is not None:
+        dirs = dirs - dirs[baseline]
     values = []
     for node in att.counts.row_nodes.tolist():
         kind, layer, pos, index = (
@@ -253,11 +261,16 @@ def test_edges_equal_perturbation_effects_for_published_kinds(kind: str) -> None
 
 
 def check_edges_are_perturbation_effects(
-    adapter: ArchAdapter, tset: TranscoderSet, ids: torch.Tensor
+    adapter: ArchAdapter,
+    tset: TranscoderSet,
+    ids: torch.Tensor,
+    att: StepAttribution | None = None,
+    baseline: int | None = None,
 ) -> None:
-    atts = attribute_trace(adapter, tset, ids, POSITIONS, CFG)
+    """Columns of `att` (default: the graph of the last of POSITIONS) against perturbations."""
+    if att is None:  # the last step: sources at every position
+        att = attribute_trace(adapter, tset, ids, POSITIONS, CFG)[-1]
     clean = clean_run(adapter, tset, ids) | {"ids": ids}
-    att = atts[-1]  # the last step: sources at every position
     n = att.counts
     # errors at positions 1..p; tokens at 0..p: BOS is a source (as in circuit-tracer)
     assert n.n_errors == N_LAYERS * POSITIONS[-1] and n.n_tokens == POSITIONS[-1] + 1
@@ -278,11 +291,25 @@ def check_edges_are_perturbation_effects(
     for j in sources:
         layer, pos, vec = source_vector(att, int(j), clean, tset)
         tangent_in, tangent_final = perturbed_targets(adapter, clean, layer, pos, vec, tset)
-        expected = expected_column(att, tangent_in, tangent_final, adapter, tset)
+        expected = expected_column(att, tangent_in, tangent_final, adapter, tset, baseline)
         got = att.adjacency_RN[:, j]
         torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=1e-4)
         biggest = max(biggest, float(expected.abs().max()))
     assert biggest > 0.05  # the comparison is not between near-zero numbers
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_contrastive_edges_equal_perturbation_effects(family: str) -> None:
+    """A contrastive target logit(token) - logit(baseline) at the last position: its row
+    and the feature rows expanded for it are exact direct effects too."""
+    from crv.graphs.attribute import TraceAttributor
+
+    adapter, tset, ids = setup(family, "eager")
+    attributor = TraceAttributor(adapter, tset, ids, POSITIONS, CFG)
+    node = attributor.contrast_node(POSITIONS[-1], 5, 11)
+    att = attributor.attribute([node])
+    assert att.counts.n_logits == 1 and float(att.logit_weights[0]) == 1.0
+    check_edges_are_perturbation_effects(adapter, tset, ids, att, baseline=11)
 
 
 def test_bos_token_node_has_edges() -> None:

@@ -131,7 +131,7 @@ def load_cards(artifacts: dict[str, Path]) -> Any:
 
 
 def choose_steps(cfg: ExportConfig, graphs_dir: Path, traces: Any) -> list[tuple[int, int, int]]:
-    """(trace row, step, position) of the exported graphs, at most `cfg.limit`."""
+    """(trace row, step, explained positions) of the exported graphs, at most `cfg.limit`."""
     from crv.graphs.store import load_step_graphs, trace_ids
 
     row_of = {trace_id: i for i, trace_id in enumerate(traces["id"])}
@@ -147,7 +147,7 @@ def choose_steps(cfg: ExportConfig, graphs_dir: Path, traces: Any) -> list[tuple
     for r in rows:
         labels = {s["index"]: s.get("label") for s in traces[r]["steps"]}
         for g in load_step_graphs(graphs_dir, traces[r]["id"]):
-            (incorrect if labels.get(g.step) is False else chosen).append((r, g.step, g.position))
+            (incorrect if labels.get(g.step) is False else chosen).append((r, g.step, g.explained))
         if cfg.incorrect_first and len(incorrect) >= cfg.limit:
             break
         if not cfg.incorrect_first and len(chosen) >= cfg.limit:

@@ -12,6 +12,8 @@ probability of a graph without logit nodes) are NaN, which xgboost treats as mis
 - `top_logit_prob`: probability of the most likely attributed logit.
 - `logit_entropy`: Shannon entropy (nats) of the attributed logits' probabilities
   renormalised to sum to one: -sum p_i log p_i, 0 for a single logit.
+  A whole-step graph (logits at several positions) takes both per position, then the
+  least certain one: the lowest top probability, the highest entropy.
 
 **node** - how influence and activation are spread:
 
@@ -212,13 +214,17 @@ def identity_matrix(rows: list[dict[str, float]]) -> tuple[csr_matrix, list[str]
 
 
 def _global_features(g: StepGraph) -> dict[str, float]:
-    probs = g.activation[g.kind == LOGIT].astype(np.float64)
-    if len(probs) and probs.sum() > 0:
-        p = probs / probs.sum()
-        p = p[p > 0]
-        top, entropy = float(probs.max()), float(-(p * np.log(p)).sum())
-    else:
-        top = entropy = float("nan")
+    is_logit = g.kind == LOGIT
+    tops, entropies = [], []
+    for pos in np.unique(g.pos[is_logit]):  # a whole-step graph: per position, then the worst
+        probs = g.activation[is_logit & (g.pos == pos)].astype(np.float64)
+        if probs.sum() > 0:
+            p = probs / probs.sum()
+            p = p[p > 0]
+            tops.append(float(probs.max()))
+            entropies.append(float(-(p * np.log(p)).sum()))
+    top = min(tops) if tops else float("nan")
+    entropy = max(entropies) if entropies else float("nan")
     return {
         "total_active_features": float(g.scores.get("n_active_features", np.nan)),
         "n_feature_nodes": float(np.sum(g.kind == FEATURE)),

@@ -79,7 +79,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crv.graphs.config import GraphsConfig
+from crv.graphs.config import GraphsConfig, Position
 from crv.graphs.graph import ERROR, FEATURE, LOGIT, TOKEN, StepGraph
 from crv.graphs.prune import (
     GraphCounts,
@@ -91,6 +91,34 @@ from crv.graphs.prune import (
 from crv.graphs.replacement import Key, ReplacementTrace, Stopwatch
 from crv.models.adapter import ArchAdapter
 from crv.transcoders.module import TranscoderSet
+
+Explained = int | tuple[int, ...]
+"""What one graph explains: the next-token prediction at a token position, or those at
+several positions (a whole-step graph, `position=step`)."""
+
+WHOLE_STEP = (Position.step, Position.step_surprise)
+
+
+def span_of(explained: Explained) -> tuple[int, ...]:
+    """The positions of an `Explained` (one int: a one-position tuple)."""
+    if isinstance(explained, (int, np.integer)):
+        return (int(explained),)
+    return tuple(int(p) for p in explained)
+
+
+@dataclass(frozen=True)
+class LogitNode:
+    """A target node of a graph: the demeaned logit of `token` at `position`, minus the
+    logit of `baseline` when one is set (a contrastive target: logit(token) -
+    logit(baseline), circuit-tracer's custom attribution targets). `weight` is the node's
+    weight in the influence on the logits (`prune`), `prob` its token's probability (the
+    node's activation)."""
+
+    position: int
+    token: int
+    weight: float
+    prob: float
+    baseline: int = -1
 
 
 class RowCache:
@@ -136,6 +164,7 @@ class StepAttribution:
     adjacency_RN: torch.Tensor
     counts: GraphCounts
     logit_probs: torch.Tensor
+    logit_weights: torch.Tensor
     scores: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -153,7 +182,7 @@ class StepAttribution:
         result = prune(
             self.adjacency_RN,
             self.counts,
-            self.logit_probs,
+            self.logit_weights,
             self.feature_layer,
             node_threshold,
             edge_threshold,
@@ -188,8 +217,8 @@ def step_positions(
     prompt_len: int,
     position: str,
     token_probs: Sequence[float] | None = None,
-) -> list[int]:
-    """The token position each step's graph explains.
+) -> list[Explained]:
+    """The token position(s) each step's graph explains.
 
     A step owns the predictions made at positions `prev` .. `last - 1`, where `prev` is the
     previous step's last token (the prompt's last token for step 0) and `last` its own last
@@ -198,13 +227,20 @@ def step_positions(
     own predictions where the generated token had the lowest probability (the earliest on
     ties): the model's least certain decision in the step, often the token where an error
     is made. It needs `token_probs[p]` = P(token p + 1 | tokens <= p), see `next_token_probs`.
+    `step` and `step_surprise` = all of them, `(prev, ..., last - 1)`: a whole-step graph
+    (an empty step falls back to `(last,)`).
     """
     last = [int(s["last_token"]) for s in steps]
     previous = [prompt_len - 1, *last[:-1]]
     if position == "after":
-        return last
+        return list(last)
     if position == "before":
         return previous
+    if position in WHOLE_STEP:
+        return [
+            tuple(range(lo, hi)) if lo < hi else (hi,)
+            for lo, hi in zip(previous, last, strict=True)
+        ]
     if position != "least_confident":
         raise ValueError(f"unknown position {position!r}")
     if token_probs is None:
@@ -234,7 +270,7 @@ def explained_positions(
     steps: Sequence[dict[str, Any]],
     prompt_len: int,
     position: str,
-) -> list[int]:
+) -> list[Explained]:
     """`step_positions` of one trace, running the model for its token probabilities only
     when the rule needs them (`least_confident`)."""
     probs = next_token_probs(model, input_ids) if position == "least_confident" else None
@@ -249,20 +285,35 @@ class TraceAttributor:
         adapter: ArchAdapter,
         tset: TranscoderSet,
         input_ids: Sequence[int] | torch.Tensor,
-        positions: Sequence[int],
+        positions: Sequence[Explained],
         cfg: GraphsConfig,
     ) -> None:
         self.cfg = cfg
         self.stopwatch = Stopwatch()
-        self.trace = ReplacementTrace(adapter, tset, input_ids, positions, self.stopwatch)
+        self.input_ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).cpu()
+        spans = [span_of(p) for p in positions]
+        self.trace = ReplacementTrace(
+            adapter,
+            tset,
+            self.input_ids,
+            [p for span in spans for p in span],
+            self.stopwatch,
+            segment_at=[max(span) for span in spans],
+        )
         self.cache = RowCache(cfg.runtime_row_cache_mb << 20)
         self.n_rows_computed = 0
         self.n_rows_requested = 0
 
-    def extend(self, input_ids: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> None:
+    def extend(
+        self, input_ids: Sequence[int] | torch.Tensor, positions: Sequence[Explained]
+    ) -> None:
         """Targets further along a growing sequence (`ReplacementTrace.extend`): no second
         pass over the prefix, and the cached rows stay valid."""
-        self.trace.extend(input_ids, positions)
+        spans = [span_of(p) for p in positions]
+        self.input_ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).cpu()
+        self.trace.extend(
+            self.input_ids, [p for span in spans for p in span], [max(span) for span in spans]
+        )
 
     def rows(self, keys: Sequence[Key]) -> list[torch.Tensor]:
         """Rows of `keys`, from the cache or computed in batches of targets near each other."""
@@ -291,27 +342,93 @@ class TraceAttributor:
         self.n_rows_requested += len(keys)
         return [found[key] for key in keys]
 
-    def logit_keys(self, position: int) -> tuple[list[Key], torch.Tensor]:
-        tokens, probs = top_logits(
-            self.trace.probs(position), self.cfg.max_logits, self.cfg.logit_cum_prob
+    def position_weights(self, span: tuple[int, ...]) -> np.ndarray:
+        """Each position's share of a whole-step graph's logit weight: 1/n each, or with
+        `position=step_surprise` in proportion to the surprise 1 - p of the token written
+        after it (1/n each when every one is certain)."""
+        n = len(span)
+        uniform = np.full(n, 1.0 / n)
+        if self.cfg.position != Position.step_surprise or n == 1:
+            return uniform
+        surprise = np.array(
+            [1.0 - float(self.trace.probs(p)[int(self.input_ids[p + 1])]) for p in span]
         )
-        return [(self.trace.n_layers, position, int(t)) for t in tokens], probs
+        return surprise / surprise.sum() if surprise.sum() > 0 else uniform
+
+    def logit_nodes(self, explained: Explained) -> list[LogitNode]:
+        """The logit nodes of a graph explaining `explained`: at each position its top
+        logits (`top_logits`), weighted by probability times the position's weight."""
+        span = span_of(explained)
+        nodes = []
+        for p, w in zip(span, self.position_weights(span), strict=True):
+            tokens, probs = top_logits(
+                self.trace.probs(p), self.cfg.max_logits, self.cfg.logit_cum_prob
+            )
+            nodes += [
+                LogitNode(p, int(t), float(w * q), float(q))
+                for t, q in zip(tokens.tolist(), probs.tolist(), strict=True)
+            ]
+        return nodes
+
+    def contrast_node(self, position: int, token: int, baseline: int) -> LogitNode:
+        """The single target logit(token) - logit(baseline) at `position` (a target of the
+        trace), weight 1: why the model preferred `token` over `baseline` there."""
+        prob = float(self.trace.probs(position)[token])
+        return LogitNode(position, int(token), 1.0, prob, int(baseline))
+
+    def margin_node(self, position: int) -> LogitNode:
+        """`contrast_node` of the top-1 over the top-2 token at `position`: the margin of
+        the model's choice, when no correct token is known."""
+        first, second = torch.topk(self.trace.probs(position), 2).indices.tolist()
+        return self.contrast_node(position, first, second)
+
+    def node_rows(self, targets: Sequence[LogitNode]) -> list[torch.Tensor]:
+        """The rows of logit nodes; a contrastive node's row is the difference of its two
+        tokens' rows (the row is linear in the target direction)."""
+        L = self.trace.n_layers
+        keys = [(L, t.position, t.token) for t in targets]
+        bases = [(L, t.position, t.baseline) for t in targets if t.baseline >= 0]
+        rows = self.rows(keys + bases)
+        by_key = dict(zip(keys + bases, rows, strict=True))
+        return [
+            by_key[key] - by_key[(L, t.position, t.baseline)] if t.baseline >= 0 else by_key[key]
+            for key, t in zip(keys, targets, strict=True)
+        ]
 
     def attribute_steps(
-        self, positions: Sequence[int], steps: Sequence[int] | None = None, trace_id: str = ""
+        self,
+        positions: Sequence[Explained],
+        steps: Sequence[int] | None = None,
+        trace_id: str = "",
     ) -> list[StepAttribution]:
         """The unpruned graphs of several steps; their logit rows are computed together."""
-        self.rows([key for p in positions for key in self.logit_keys(p)[0]])
+        targets = [self.logit_nodes(p) for p in positions]
+        self.node_rows([t for nodes in targets for t in nodes])
         steps = list(range(len(positions))) if steps is None else steps
-        return [self.attribute_step(p, s, trace_id) for p, s in zip(positions, steps, strict=True)]
+        return [self.attribute(nodes, s, trace_id) for nodes, s in zip(targets, steps, strict=True)]
 
-    def attribute_step(self, position: int, step: int = 0, trace_id: str = "") -> StepAttribution:
-        """The unpruned graph of the step whose next-token logits at `position` are explained."""
+    def attribute_step(
+        self, position: Explained, step: int = 0, trace_id: str = ""
+    ) -> StepAttribution:
+        """The unpruned graph of the step whose next-token logits at `position` (one token
+        position, or several for a whole-step graph) are explained."""
+        return self.attribute(self.logit_nodes(position), step, trace_id)
+
+    def attribute(
+        self,
+        targets: Sequence[LogitNode],
+        step: int = 0,
+        trace_id: str = "",
+        extra_scores: dict[str, float] | None = None,
+    ) -> StepAttribution:
+        """The unpruned graph whose logit nodes are `targets` (their rows are the direct
+        effects on them; features are expanded by influence on their weighted sum)."""
         cfg, trace = self.cfg, self.trace
         layout, L = trace.layout, trace.n_layers
+        position = max(t.position for t in targets)
         n_cols = (position + 1) * layout.stride
-        logit_keys, probs = self.logit_keys(position)
-        n_logits = len(logit_keys)
+        n_logits = len(targets)
+        probs = torch.tensor([t.prob for t in targets], dtype=torch.float64)
 
         active_PLK = trace.acts_PLK[: position + 1] != 0
         active_PLK[0] = False
@@ -327,7 +444,7 @@ class TraceAttributor:
         own_col_R = torch.full((n_rows,), -1, dtype=torch.long)
         layer_R = torch.zeros(n_rows, dtype=torch.long)
         weight_R = torch.zeros(n_rows, dtype=torch.float64)
-        weight_R[:n_logits] = probs
+        weight_R[:n_logits] = torch.tensor([t.weight for t in targets], dtype=torch.float64)
 
         def put(first: int, rows: list[torch.Tensor]) -> None:
             """Rows first.. of the tables; normalised together (one call, not one per row)."""
@@ -336,7 +453,7 @@ class TraceAttributor:
             end = first + len(rows)
             normed_RC[first:end] = normalize_rows(signed_RC[first:end])
 
-        logit_rows = self.rows(logit_keys)
+        logit_rows = self.node_rows(targets)
         with self.stopwatch("bookkeeping"):
             put(0, logit_rows)
         n_filled = n_logits
@@ -385,7 +502,8 @@ class TraceAttributor:
         adjacency_RN = torch.zeros(len(row_index), counts.n_nodes)
         adjacency_RN[:, : len(src_cols)] = signed_RC[row_index][:, src_cols]
 
-        logit_tokens = np.array([k[2] for k in logit_keys], dtype=np.int32)
+        logit_tokens = np.array([t.token for t in targets], dtype=np.int32)
+        logit_pos = np.array([t.position for t in targets], dtype=np.int32)
         input_ids = trace.input_ids.cpu().numpy()
         nodes = {
             "kind": np.concatenate(
@@ -399,9 +517,7 @@ class TraceAttributor:
             "layer": np.concatenate(
                 [c_layer[feat], err_layer, np.full(len(tok_pos), -1), np.full(n_logits, L)]
             ).astype(np.int16),
-            "pos": np.concatenate(
-                [c_pos[feat], err_pos, tok_pos, np.full(n_logits, position)]
-            ).astype(np.int32),
+            "pos": np.concatenate([c_pos[feat], err_pos, tok_pos, logit_pos]).astype(np.int32),
             "feature": np.concatenate(
                 [c_latent[feat], np.full(len(err_pos), -1), input_ids[tok_pos], logit_tokens]
             ).astype(np.int32),
@@ -413,23 +529,44 @@ class TraceAttributor:
                 ]
             ).astype(np.float32),
         }
-        p_norm = probs / probs.sum()
         scores = {
             "n_active_features": float(len(c_pos)),
             "n_expanded_features": float(len(feat)),
             "n_logits": float(n_logits),
-            "logit_mass": float(probs.sum()),
-            "top_logit_prob": float(probs[0]),
-            "logit_entropy": float(-(p_norm * torch.log(p_norm.clamp_min(1e-300))).sum()),
+            **logit_scores(probs, logit_pos),
+            **(extra_scores or {}),
         }
-        return StepAttribution(trace_id, step, position, nodes, adjacency_RN, counts, probs, scores)
+        weights = weight_R[:n_logits].clone()
+        return StepAttribution(
+            trace_id, step, position, nodes, adjacency_RN, counts, probs, weights, scores
+        )
+
+
+def logit_scores(probs: torch.Tensor, pos: np.ndarray) -> dict[str, float]:
+    """Confidence scores of a graph's logit nodes, per position then over positions:
+    logit_mass (mean total probability of a position's attributed logits), top_logit_prob
+    (the lowest top probability: the least certain prediction) and logit_entropy (the
+    highest entropy of a position's renormalised probabilities). With one position they
+    are that position's values."""
+    mass, top, entropy = [], [], []
+    for p in np.unique(pos):
+        probs_p = probs[torch.from_numpy(pos == p)]
+        p_norm = probs_p / probs_p.sum()
+        mass.append(float(probs_p.sum()))
+        top.append(float(probs_p.max()))
+        entropy.append(float(-(p_norm * torch.log(p_norm.clamp_min(1e-300))).sum()))
+    return {
+        "logit_mass": float(np.mean(mass)),
+        "top_logit_prob": min(top),
+        "logit_entropy": max(entropy),
+    }
 
 
 def attribute_trace(
     adapter: ArchAdapter,
     tset: TranscoderSet,
     input_ids: Sequence[int] | torch.Tensor,
-    positions: Sequence[int],
+    positions: Sequence[Explained],
     cfg: GraphsConfig,
     trace_id: str = "",
     steps: Sequence[int] | None = None,
@@ -444,7 +581,7 @@ def trace_graphs(
     adapter: ArchAdapter,
     tset: TranscoderSet,
     input_ids: Sequence[int] | torch.Tensor,
-    positions: Sequence[int],
+    positions: Sequence[Explained],
     cfg: GraphsConfig,
     trace_id: str = "",
     steps: Sequence[int] | None = None,

@@ -25,6 +25,8 @@ class Position(Choice):
     after = "after"
     before = "before"
     least_confident = "least_confident"
+    step = "step"
+    step_surprise = "step_surprise"
 
 
 @dataclass
@@ -57,7 +59,16 @@ class GraphsConfig:
     """Token whose next-token logits a step's graph explains: `after` = the step's last token,
     `before` = the previous step's last token (the prompt's last token for the first step),
     `least_confident` = the one of the step's own predictions (positions `before` .. `after`
-    - 1) whose generated token had the lowest probability: the step's least certain decision."""
+    - 1) whose generated token had the lowest probability: the step's least certain decision;
+    `step` = all of the step's own predictions in one whole-step graph (a logit node per
+    position and attributed token, each position's logits weighing 1/n of the influence),
+    `step_surprise` = the same with each position weighted by the surprise 1 - p of its
+    generated token."""
+
+    contrastive: bool = False
+    """Also build, for every incorrect synthetic step, the contrastive graph of
+    logit(generated token) - logit(correct token) at the first token where the step departs
+    from a correct reduction (`crv.graphs.contrastive`), stored beside the step graphs."""
 
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     """Trace splits to attribute."""

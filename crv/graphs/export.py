@@ -134,7 +134,7 @@ def graph_json(
     result = prune(
         att.adjacency_RN,
         att.counts,
-        att.logit_probs,
+        att.logit_weights,
         att.feature_layer,
         node_threshold,
         edge_threshold,

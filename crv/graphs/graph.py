@@ -63,6 +63,12 @@ class StepGraph:
             raise ValueError("StepGraph edge refers to a node that does not exist")
 
     @property
+    def explained(self) -> tuple[int, ...]:
+        """The positions whose predictions the graph explains (its logit nodes' positions):
+        one for a single-prediction graph, every position of the step for a whole-step one."""
+        return tuple(int(p) for p in np.unique(self.pos[self.kind == LOGIT]))
+
+    @property
     def n_nodes(self) -> int:
         return len(self.kind)
 

@@ -16,7 +16,9 @@ frozen model is affine, so a gradient injected at a target and read at the leave
 target's exact row of direct effects.
 
 The forward runs through the model's KV cache in segments that end at the target positions
-(the steps' tokens). It is still one pass over the sequence, but the autograd graph of a
+(the steps' tokens), or at the positions `segment_at` names, so that the targets of a
+whole-step graph (every position of a step) share the step's segment; the logits of every
+target are kept. It is still one pass over the sequence, but the autograd graph of a
 segment only reaches back into earlier segments (through the cached keys and values), so a
 backward pass for targets at position q traverses positions <= q only, as if the sequence
 had been cut after q. Long stretches between targets are cut further, into segments of at
@@ -137,6 +139,7 @@ class ReplacementTrace:
         input_ids: Sequence[int] | torch.Tensor,
         positions: Sequence[int],
         stopwatch: Stopwatch | None = None,
+        segment_at: Sequence[int] | None = None,
     ) -> None:
         if sorted(tset.layers) != list(range(adapter.n_layers)):
             raise ValueError(
@@ -163,11 +166,16 @@ class ReplacementTrace:
         self._targets: set[int] = set()
         self.ends: list[int] = []
         self.n_positions = 0
-        self._run(ids, positions)
+        self._run(ids, positions, segment_at)
         W_U = adapter.unembed_weight.detach().float()
         self._logit_dirs_VD = W_U - W_U.mean(0, keepdim=True)
 
-    def extend(self, input_ids: Sequence[int] | torch.Tensor, positions: Sequence[int]) -> None:
+    def extend(
+        self,
+        input_ids: Sequence[int] | torch.Tensor,
+        positions: Sequence[int],
+        segment_at: Sequence[int] | None = None,
+    ) -> None:
         """Add targets `positions`, all past the sequence so far, of `input_ids`, which must
         continue this trace's tokens: the forward goes on from where it stopped (the rows of
         earlier targets stay valid, attention being causal), and everything is as if the
@@ -180,14 +188,18 @@ class ReplacementTrace:
             )
         if not torch.equal(ids[:old].to(self.device), self.input_ids):
             raise ValueError("input_ids do not continue the trace's tokens")
-        self._run(ids, positions)
+        self._run(ids, positions, segment_at)
 
-    def _run(self, ids: torch.Tensor, positions: Sequence[int]) -> None:
-        """Forward and encode the segments that end at new targets `positions`."""
+    def _run(
+        self, ids: torch.Tensor, positions: Sequence[int], segment_at: Sequence[int] | None
+    ) -> None:
+        """Forward and encode the segments that end at the new targets `positions` (or at
+        `segment_at` and the last target: targets inside a segment cost no extra cut)."""
         first_seg, start = len(self.ends), self.n_positions
         new = {int(p) for p in positions}
         self._targets |= new
-        self.ends += segment_ends([p + 1 for p in new], SEGMENT_TOKENS, start)
+        cuts = new if segment_at is None else {*map(int, segment_at), max(new)}
+        self.ends += segment_ends([p + 1 for p in cuts], SEGMENT_TOKENS, start)
         self.starts = [0, *self.ends[:-1]]
         self.n_positions = self.ends[-1]
         self.input_ids = ids[: self.n_positions].to(self.device)
@@ -204,16 +216,17 @@ class ReplacementTrace:
         segments = zip(self.starts[first_seg:], self.ends[first_seg:], strict=True)
         with torch.enable_grad(), self.adapter.frozen(), self._hooks():
             for start, end in segments:
+                inside = [p for p in range(start, end) if p in self._targets]
                 out = model(
                     input_ids=self.input_ids[None, start:end],
                     position_ids=torch.arange(start, end, device=self.device)[None],
                     cache=self._cache,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=end - inside[0] if inside else 1,
                 )
-                if end - 1 in self._targets:
-                    logits_V = out.logits[0, -1].detach().double()
-                    self._probs[end - 1] = torch.softmax(logits_V, -1).cpu()
+                for p in inside:
+                    logits_V = out.logits[0, p - end].detach().double()
+                    self._probs[p] = torch.softmax(logits_V, -1).cpu()
 
     @contextlib.contextmanager
     def _hooks(self) -> Iterator[None]:

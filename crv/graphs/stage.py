@@ -21,9 +21,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from crv.executor import run_sharded
-from crv.graphs.attribute import explained_positions, trace_graphs
+from crv.graphs.attribute import TraceAttributor, explained_positions, span_of
 from crv.graphs.config import GraphsConfig
+from crv.graphs.contrastive import contrast_attributions, trace_contrasts
 from crv.graphs.store import (
+    CONTRAST_DIR,
     GRAPH_DIR,
     read_metadata,
     read_step_graphs,
@@ -49,7 +51,10 @@ def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:
     if cfg.max_traces is not None and cfg.max_traces < len(rows):
         # evenly spread, so that a budget still covers every task and complexity
         rows = [rows[i] for i in np.linspace(0, len(rows) - 1, cfg.max_traces).round().astype(int)]
-    traces = traces.select(rows).select_columns(["id", "input_ids", "steps", "prompt_len"])
+    columns = ["id", "input_ids", "steps", "prompt_len"]
+    if cfg.contrastive:  # what the checker replays to find the correct step
+        columns += ["task", "complexity", "problem", "gold", "completion", "label_mode"]
+    traces = traces.select(rows).select_columns(columns)
     ctx.log.info("attributing the steps of %d traces (splits %s)", len(traces), sorted(splits))
     files = [trace_file(ctx.scratch, trace_id) for trace_id in traces["id"]]
     subject, transcoders = ctx.inputs["subject"], ctx.inputs["transcoders"]
@@ -57,10 +62,12 @@ def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:
     n_resumed = run_sharded(list(traces), files, work, ctx.runtime, ctx.device, "traces", ctx.log)
 
     graph_stats: list[tuple[int, int, float, float]] = []  # nodes, edges, replacement, completeness
-    seconds, n_skipped = 0.0, 0
+    seconds, n_skipped, n_contrastive = 0.0, 0, 0
     out_dir = ctx.out / GRAPH_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in files:
+    if cfg.contrastive:
+        (ctx.out / CONTRAST_DIR).mkdir(exist_ok=True)
+    for path, trace_id in zip(files, traces["id"], strict=True):
         meta = read_metadata(path)
         seconds += float(meta["seconds"])
         n_skipped += int(meta["n_skipped_steps"])
@@ -69,6 +76,10 @@ def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:
             for g in read_step_graphs(path)
         ]
         shutil.copy2(path, out_dir)
+        if cfg.contrastive:
+            contrast = trace_file(ctx.scratch, trace_id, CONTRAST_DIR)
+            n_contrastive += len(read_step_graphs(contrast))
+            shutil.copy2(contrast, ctx.out / CONTRAST_DIR)
 
     stats = np.array(graph_stats, dtype=np.float64).reshape(-1, 4)
     n_graphs = len(stats)
@@ -78,6 +89,7 @@ def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:
     return {
         "n_traces": len(traces),
         "n_graphs": n_graphs,
+        **({"n_contrastive_graphs": n_contrastive} if cfg.contrastive else {}),
         "n_skipped_steps": n_skipped,
         "n_resumed_traces": n_resumed,
         "seconds_per_graph": seconds / n_graphs if n_graphs else float("nan"),
@@ -111,22 +123,32 @@ def attribute_traces(
         kept = [
             (s["index"], p)
             for s, p in zip(trace["steps"], positions, strict=True)
-            if 1 <= p < n_tokens
+            if min(span_of(p)) >= 1 and max(span_of(p)) < n_tokens
         ]
-        graphs = []
-        if kept:
-            steps, kept_positions = zip(*kept, strict=True)
-            graphs = trace_graphs(
+        contrasts = trace_contrasts(trace, loaded.tokenizer) if cfg.contrastive else []
+        steps = [s for s, _ in kept]
+        targets = [p for _, p in kept]
+        graphs, contrast_graphs = [], []
+        if kept or contrasts:
+            attributor = TraceAttributor(
                 adapter,
                 tset,
                 trace["input_ids"],
-                list(kept_positions),
+                [*targets, *(c.position for c in contrasts)],
                 cfg,
-                trace["id"],
-                list(steps),
             )
+            atts = attributor.attribute_steps(targets, steps, trace["id"])
+            atts_c = contrast_attributions(attributor, contrasts, trace["id"])
+            graphs = [a.pruned(cfg.node_threshold, cfg.edge_threshold) for a in atts]
+            contrast_graphs = [a.pruned(cfg.node_threshold, cfg.edge_threshold) for a in atts_c]
         meta = {
             "seconds": str(time.perf_counter() - start),
             "n_skipped_steps": str(len(trace["steps"]) - len(kept)),
         }
+        if cfg.contrastive:  # first: a finished step-graph file means a finished trace
+            save_step_graphs(
+                trace_file(file.parent.parent, trace["id"], CONTRAST_DIR),
+                trace["id"],
+                contrast_graphs,
+            )
         save_step_graphs(file, trace["id"], graphs, meta)

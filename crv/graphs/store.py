@@ -5,7 +5,8 @@ trace concatenated (node columns kind, layer, pos, feature, activation, influenc
 columns src, dst, weight, with node indices local to their graph), `node_offsets` and
 `edge_offsets` ([n_graphs + 1]) that cut them apart, `step` and `position` per graph, and
 `scores` [n_graphs, n_scores] whose column names are in the metadata (`score_names`, JSON)
-next to `trace_id` and `format`. Files are written atomically, so a directory of them is a
+next to `trace_id` and `format`. Contrastive graphs (`graphs.contrastive`) are files of the
+same format under `<dir>/contrastive/`, one per trace (`load_contrastive_graphs`). Files are written atomically, so a directory of them is a
 resumable set of finished traces.
 """
 
@@ -20,11 +21,13 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from crv.errors import CRVError
 from crv.graphs.graph import EDGE_COLUMNS, NODE_COLUMNS, StepGraph
 from crv.io import atomic_write
 
 FORMAT = "crv-step-graphs/1"
 GRAPH_DIR = "graphs"
+CONTRAST_DIR = "contrastive"
 SUFFIX = ".safetensors"
 _DTYPES = {
     "kind": np.int8,
@@ -39,9 +42,10 @@ _DTYPES = {
 }
 
 
-def trace_file(directory: str | Path, trace_id: str) -> Path:
-    """Where the graphs of `trace_id` live under an artifact (or scratch) directory."""
-    return Path(directory) / GRAPH_DIR / f"{quote(trace_id, safe='')}{SUFFIX}"
+def trace_file(directory: str | Path, trace_id: str, kind: str = GRAPH_DIR) -> Path:
+    """Where the graphs of `trace_id` live under an artifact (or scratch) directory; `kind`
+    CONTRAST_DIR for its contrastive graphs."""
+    return Path(directory) / kind / f"{quote(trace_id, safe='')}{SUFFIX}"
 
 
 def save_step_graphs(
@@ -114,6 +118,26 @@ def load_step_graphs(directory: str | Path, trace_id: str) -> list[StepGraph]:
     if not path.is_file():
         raise FileNotFoundError(f"no step graphs for trace {trace_id!r} in {directory}")
     return read_step_graphs(path)
+
+
+def load_contrastive_graphs(directory: str | Path, trace_id: str) -> list[StepGraph]:
+    """The pruned contrastive graphs of `trace_id`'s incorrect steps in a `graphs` artifact
+    built with `graphs.contrastive=true` (`crv.graphs.contrastive`; none for a trace
+    without an incorrect step that has a correct counterpart). A graph's `step` is its
+    step's index, its `position` the prediction explained, its one logit node the
+    contrastive target."""
+    if not (Path(directory) / CONTRAST_DIR).is_dir():
+        raise ContrastiveGraphsError(
+            f"{directory} has no contrastive graphs: build it with graphs.contrastive=true"
+        )
+    path = trace_file(directory, trace_id, CONTRAST_DIR)
+    if not path.is_file():
+        raise ContrastiveGraphsError(f"no contrastive graphs for trace {trace_id!r} in {directory}")
+    return read_step_graphs(path)
+
+
+class ContrastiveGraphsError(CRVError):
+    """A graphs artifact without the contrastive graphs asked for."""
 
 
 def trace_ids(directory: str | Path) -> list[str]:

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from crv.generation import GreedyDecoder, pattern_stop, stop_ids
-from crv.graphs.attribute import TraceAttributor, step_positions
+from crv.graphs.attribute import Explained, TraceAttributor, span_of, step_positions
 from crv.graphs.graph import StepGraph
 from crv.interventions.apply import StepSpan, second_choice_token, to_intervention
 from crv.tasks.segment import segment_steps
@@ -206,7 +206,7 @@ class _Run:
 
     # -- scoring ----------------------------------------------------------------------------
 
-    def positions(self, last_tokens: list[int], rule: str) -> list[int]:
+    def positions(self, last_tokens: list[int], rule: str) -> list[Explained]:
         """`step_positions` of steps ending at `last_tokens`, with the decoding probabilities."""
         steps = [{"last_token": t} for t in last_tokens]
         return step_positions(steps, self.prompt_len, rule, np.asarray(self.probs))
@@ -251,15 +251,16 @@ class _Run:
                     return status
         return None
 
-    def graph(self, i: int, position: int) -> StepGraph:
+    def graph(self, i: int, position: Explained) -> StepGraph:
         """Step i's pruned graph, explaining the prediction at `position`: the trace's
         attribution goes on from the previous step's (`TraceAttributor.extend`), or starts
         anew after a rewrite cut it back."""
         v = self.guard.verifier
         b, cfg, ids = v.bundle, v.graphs_cfg, self.decoder.ids
-        if position < 1:  # position 0 (bos) has no sources to explain it from
+        first = min(span_of(position))
+        if first < 1:  # position 0 (bos) has no sources to explain it from
             raise TraceError(f"line {self.prompt.line}: the prompt has no token before step 0")
-        if self.attributor is None or position < self.attributor.trace.n_positions:
+        if self.attributor is None or first < self.attributor.trace.n_positions:
             self.attributor = TraceAttributor(b.adapter, b.transcoders, ids, [position], cfg)
         else:
             self.attributor.extend(ids, [position])

@@ -106,14 +106,16 @@ class StepVerifier:
     def graphs(self, trace: Trace, enc: Encoded) -> list[StepGraph]:
         """The pruned step graphs of all steps of a trace, from one shared forward pass
         (written for the viewer too with `export_graphs`)."""
-        from crv.graphs.attribute import attribute_trace, explained_positions
+        from crv.graphs.attribute import attribute_trace, explained_positions, span_of
 
         b, cfg = self.bundle, self.graphs_cfg
         steps = [{"last_token": t} for t in enc.last_tokens]
         positions = explained_positions(
             b.adapter.model, enc.input_ids, steps, enc.prompt_len, cfg.position
         )
-        if min(positions) < 1:  # position 0 (bos) has no sources to explain it from
+        if (
+            min(min(span_of(p)) for p in positions) < 1
+        ):  # position 0 (bos) has no sources to explain it from
             raise TraceError(
                 f"line {trace.line}: the prompt is empty; step 0 has no token before it"
             )
