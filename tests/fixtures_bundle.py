@@ -86,15 +86,20 @@ def build_parts(root: Path) -> dict[str, Path]:
 
 
 def make_bundle(
-    root: Path, parts: dict[str, Path], n_layers: int = N_LAYERS, **cfg: str | float
+    root: Path,
+    parts: dict[str, Path],
+    n_layers: int = N_LAYERS,
+    graphs: GraphsConfig = ATTRIBUTION,
+    **cfg: str | float,
 ) -> Path:
-    """Export a bundle of `parts` (a subject with `n_layers` layers) into `root / "bundle"`."""
+    """Export a bundle of `parts` (a subject with `n_layers` layers, graphs built with
+    `graphs`) into `root / "bundle"`."""
     out = root / "bundle"
     export_bundle(
         out,
         BundleConfig(**cfg),
         **parts,
-        graphs=dataclasses.asdict(ATTRIBUTION),
+        graphs=dataclasses.asdict(graphs),
         features=dataclasses.asdict(FEATURES),
         n_layers=n_layers,
         seed=0,

@@ -23,7 +23,9 @@ from crv.features.stage import (
 from crv.graphs.graph import StepGraph
 
 
-def make_graph(kind, layer, activation, influence, edges, trace_id="t0", step=0, position=9):
+def make_graph(
+    kind, layer, activation, influence, edges, trace_id="t0", step=0, position=9, pos=None
+):
     n = len(kind)
     src, dst, w = (
         (np.array(c) for c in zip(*edges, strict=True)) if edges else (np.zeros(0, int),) * 3
@@ -34,7 +36,7 @@ def make_graph(kind, layer, activation, influence, edges, trace_id="t0", step=0,
         position=position,
         kind=np.array(kind, np.int8),
         layer=np.array(layer, np.int16),
-        pos=np.arange(n, dtype=np.int32),
+        pos=np.arange(n, dtype=np.int32) if pos is None else np.array(pos, np.int32),
         feature=np.zeros(n, np.int32),
         activation=np.array(activation, np.float32),
         influence=np.array(influence, np.float32),
@@ -78,10 +80,24 @@ def test_global_features():
     assert f["n_error_nodes"] == 1
     assert f["top_logit_prob"] == pytest.approx(0.9)
     assert f["logit_entropy"] == 0.0  # one attributed logit
-    two_logits = make_graph([0, 3, 3], [0, 4, 4], [1.0, 0.6, 0.2], [0.5, 0.6, 0.2], [(0, 1, 1.0)])
+    two_logits = make_graph(
+        [0, 3, 3], [0, 4, 4], [1.0, 0.6, 0.2], [0.5, 0.6, 0.2], [(0, 1, 1.0)], pos=[1, 2, 2]
+    )
     g = graph_features(two_logits, 4)
     assert g["top_logit_prob"] == pytest.approx(0.6)
     assert g["logit_entropy"] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    # a whole-step graph (logits at two positions): the least certain position's values
+    whole_step = make_graph(
+        [0, 3, 3, 3],
+        [0, 4, 4, 4],
+        [1.0, 0.6, 0.2, 0.9],
+        [0.5, 0.6, 0.2, 0.9],
+        [(0, 1, 1.0)],
+        pos=[1, 2, 2, 3],
+    )
+    h = graph_features(whole_step, 4)
+    assert h["top_logit_prob"] == pytest.approx(0.6)  # not 0.9, the other position's
+    assert h["logit_entropy"] == pytest.approx(g["logit_entropy"])
 
 
 def test_node_features():

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 from factories import random_transcoder_set
-from fixtures_bundle import make_bundle, write_verifier
+from fixtures_bundle import ATTRIBUTION, make_bundle, write_verifier
 
 from crv.bundle import Bundle, load_bundle
 from crv.cli.verify import render_table, verify_main
 from crv.generation import GreedyDecoder, generate_greedy
+from crv.graphs.config import Position
 from crv.graphs.graph import StepGraph
 from crv.interventions.apply import StepSpan, regenerate_batch
 from crv.subject.stage import shipped_tiny_dir
@@ -39,9 +40,7 @@ PROMPTS = [p.prompt for p in generate_problems("arithmetic", 4, 2, seed=5)] + [
 ]
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    root = tmp_path_factory.mktemp("guard")
+def guard_parts(root: Path) -> dict[str, Path]:
     parts = {
         "subject_dir": shipped_tiny_dir("crv-tiny"),
         "transcoders_dir": root / "transcoders",
@@ -50,7 +49,21 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     # decoder rows 20x longer than random ones: features, not errors, carry the graphs
     tset = random_transcoder_set(128, 256, 8, range(4), init=lambda tc, _: tc.W_dec.mul_(20.0))
     save_transcoder_set(tset, parts["transcoders_dir"])
-    return load_bundle(make_bundle(root, parts, n_layers=4))
+    return parts
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    root = tmp_path_factory.mktemp("guard")
+    return load_bundle(make_bundle(root, guard_parts(root), n_layers=4))
+
+
+@pytest.fixture(scope="module")
+def step_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """The same bundle with whole-step graphs (`graphs.position=step`)."""
+    root = tmp_path_factory.mktemp("guard-step")
+    graphs = dataclasses.replace(ATTRIBUTION, position=Position.step)
+    return load_bundle(make_bundle(root, guard_parts(root), n_layers=4, graphs=graphs))
 
 
 def guard(bundle: Bundle, **options: Any) -> Guard:
@@ -106,11 +119,15 @@ def test_without_corrections_the_trace_is_plain_greedy_token_for_token(
         assert result.ended == "stop"  # crv-tiny writes its Answer line
 
 
-def test_steps_are_scored_as_crv_verify_scores_the_finished_trace(bundle: Bundle):
+@pytest.mark.parametrize("whole_step", [False, True])
+def test_steps_are_scored_as_crv_verify_scores_the_finished_trace(
+    bundle: Bundle, step_bundle: Bundle, whole_step: bool
+):
     """Step by step while decoding (probabilities from decoding, the attribution extended
-    per step) gives crv-verify's scores and features of the finished completion."""
-    g = guard(bundle, correct="none")
-    for prompt in PROMPTS:
+    per step) gives crv-verify's scores and features of the finished completion; with
+    whole-step graphs too (their graphs explain every position of a step)."""
+    g = guard(step_bundle if whole_step else bundle, correct="none")
+    for prompt in PROMPTS[:1] if whole_step else PROMPTS:
         result = run(g, prompt)
         raw = json.dumps({"prompt": prompt, "completion": result.completion}).encode()
         trace = parse_trace(raw, 1, bundle.step_pattern)

@@ -3,7 +3,7 @@
 The method (CRV, Zhao et al. 2025, on the attribution graphs of Ameisen et al. 2025)
 ---------------------------------------------------------------------------------
 A step's graph explains the model's next-token prediction at one token position p (the
-step's last token with `position="after"`). Its nodes are the active transcoder features at
+step's last token with `position="after"`), or at several (below: targets). Its nodes are the active transcoder features at
 positions 1..p (layer, position, latent, activation), one error node per (layer, position)
 (the MLP output minus its transcoder's reconstruction), one token node per position (the
 input of layer 0, so positional or scaled embeddings are part of it) and the top next-token
@@ -16,6 +16,20 @@ influence ranking needs it to select the same features as circuit-tracer
 The weight of an edge source -> target is the direct linear effect of the source on the
 target's pre-activation: the encoder pre-activation `W_enc[f] . MLP-in` for a feature, the
 demeaned logit `(W_U[t] - mean_v W_U[v]) . final-norm-out` for a logit.
+
+Targets (`LogitNode`)
+---------------------
+A graph's logit nodes are its targets, each with a weight in the influence on the logits
+(`prune`). A one-position graph weights its top logits by their probabilities. A whole-step
+graph (`position=step`) explains every prediction of a step at once (positions `before` ..
+`after - 1`): a logit node per (position, attributed token), position p's weights its
+probabilities times w_p, w_p = 1/n (`step`) or proportional to the surprise 1 - p of the
+token the model wrote after p (`step_surprise`); the features expanded are those with the
+most influence on all of them, within the same `max_feature_nodes`. With one position it is
+that position's graph. A contrastive target (`TraceAttributor.contrast_node`, weight 1) is
+logit(token) - logit(baseline) at one position: its row is the difference of the two
+tokens' logit rows (a row is linear in its target direction), so it is exact like them;
+`crv.graphs.contrastive` finds the wrong and the right token of an incorrect step.
 
 Local replacement model, and why the weights are exact
 ------------------------------------------------------
@@ -50,8 +64,9 @@ in segments that end at the steps' positions, so a backward for a target at q on
 positions <= q) and builds every step's graph from it. A feature's row does not depend on
 which logits are explained, so rows live in a cache keyed by (layer, position, latent) and a
 later step that selects the same feature reuses it. The logit rows of all steps are
-computed together, in full batches. The graphs are identical to attributing each step from
-its own prefix; `benchmarks/attribution.py` measures the speed-up and where the time goes
+computed together, in full batches (for whole-step graphs: every position of every step;
+a step's positions share its forward segment). The graphs are identical to attributing each
+step from its own prefix; `benchmarks/attribution.py` measures the speed-up and where the time goes
 (README.md's Benchmarks section has the numbers). The gain is modest: a step's graph is
 dominated by the features at its own position, so the steps of a trace share few rows, and
 rows (backward passes and their assembly) are most of the time; what is saved is the single

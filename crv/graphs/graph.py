@@ -1,6 +1,7 @@
 """The pruned attribution graph of one reasoning step, as columnar arrays.
 
-A step graph explains the model's next-token prediction at one token position. Its nodes
+A step graph explains the model's next-token prediction at one token position, or at each
+position of the step (a whole-step graph: logit nodes at several positions). Its nodes
 are, in this order, transcoder features (layer, position, feature index, activation), error
 nodes (what the transcoder of a layer failed to reconstruct at a position), input-token
 nodes (the embedding at a position) and logit nodes (candidate next tokens with their

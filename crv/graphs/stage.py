@@ -1,8 +1,10 @@
 """The `graphs` stage: the pruned attribution graph of every reasoning step of every trace.
 
 Reads the subject model, the traces and the transcoder set through their public loaders,
-builds each trace's step graphs from one forward pass (`attribute.trace_graphs`) and writes
-one file per trace (`store.py`) into the scratch directory first, atomically, so a killed run
+builds each trace's step graphs from one forward pass (`attribute.TraceAttributor`; with
+`graphs.contrastive`, the contrastive graphs of its incorrect steps from the same pass,
+`contrastive.py`) and writes one file per trace (`store.py`; the contrastive graphs in a
+second one, written first) into the scratch directory first, atomically, so a killed run
 resumes with the traces it has not finished; the finished files are then copied into the
 artifact. The traces are attributed by `crv.executor` (in this process, or sharded over Ray
 workers with one model replica each, `runtime.executor`); every trace's graphs depend only
