@@ -284,3 +284,28 @@ def test_stage_stores_contrastive_graphs(tmp_path: Path) -> None:
         np.testing.assert_allclose(a.weight, b.weight, atol=1e-6)
     with pytest.raises(ContrastiveGraphsError, match="graphs.contrastive=true"):
         load_contrastive_graphs(tmp_path / "without", "arithmetic-0")
+
+
+def test_whole_step_graph_exports_with_unique_node_ids(subject) -> None:
+    from crv.graphs.export import graph_json
+
+    model, tset, ids = subject
+    att = TraceAttributor(ArchAdapter.for_model(model), tset, ids, [SPAN], CFG).attribute_step(SPAN)
+    logits = att.nodes["feature"][att.nodes["kind"] == LOGIT]
+    doc = graph_json(
+        att,
+        [str(int(t)) for t in ids[: att.position + 1]],
+        "prompt",
+        [str(int(t)) for t in logits],
+        "whole-step",
+        "scan",
+        N_LAYERS,
+        0.8,
+        0.98,
+    )
+    node_ids = [n["node_id"] for n in doc["nodes"]]
+    assert len(node_ids) == len(set(node_ids))
+    logit_nodes = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
+    assert len(logit_nodes) == len(logits)  # logit nodes at every position, all kept
+    assert {n["ctx_idx"] for n in logit_nodes} == set(SPAN)
+    assert {link["target"] for link in doc["links"]} & {n["node_id"] for n in logit_nodes}
