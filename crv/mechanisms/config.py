@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass
 class MechanismsConfig:
-    """Which graph units are compared between incorrect and correct test steps, and how."""
+    """Which graph units are compared between incorrect and correct test steps, and how
+    incorrect steps are grouped by their contrastive graphs."""
 
     fdr: float = 0.05
     """False discovery rate of the Benjamini-Hochberg procedure (over both tests of every
@@ -23,6 +24,10 @@ class MechanismsConfig:
     planted_top_k: int = 10
     """Top features per planted rule whose cards are checked against the rule's trigger."""
 
+    max_groups: int = 8
+    """Most groups per task when the incorrect steps are grouped by the features that drive
+    their contrastive graphs (the cut with the best silhouette among 2..max_groups)."""
+
     planted_min_share: float = 0.5
     """A feature points at a planted rule when at least this share of its card's top
     contexts match the rule's trigger in the text read up to the activating token."""
@@ -34,6 +39,6 @@ class MechanismsConfig:
             raise ValueError(
                 f"mechanisms.planted_min_share must be in (0, 1], not {self.planted_min_share}"
             )
-        for name in ("min_steps", "top_n", "planted_top_k"):
+        for name in ("min_steps", "top_n", "planted_top_k", "max_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mechanisms.{name} must be at least 1, not {getattr(self, name)}")

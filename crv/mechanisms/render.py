@@ -51,7 +51,10 @@ def _layer_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _planted_markdown(planted: dict[str, Any]) -> list[str]:
-    parts = ["### Planted rules: do the top features point at the bug?\n"]
+    parts = [
+        "### Planted rules: do the features over-represented in incorrect steps' graphs "
+        "point at the bug?\n"
+    ]
     for name, res in planted.items():
         precision = res.get("precision")
         head = f"- **{name}** ({res['task']}, trigger `{_cell(res['trigger'])}`; "
@@ -71,6 +74,60 @@ def _planted_markdown(planted: dict[str, Any]) -> list[str]:
                 f"  - L{f['layer']}/F{f['feature']} `{_cell(f['label'])}` (q {f['q']:.2g}, "
                 f"log OR {f['log_odds_ratio']:.2f}): {mark}"
             )
+    return parts
+
+
+def _contrastive_markdown(contrastive: dict[str, Any], planted: dict[str, Any]) -> list[str]:
+    parts = [
+        "### Contrastive graphs: incorrect steps grouped by the features that drive them\n",
+        "Each incorrect test step's contrastive graph explains logit(wrong token) - "
+        "logit(correct token) where the step first departs from the correct reduction. A "
+        "feature drives the error when its effect on that difference along the graph's paths "
+        "is positive. Steps are grouped per task by their drivers (cosine distance, average "
+        "linkage, the cut with the best silhouette among 2.."
+        f"{contrastive['max_groups']} groups) without any planted-rule label; a group's "
+        "features are ranked by their mean share of its steps' drive.\n",
+    ]
+    for task, entry in contrastive["tasks"].items():
+        parts.append(
+            f"- **{task}**: {entry['n_steps']} incorrect steps in {entry['n_groups']} groups "
+            f"({entry['n_without_drivers']} without a driving feature)."
+        )
+        for g in entry["groups"]:
+            rules = g.get("planted_rules")
+            mix = ""
+            if rules:
+                mix = " (" + ", ".join(f"{k or 'no rule'} {v}" for k, v in rules.items()) + ")"
+            feats = ", ".join(
+                f"L{f['layer']}/F{f['feature']} `{_cell(f['label'])}` {f['mean_drive']:.2f}"
+                for f in g["features"][:5]
+            )
+            parts.append(f"  - group {g['group']}, {g['n_steps']} steps{mix}: {feats or 'none'}")
+    if any(r.get("method") == "contrastive" for r in planted.values()):
+        rows = [
+            {
+                "rule": f"`{name}`",
+                "steps": r["n_steps"],
+                "group (size)": "n/a"
+                if r["group"] is None
+                else f"{r['group']} ({r['group_size']})",
+                "recall": "n/a" if r["recall"] is None else f"{r['recall']:.2f}",
+                "purity": "n/a" if r["purity"] is None else f"{r['purity']:.2f}",
+                "precision (top features)": "n/a"
+                if r["precision"] is None
+                else f"{r['precision']:.2f} of {r['k']}",
+                "base rate": "n/a" if r.get("base_rate") is None else f"{r['base_rate']:.2f}",
+                "shares group with": ", ".join(r.get("shares_group_with") or []) or "-",
+            }
+            for name, r in planted.items()
+        ]
+        parts += [
+            "\nPlanted rules against the grouping: a rule's group is the one holding most of "
+            "its incorrect steps; recall is the share of the rule's steps in it, purity the "
+            "share of the group's steps that exercise the rule, precision the share of the "
+            "group's top features whose card points at the rule's trigger.\n",
+            markdown_table(rows),
+        ]
     return parts
 
 
@@ -108,8 +165,15 @@ def mechanisms_markdown(section: dict[str, Any]) -> str:
             )
         parts.append(markdown_table(_feature_rows(entry["top"])))
         parts.append(markdown_table(_layer_rows(entry["layers"])))
-    if section.get("planted"):
-        parts += _planted_markdown(section["planted"])
+    if section.get("contrastive"):
+        parts += _contrastive_markdown(section["contrastive"], section.get("planted") or {})
+    presence = {
+        name: r.get("presence") if r.get("method") == "contrastive" else r
+        for name, r in (section.get("planted") or {}).items()
+    }
+    presence = {name: r for name, r in presence.items() if r}
+    if presence:
+        parts += _planted_markdown(presence)
     elif section.get("planted_skipped"):
         parts.append(f"Planted-rule recovery not run: {section['planted_skipped']}.\n")
     return "\n".join(parts) + "\n"

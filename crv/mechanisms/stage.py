@@ -28,6 +28,7 @@ from scipy import sparse
 
 from crv.io import atomic_write
 from crv.mechanisms.config import MechanismsConfig
+from crv.mechanisms.contrastive import contrastive_mechanisms
 from crv.mechanisms.planted import load_rules, recover_rule
 from crv.mechanisms.stats import add_fdr, unit_tests
 from crv.pipeline import StageContext
@@ -152,9 +153,13 @@ def mechanisms(
     cards: Any,
     cfg: MechanismsConfig,
     rules: tuple[Any, ...] | None,
+    contrastive: tuple[pd.DataFrame, list[Any]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The full table (all tasks) and the report section, from labelled test steps
-    (`task`, `label`, optional `planted_rule`) and their graphs (same order)."""
+    (`task`, `label`, optional `planted_rule`) and their graphs (same order). With
+    `contrastive` (incorrect test steps and their contrastive graphs) the section also
+    groups them (`contrastive`), and `planted.<rule>` scores each rule against the groups,
+    the presence-based result kept under `planted.<rule>.presence`."""
     present, influence, units = unit_matrices(graphs)
     tables, report_tasks = [], {}
     for task in sorted(steps["task"].unique()):
@@ -205,6 +210,12 @@ def mechanisms(
                 top_k=cfg.planted_top_k,
                 min_share=cfg.planted_min_share,
             )
+    if contrastive is not None and len(contrastive[1]):
+        section["contrastive"], by_rule = contrastive_mechanisms(*contrastive, cards, cfg, rules)
+        for name, res in by_rule.items():
+            res["presence"] = section["planted"].get(name)
+        if not skipped:
+            section["planted"] = by_rule
     if skipped:
         section["planted_skipped"] = skipped
     return full, section
