@@ -398,6 +398,12 @@ def test_margin_ranking_measures_each_intervention(subject):
         float((clean[a] - clean[b]) - (edited[a] - edited[b])), abs=1e-5
     )
     assert any(abs(d) > 1e-6 for d in drops)
+    # a named pair (a contrastive graph's wrong and correct token) is measured instead
+    c, d = 5, 9
+    paired = margin_drops(adapter, tset, ids, position, proposals, pair=(c, d))
+    assert paired[0] == pytest.approx(
+        float((clean[c] - clean[d]) - (edited[c] - edited[d])), abs=1e-5
+    )
 
     # propose() keeps the candidates with the largest measured drops, best first
     graph = _graph(4)
@@ -483,6 +489,7 @@ def _attempt(
     consistent: bool = True,
     rule: str = "",
     texts: tuple[str, str] = ("orig", "x"),
+    flagged: bool = True,
 ) -> StepAttempt:
     """A hand-made attempt: which of each condition's regenerations fix the step."""
     return StepAttempt(
@@ -503,6 +510,8 @@ def _attempt(
         margin_matched=[_outcome(M, ok, ok) for ok in matched_fix],
         second_choice=[_outcome(None, ok, ok, condition="second_choice") for ok in second_fix],
         planted_rule=rule,
+        flagged=flagged,
+        graph_kind="contrastive" if rule else "step",
     )
 
 
@@ -597,6 +606,35 @@ def test_planted_rule_steps_are_compared_on_their_own():
     assert "| planted rules (3 / 1) | proposals | 0.667 [" in md
     assert "| rule `seven_times` (2 / 1) | second-choice token" in md
     assert "planted rule `seven_times`" in md and "`7*8=56`" in md
+
+
+def test_unflagged_planted_steps_count_only_among_planted_steps():
+    from crv.interventions.stage import attempt_from_dict
+
+    T, F = True, False
+    flagged = [
+        _attempt(0, T, [T], [F], [F], [F], rule="not_or"),
+        _attempt(1, T, [F], [F], [F], [T]),
+    ]
+    extra = [
+        _attempt(2, T, [F], [F], [F], [T], rule="not_or", flagged=False),
+        _attempt(3, T, [F], [F], [T], [T], rule="not_or", flagged=False),
+    ]
+    out = summarize(flagged + extra, 2, 0, n_examples=2, n_bootstrap=100, seed=0)
+    alone = summarize(flagged, 2, 0, n_examples=2, n_bootstrap=100, seed=0)
+    for key in ("n_attempted", "fixed_step_rate", "controls"):
+        assert out[key] == alone[key]
+    p = out["planted"]
+    assert p["n_attempted"] == 3 and p["n_unflagged"] == 2
+    assert p["graph_kinds"] == {"contrastive": 3}
+    assert p["fixed_step_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    second = p["rules"]["not_or"]["controls"]["second_choice"]
+    assert second["diff"] == pytest.approx(1 / 3 - 2 / 3, abs=1e-4)
+    assert second["diff_ci"] == paired_bootstrap_diff(
+        np.array([1, 0, 0], bool), np.array([0, 1, 1], bool), 100, 0
+    )
+    back = attempt_from_dict(extra[0].to_dict())
+    assert not back.flagged and back.graph_kind == "contrastive"
 
 
 def test_config_defaults():

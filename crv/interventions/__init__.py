@@ -20,7 +20,14 @@ intervention and three controls that can fail (`measure`, `controls.<name>` in t
   confident one) replaced by the model's second choice, then greedy decoding.
 
 Steps that exercise a planted rule (crv-tiny-bugs, the step field `planted_rule`) are
-also compared on their own (`planted`, and per rule with a worked example).
+also compared on their own (`planted`, and per rule with a worked example); with
+`planted_steps=all`, every incorrect planted-rule step of the split is attempted there,
+flagged or not. With `graph=contrastive` an incorrect step's features come from its
+contrastive graph, the one of logit(wrong token) - logit(correct token) at the first token
+where the step departs from the correct reduction: the margin that `rank_by=margin` and the
+margin-matched control measure is that difference, and the second-choice control replaces
+the wrong token. The contrastive graph needs the correct text, so it is an oracle's choice
+of where to look (like best of N), measured against controls given the same position.
 
 Honest limits:
 

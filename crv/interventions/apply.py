@@ -94,9 +94,12 @@ def margin_drops(
     input_ids: Sequence[int],
     position: int,
     proposals: Sequence[Proposal],
+    pair: tuple[int, int] | None = None,
 ) -> list[float]:
-    """How much each proposal, applied alone, lowers the margin between the top two
-    next-token logits at `position` (the two of the unedited spliced model).
+    """How much each proposal, applied alone, lowers the margin logit(first) -
+    logit(second) of the next-token logits at `position`: by default the top two of the
+    unedited spliced model; `pair` = (first, second) token ids names them (a contrastive
+    graph's wrong and correct token).
 
     One forward pass of the spliced model over the ids up to `position`, batched: row 0
     unedited, row b + 1 with proposal b only."""
@@ -105,7 +108,7 @@ def margin_drops(
     interventions = [to_intervention(p, position + 1, b + 1) for b, p in enumerate(proposals)]
     with splice(adapter, tset, add_error=True, interventions=interventions):
         logits_BV = adapter.model(input_ids=ids, use_cache=False).logits[:, -1].double()
-    first, second = torch.topk(logits_BV[0], 2).indices.tolist()
+    first, second = pair or torch.topk(logits_BV[0], 2).indices.tolist()
     margin_B = logits_BV[:, first] - logits_BV[:, second]
     return (margin_B[0] - margin_B[1:]).tolist()
 

@@ -37,6 +37,20 @@ class Scope(Choice):
     onward = "onward"
 
 
+class GraphKind(Choice):
+    """Which graph proposes the features (see `InterventionsConfig.graph`)."""
+
+    step = "step"
+    contrastive = "contrastive"
+
+
+class PlantedSteps(Choice):
+    """Which planted-rule steps are attempted (see `InterventionsConfig.planted_steps`)."""
+
+    flagged = "flagged"
+    all = "all"
+
+
 class FlaggingVerifier(Choice):
     """Which verifier flags a step (see `InterventionsConfig.verifier`)."""
 
@@ -54,6 +68,24 @@ class InterventionsConfig:
     verifier: FlaggingVerifier = FlaggingVerifier.task
     """Verifier that flags a step: `task`, the step's own task's verifier (the per-task
     detection results); `pooled`, the one trained on all tasks together."""
+
+    graph: GraphKind = GraphKind.step
+    """Graph whose features are proposed: `step`, the step's graph (`graphs.position`);
+    `contrastive`, for an incorrect step that has one (`graphs.contrastive`), the graph of
+    logit(wrong token) - logit(correct token) at the first token where the step departs
+    from the correct reduction: `rank_by=margin` (and the margin-matched control) then
+    measure how much an edit lowers that difference there, and the second-choice control
+    replaces the wrong token. False alarms and steps without one keep the step graph."""
+
+    planted_steps: PlantedSteps = PlantedSteps.flagged
+    """Planted-rule steps compared on their own (`planted`): `flagged`, those among the
+    attempted flagged steps; `all`, every incorrect step of the split that exercises a
+    planted rule, flagged or not (up to `max_planted_steps`; the unflagged ones count only
+    there, never in the rates of flagged steps)."""
+
+    max_planted_steps: int = 200
+    """Cap on the unflagged planted-rule steps added by `planted_steps=all` (seeded random
+    sample when there are more)."""
 
     n_proposals: int = 3
     """Interventions proposed per flagged step (N): one feature each, best-ranked first."""
@@ -111,6 +143,7 @@ class InterventionsConfig:
             "candidate_pool": 1,
             "max_steps": 0,
             "max_correct_steps": 0,
+            "max_planted_steps": 0,
             "extra_new_tokens": 0,
             "n_examples": 0,
             "n_bootstrap": 0,

@@ -31,12 +31,15 @@ unlike the normal approximation); the differences proposals minus control
 percentile bootstrap over steps (2.5% and 97.5% quantiles, seeded), since the proposals and
 the controls are tried on the same steps. Steps are treated as independent. Steps that
 exercise a planted rule (`planted_rule`, crv-tiny-bugs) are also compared on their own
-(`planted`, and per rule).
+(`planted`, and per rule); with `planted_steps=all` that comparison also holds the planted
+incorrect steps the verifier did not flag (`planted.n_unflagged`), which count nowhere else,
+and `planted.graph_kinds` says how many were proposed from a contrastive graph.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -78,6 +81,11 @@ class StepAttempt:
     """The second-choice regeneration (empty when the step has none)."""
     planted_rule: str = ""
     """The planted rule the step exercises (`""`: none), from the trace's step dict."""
+    flagged: bool = True
+    """The verifier flagged the step; unflagged planted-rule steps (`planted_steps=all`)
+    count only in `planted`."""
+    graph_kind: str = "step"
+    """The graph that proposed the features: `step` or `contrastive`."""
 
     @property
     def consistent(self) -> bool:
@@ -97,6 +105,8 @@ class StepAttempt:
             "first_token": self.span.first_token,
             "last_token": self.span.last_token,
             "planted_rule": self.planted_rule,
+            "flagged": self.flagged,
+            "graph_kind": self.graph_kind,
             "consistent": self.consistent,
             "outcomes": [
                 o.to_dict()
@@ -266,9 +276,11 @@ def summarize(
     n_bootstrap: int,
     seed: int,
 ) -> dict[str, Any]:
-    """The `interventions` report section (see the module docstring for each rate)."""
-    wrong = [a for a in attempts if a.incorrect]
-    right = [a for a in attempts if not a.incorrect]
+    """The `interventions` report section (see the module docstring for each rate):
+    flagged steps only, but for `planted`, which holds every attempted planted-rule step."""
+    wrong = [a for a in attempts if a.incorrect and a.flagged]
+    right = [a for a in attempts if not a.incorrect and a.flagged]
+    planted_wrong = [a for a in attempts if a.incorrect]
     compared = compare_controls(wrong, right, n_bootstrap, seed)
     random = compared["controls"]["random"]
     out: dict[str, Any] = {
@@ -284,7 +296,12 @@ def summarize(
     _rate([a.original_final_correct for a in wrong], out, "original_answer_rate")
     _rate([a.consistent for a in attempts], out, "consistency_rate")
     _rate([o.changed for a in wrong for o in a.graph], out, "changed_step_rate")
-    out["planted"] = planted_summary(wrong, right, n_bootstrap, seed)
+    out["planted"] = planted_summary(planted_wrong, right, n_bootstrap, seed)
+    if out["planted"] is not None:
+        out["planted"]["n_unflagged"] = sum(not a.flagged for a in planted_wrong)
+        out["planted"]["graph_kinds"] = dict(
+            sorted(Counter(a.graph_kind for a in planted_wrong if a.planted_rule).items())
+        )
     out["examples"] = [_example(a) for a in _pick_examples(wrong, n_examples)]
     return out
 
@@ -388,6 +405,14 @@ def controls_markdown(result: dict[str, Any]) -> list[str]:
         "| break diff |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if planted and planted.get("n_unflagged"):
+        lines.insert(
+            1,
+            f"Planted-rule rows include {planted['n_unflagged']} incorrect steps the verifier "
+            "did not flag (`planted_steps=all`); proposals per graph: "
+            + ", ".join(f"{k} {v}" for k, v in planted.get("graph_kinds", {}).items())
+            + ".\n",
+        )
     for steps, b in blocks:
         where = f"{steps} ({b.get('n_attempted')} / {b.get('n_false_alarms_attempted')})"
         rates = _rate_cells(b, (*FIX_COLUMNS, "broken_correct_rate"))

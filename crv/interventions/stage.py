@@ -70,16 +70,22 @@ def load_verifiers(verifier_dir: Path, tasks: list[str], which: str) -> dict[str
     return out
 
 
-def flag_steps(table: pd.DataFrame, verifiers: dict[str, XGBVerifier], split: str) -> pd.DataFrame:
-    """Labelled steps of `split` with their verifier `score`, kept where the score reaches
-    the threshold of their task's verifier (tasks without a verifier are left out)."""
+def score_steps(table: pd.DataFrame, verifiers: dict[str, XGBVerifier], split: str) -> pd.DataFrame:
+    """Labelled steps of `split` with their verifier `score` and `flagged` (the score
+    reaches the threshold of their task's verifier); tasks without a verifier are left out."""
     steps = table[(table["split"] == split) & (table["label"] >= 0)]
-    parts = [steps.iloc[:0].assign(score=np.zeros(0))]
+    parts = [steps.iloc[:0].assign(score=np.zeros(0), flagged=np.zeros(0, bool))]
     for task, rows in steps.groupby("task", sort=True):
         if task in verifiers:
             scored = rows.assign(score=verifiers[task].predict_proba(rows))
-            parts.append(scored[scored["score"] >= verifiers[task].threshold])
+            parts.append(scored.assign(flagged=scored["score"] >= verifiers[task].threshold))
     return pd.concat(parts).sort_values("step_id", kind="stable").reset_index(drop=True)
+
+
+def flag_steps(table: pd.DataFrame, verifiers: dict[str, XGBVerifier], split: str) -> pd.DataFrame:
+    """The steps of `score_steps` that are flagged, with their `score`."""
+    scored = score_steps(table, verifiers, split)
+    return scored[scored["flagged"]].drop(columns="flagged").reset_index(drop=True)
 
 
 def sample_steps(steps: pd.DataFrame, cap: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -115,10 +121,13 @@ def attempt_step(
     cfg: InterventionsConfig,
     seed: int,
     score_graph: Callable[[StepGraph], float] | None,
+    pair: tuple[int, int] | None = None,
 ) -> StepAttempt:
-    """Everything tried on one flagged step (`flagged`: its `step_id`, `step`, `label` and
-    verifier `score`): the feature-edit regenerations as one batch, then the second-choice
-    regeneration."""
+    """Everything tried on one step (`flagged`: its `step_id`, `step`, `label`, verifier
+    `score` and optionally `flagged`, default True): the feature-edit regenerations as one
+    batch, then the second-choice regeneration. With `pair` = (wrong, correct) token ids,
+    `graph` is the step's contrastive graph and margins are logit(wrong) - logit(correct)
+    at its position."""
     step = row["steps"][int(flagged["step"])]
     span = step_span(row, step, tokenizer)
     window = span.window(graph.position)
@@ -127,7 +136,7 @@ def attempt_step(
     n = cfg.n_proposals if incorrect else 1
 
     def drops(proposals: list[Proposal]) -> list[float]:
-        return margin_drops(adapter, tset, row["input_ids"], graph.position, proposals)
+        return margin_drops(adapter, tset, row["input_ids"], graph.position, proposals, pair)
 
     choice = (cfg.rank_by, cfg.action, cfg.amplify_scale, cfg.scope)
     proposals = propose(graph, window, active, n, *choice, score_graph, cfg.candidate_pool, drops)
@@ -165,12 +174,31 @@ def attempt_step(
         random=by_condition.get("random", []),
         margin_matched=by_condition.get("margin_matched", []),
         planted_rule=str(step.get("planted_rule") or ""),
+        flagged=bool(flagged.get("flagged", True)),
+        graph_kind="step" if pair is None else "contrastive",
     )
     second = SecondChoice(row, step["index"], span, graph.position, budget)
     attempt.second_choice = [
         o for o in regenerate_second_choices(adapter, tokenizer, [second]) if o
     ]
     return attempt
+
+
+def contrastive_graph(
+    graphs_dir: Path, trace_id: str, step: int
+) -> tuple[StepGraph, tuple[int, int]] | None:
+    """The contrastive graph of a step and its (wrong, correct) token ids; None when the
+    step has none (correct, no correct counterpart, or graphs built without them)."""
+    from crv.graphs.store import ContrastiveGraphsError, load_contrastive_graphs
+
+    try:
+        graphs = load_contrastive_graphs(graphs_dir, trace_id)
+    except ContrastiveGraphsError:
+        return None
+    for g in graphs:
+        if g.step == step:
+            return g, (int(g.scores["contrast_token"]), int(g.scores["contrast_baseline"]))
+    return None
 
 
 def attempt_from_dict(d: Mapping[str, Any]) -> StepAttempt:
@@ -200,6 +228,8 @@ def attempt_from_dict(d: Mapping[str, Any]) -> StepAttempt:
         margin_matched=of("margin_matched"),
         second_choice=of("second_choice"),
         planted_rule=d["planted_rule"],
+        flagged=d["flagged"],
+        graph_kind=d["graph_kind"],
     )
 
 
@@ -232,8 +262,15 @@ def attempt_steps(
             for g in load_step_graphs(inputs["graphs"], flag["trace_id"])
             if g.step == flag["step"]
         )
+        pair = None
+        if cfg.graph == "contrastive" and flag["label"] == 1:
+            found = contrastive_graph(inputs["graphs"], flag["trace_id"], flag["step"])
+            if found is not None:
+                graph, pair = found
         score_graph = (lambda g, task=row["task"]: scorer(task, g)) if scorer else None
-        attempt = attempt_step(adapter, tset, tokenizer, row, flag, graph, cfg, seed, score_graph)
+        attempt = attempt_step(
+            adapter, tset, tokenizer, row, flag, graph, cfg, seed, score_graph, pair
+        )
         atomic_write_json(file, attempt.to_dict())
 
 
@@ -249,12 +286,19 @@ def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
 
     cfg = ctx.cfg
     verifiers = load_verifiers(ctx.inputs["verifier"], sorted(TASKS), cfg.verifier)
-    flagged = flag_steps(load_feature_table(ctx.inputs["features"]), verifiers, cfg.split)
+    scored = score_steps(load_feature_table(ctx.inputs["features"]), verifiers, cfg.split)
+    flagged = scored[scored["flagged"]]
     wrong, right = flagged[flagged["label"] == 1], flagged[flagged["label"] == 0]
     rng = np.random.default_rng(ctx.seed)
-    chosen = pd.concat(
-        [sample_steps(wrong, cfg.max_steps, rng), sample_steps(right, cfg.max_correct_steps, rng)]
-    )
+    parts = [
+        sample_steps(wrong, cfg.max_steps, rng),
+        sample_steps(right, cfg.max_correct_steps, rng),
+    ]
+    if cfg.planted_steps == "all":
+        unflagged = scored[~scored["flagged"] & (scored["label"] == 1)]
+        unflagged = unflagged[unflagged["planted_rule"].fillna("") != ""]
+        parts.append(sample_steps(unflagged, cfg.max_planted_steps, rng))
+    chosen = pd.concat(parts)
     ctx.log.info(
         "interventions: %d flagged incorrect, %d false alarms; attempting %d steps",
         len(wrong),
@@ -263,7 +307,7 @@ def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
     )
     items = [
         {"step_id": f.step_id, "trace_id": f.trace_id, "step": int(f.step)}
-        | {"label": int(f.label), "score": float(f.score)}
+        | {"label": int(f.label), "score": float(f.score), "flagged": bool(f.flagged)}
         for f in chosen.itertuples(index=False)
     ]
     files = [ctx.scratch / "attempts" / f"{quote(it['step_id'], safe='')}.json" for it in items]
@@ -276,6 +320,7 @@ def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
     )
     result = summarize(attempts, len(wrong), len(right), cfg.n_examples, cfg.n_bootstrap, ctx.seed)
     settings = {
-        k: getattr(cfg, k) for k in ("rank_by", "action", "scope", "n_proposals", "verifier")
+        k: getattr(cfg, k)
+        for k in ("rank_by", "action", "scope", "n_proposals", "verifier", "graph", "planted_steps")
     }
     return {**settings, **result, "n_resumed_steps": n_resumed}

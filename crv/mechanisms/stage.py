@@ -9,6 +9,10 @@ label. Features are tested when
 they appear in at least `min_steps` of the task's test graphs; layers and error nodes
 always. With planted rules (`crv.tasks.bugs`) and a `planted_rule` step column, the same
 test per rule measures whether the top features point at the rule's trigger (`planted`).
+When the graphs artifact holds contrastive graphs (`graphs.contrastive`), the incorrect test
+steps are also grouped by the features that drive them (`contrastive`, see `groups`), and
+`planted.<rule>` scores each rule against that grouping (its group, `recall`, `purity`,
+`precision` of the group's top features; the presence-based result under `presence`).
 
 Artifact: `mechanisms.parquet`, every tested unit of every task (columns `task`, `kind`,
 `layer`, `feature`, `card`, the statistics of `stats.STAT_COLUMNS`, `q_fisher`, `q_mwu`,
@@ -115,6 +119,37 @@ def labelled_test_graphs(traces_dir: Path, graphs_dir: Path) -> tuple[pd.DataFra
             trace_graphs = load_step_graphs(graphs_dir, trace_id)
         except FileNotFoundError:
             continue
+        for g in trace_graphs:
+            i = by_step.get((trace_id, int(g.step)))
+            if i is not None:
+                picked.append(i)
+                graphs.append(g)
+    return keys.iloc[picked].reset_index(drop=True), graphs
+
+
+def contrastive_test_graphs(
+    traces_dir: Path, graphs_dir: Path
+) -> tuple[pd.DataFrame, list[Any]] | None:
+    """The incorrect test steps that have a contrastive graph (key columns, `planted_rule`)
+    and those graphs, in the same order; None when the graphs artifact was built without
+    them (`graphs.contrastive=false`)."""
+    from crv.features.stage import step_key_table
+    from crv.graphs.store import CONTRAST_DIR, ContrastiveGraphsError, load_contrastive_graphs
+    from crv.traces.stage import load_traces
+
+    if not (Path(graphs_dir) / CONTRAST_DIR).is_dir():
+        return None
+    keys = step_key_table(load_traces(traces_dir))
+    keys = keys[(keys["split"] == "test") & (keys["label"] == 1)]
+    by_step = {
+        (t, int(s)): i for i, (t, s) in enumerate(zip(keys["trace_id"], keys["step"], strict=True))
+    }
+    picked, graphs = [], []
+    for trace_id in keys["trace_id"].unique():
+        try:
+            trace_graphs = load_contrastive_graphs(graphs_dir, trace_id)
+        except ContrastiveGraphsError:
+            continue  # a trace without graphs (graphs.max_traces)
         for g in trace_graphs:
             i = by_step.get((trace_id, int(g.step)))
             if i is not None:
@@ -231,9 +266,12 @@ def run_stage(ctx: StageContext[MechanismsConfig]) -> dict[str, Any]:
     if not graphs:
         raise ValueError("mechanisms: no labelled test step has a graph")
     cards = load_feature_cards(ctx.inputs["cards"])
-    table, section = mechanisms(steps, graphs, cards, cfg, load_rules())
+    contrastive = contrastive_test_graphs(ctx.inputs["traces"], ctx.inputs["graphs"])
+    table, section = mechanisms(steps, graphs, cards, cfg, load_rules(), contrastive)
     atomic_write(ctx.out / TABLE_FILE, lambda p: table.to_parquet(p, index=False))
     section["n_graphs"] = len(graphs)
+    if contrastive is None:
+        section["contrastive_skipped"] = "the graphs were built without graphs.contrastive"
     section["seconds"] = time.perf_counter() - t0
     ctx.log.info("mechanisms: %d test graphs, %.1f s", len(graphs), section["seconds"])
     return section
