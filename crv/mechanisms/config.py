@@ -24,7 +24,7 @@ class MechanismsConfig:
     planted_top_k: int = 10
     """Top features per planted rule whose cards are checked against the rule's trigger."""
 
-    max_groups: int = 8
+    max_groups: int = 4
     """Most groups per task when the incorrect steps are grouped by the features that drive
     their contrastive graphs (the cut with the best silhouette among 2..max_groups)."""
 

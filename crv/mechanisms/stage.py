@@ -128,11 +128,11 @@ def labelled_test_graphs(traces_dir: Path, graphs_dir: Path) -> tuple[pd.DataFra
 
 
 def contrastive_test_graphs(
-    traces_dir: Path, graphs_dir: Path
+    traces_dir: Path, graphs_dir: Path, split: str = "test"
 ) -> tuple[pd.DataFrame, list[Any]] | None:
-    """The incorrect test steps that have a contrastive graph (key columns, `planted_rule`)
-    and those graphs, in the same order; None when the graphs artifact was built without
-    them (`graphs.contrastive=false`)."""
+    """The incorrect steps of `split` that have a contrastive graph (key columns,
+    `planted_rule`) and those graphs, in the same order; None when the graphs artifact was
+    built without them (`graphs.contrastive=false`)."""
     from crv.features.stage import step_key_table
     from crv.graphs.store import CONTRAST_DIR, ContrastiveGraphsError, load_contrastive_graphs
     from crv.traces.stage import load_traces
@@ -140,7 +140,7 @@ def contrastive_test_graphs(
     if not (Path(graphs_dir) / CONTRAST_DIR).is_dir():
         return None
     keys = step_key_table(load_traces(traces_dir))
-    keys = keys[(keys["split"] == "test") & (keys["label"] == 1)]
+    keys = keys[(keys["split"] == split) & (keys["label"] == 1)]
     by_step = {
         (t, int(s)): i for i, (t, s) in enumerate(zip(keys["trace_id"], keys["step"], strict=True))
     }
