@@ -832,3 +832,40 @@ def test_run_stage_end_to_end(subject, tmp_path):
     again = run_stage(replace(ctx, out=tmp_path / "again"))
     assert again["n_resumed_steps"] == len(attempt_files) - 1
     assert read_json(tmp_path / "again" / RESULTS_FILE) == saved
+
+    # graph=contrastive: the incorrect step's contrastive graph proposes, its (wrong,
+    # correct) pair is the margin, the second choice replaces the token after its position;
+    # planted_steps=all adds nothing here (no planted rule); a step without one keeps its graph
+    from crv.graphs.store import CONTRAST_DIR
+
+    wrong_row = rows[0]
+    contrast = _fake_graph(adapter, tset, wrong_row, wrong_row["steps"][0], 7)
+    p = contrast.position - 1
+    contrast.position = p
+    contrast.pos[contrast.kind == LOGIT] = p
+    wrong_id, right_id = int(wrong_row["input_ids"][p + 1]), int(wrong_row["input_ids"][p])
+    contrast.scores = {"contrast_token": float(wrong_id), "contrast_baseline": float(right_id)}
+    for r in rows:
+        found = [contrast] if r is wrong_row else []
+        save_step_graphs(trace_file(dirs["graphs"], r["id"], CONTRAST_DIR), r["id"], found)
+    ccfg = replace(cfg, graph="contrastive", planted_steps="all", rank_by="margin")
+    cctx = replace(ctx, cfg=ccfg, out=tmp_path / "contrastive", scratch=tmp_path / "cscratch")
+    cctx.out.mkdir()
+    cresult = run_stage(cctx)
+    assert cresult["graph"] == "contrastive" and cresult["n_attempted"] == n_wrong
+    csaved = read_json(cctx.out / RESULTS_FILE)["attempts"]
+    kinds = {(a["trace_id"], a["step"]): a["graph_kind"] for a in csaved}
+    assert kinds.pop((wrong_row["id"], 0)) == "contrastive"
+    assert set(kinds.values()) == {"step"}
+    cwrong = next(a for a in csaved if a["graph_kind"] == "contrastive")
+    [second] = [o for o in cwrong["outcomes"] if o["condition"] == "second_choice"]
+    assert second["replacement"]["position"] == p + 1
+    proposed = [o["proposal"] for o in cwrong["outcomes"] if o["condition"] == "graph"]
+    keys = {(int(contrast.layer[i]), int(contrast.feature[i])) for i in range(contrast.n_nodes)}
+    assert proposed and all((q["layer"], q["feature"]) in keys for q in proposed)
+    # the scores are the measured drops of logit(wrong) - logit(correct) at p
+    drops = margin_drops(
+        adapter, tset, wrong_row["input_ids"], p, [Proposal.from_dict(proposed[0])],
+        (wrong_id, right_id),
+    )  # fmt: skip
+    assert proposed[0]["score"] == pytest.approx(drops[0], abs=1e-5)
