@@ -489,7 +489,7 @@ def _attempt(
     consistent: bool = True,
     rule: str = "",
     texts: tuple[str, str] = ("orig", "x"),
-    flagged: bool = True,
+    sampled: bool = True,
 ) -> StepAttempt:
     """A hand-made attempt: which of each condition's regenerations fix the step."""
     return StepAttempt(
@@ -510,7 +510,7 @@ def _attempt(
         margin_matched=[_outcome(M, ok, ok) for ok in matched_fix],
         second_choice=[_outcome(None, ok, ok, condition="second_choice") for ok in second_fix],
         planted_rule=rule,
-        flagged=flagged,
+        sampled=sampled,
         graph_kind="contrastive" if rule else "step",
     )
 
@@ -608,7 +608,7 @@ def test_planted_rule_steps_are_compared_on_their_own():
     assert "planted rule `seven_times`" in md and "`7*8=56`" in md
 
 
-def test_unflagged_planted_steps_count_only_among_planted_steps():
+def test_planted_steps_outside_the_sample_count_only_among_planted_steps():
     from crv.interventions.stage import attempt_from_dict
 
     T, F = True, False
@@ -617,15 +617,15 @@ def test_unflagged_planted_steps_count_only_among_planted_steps():
         _attempt(1, T, [F], [F], [F], [T]),
     ]
     extra = [
-        _attempt(2, T, [F], [F], [F], [T], rule="not_or", flagged=False),
-        _attempt(3, T, [F], [F], [T], [T], rule="not_or", flagged=False),
+        _attempt(2, T, [F], [F], [F], [T], rule="not_or", sampled=False),
+        _attempt(3, T, [F], [F], [T], [T], rule="not_or", sampled=False),
     ]
     out = summarize(flagged + extra, 2, 0, n_examples=2, n_bootstrap=100, seed=0)
     alone = summarize(flagged, 2, 0, n_examples=2, n_bootstrap=100, seed=0)
     for key in ("n_attempted", "fixed_step_rate", "controls"):
         assert out[key] == alone[key]
     p = out["planted"]
-    assert p["n_attempted"] == 3 and p["n_unflagged"] == 2
+    assert p["n_attempted"] == 3 and p["n_outside_sample"] == 2
     assert p["graph_kinds"] == {"contrastive": 3}
     assert p["fixed_step_rate"] == pytest.approx(1 / 3, abs=1e-4)
     second = p["rules"]["not_or"]["controls"]["second_choice"]
@@ -634,7 +634,7 @@ def test_unflagged_planted_steps_count_only_among_planted_steps():
         np.array([1, 0, 0], bool), np.array([0, 1, 1], bool), 100, 0
     )
     back = attempt_from_dict(extra[0].to_dict())
-    assert not back.flagged and back.graph_kind == "contrastive"
+    assert not back.sampled and back.graph_kind == "contrastive"
 
 
 def test_config_defaults():

@@ -22,7 +22,7 @@ intervention and three controls that can fail (`measure`, `controls.<name>` in t
 Steps that exercise a planted rule (crv-tiny-bugs, the step field `planted_rule`) are
 also compared on their own (`planted`, and per rule with a worked example); with
 `planted_steps=all`, every incorrect planted-rule step of the split is attempted there,
-flagged or not. With `graph=contrastive` an incorrect step's features come from its
+flagged or not, and counted only there. With `graph=contrastive` an incorrect step's features come from its
 contrastive graph, the one of logit(wrong token) - logit(correct token) at the first token
 where the step departs from the correct reduction: the margin that `rank_by=margin` and the
 margin-matched control measure is that difference, and the second-choice control replaces

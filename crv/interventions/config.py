@@ -78,14 +78,14 @@ class InterventionsConfig:
     replaces the wrong token. False alarms and steps without one keep the step graph."""
 
     planted_steps: PlantedSteps = PlantedSteps.flagged
-    """Planted-rule steps compared on their own (`planted`): `flagged`, those among the
-    attempted flagged steps; `all`, every incorrect step of the split that exercises a
-    planted rule, flagged or not (up to `max_planted_steps`; the unflagged ones count only
+    """Planted-rule steps compared on their own (`planted`): `flagged`, those in the sample
+    of flagged steps; `all`, every incorrect step of the split that exercises a planted
+    rule, flagged or not (the ones outside the sample, up to `max_planted_steps`, count only
     there, never in the rates of flagged steps)."""
 
     max_planted_steps: int = 200
-    """Cap on the unflagged planted-rule steps added by `planted_steps=all` (seeded random
-    sample when there are more)."""
+    """Cap on the planted-rule steps added by `planted_steps=all` (seeded random sample
+    when there are more)."""
 
     n_proposals: int = 3
     """Interventions proposed per flagged step (N): one feature each, best-ranked first."""

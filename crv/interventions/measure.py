@@ -31,9 +31,10 @@ unlike the normal approximation); the differences proposals minus control
 percentile bootstrap over steps (2.5% and 97.5% quantiles, seeded), since the proposals and
 the controls are tried on the same steps. Steps are treated as independent. Steps that
 exercise a planted rule (`planted_rule`, crv-tiny-bugs) are also compared on their own
-(`planted`, and per rule); with `planted_steps=all` that comparison also holds the planted
-incorrect steps the verifier did not flag (`planted.n_unflagged`), which count nowhere else,
-and `planted.graph_kinds` says how many were proposed from a contrastive graph.
+(`planted`, and per rule); with `planted_steps=all` that comparison holds every planted
+incorrect step of the split, flagged or not, also those outside the sample of flagged steps
+(`planted.n_outside_sample`), which count nowhere else; `planted.graph_kinds` says how many
+were proposed from a contrastive graph.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ class StepAttempt:
     """The second-choice regeneration (empty when the step has none)."""
     planted_rule: str = ""
     """The planted rule the step exercises (`""`: none), from the trace's step dict."""
-    flagged: bool = True
-    """The verifier flagged the step; unflagged planted-rule steps (`planted_steps=all`)
-    count only in `planted`."""
+    sampled: bool = True
+    """The step belongs to the sample of flagged steps; planted-rule steps added by
+    `planted_steps=all` (flagged or not) do not, and count only in `planted`."""
     graph_kind: str = "step"
     """The graph that proposed the features: `step` or `contrastive`."""
 
@@ -105,7 +106,7 @@ class StepAttempt:
             "first_token": self.span.first_token,
             "last_token": self.span.last_token,
             "planted_rule": self.planted_rule,
-            "flagged": self.flagged,
+            "sampled": self.sampled,
             "graph_kind": self.graph_kind,
             "consistent": self.consistent,
             "outcomes": [
@@ -277,9 +278,10 @@ def summarize(
     seed: int,
 ) -> dict[str, Any]:
     """The `interventions` report section (see the module docstring for each rate):
-    flagged steps only, but for `planted`, which holds every attempted planted-rule step."""
-    wrong = [a for a in attempts if a.incorrect and a.flagged]
-    right = [a for a in attempts if not a.incorrect and a.flagged]
+    the sample of flagged steps only, but for `planted`, which holds every attempted
+    planted-rule step."""
+    wrong = [a for a in attempts if a.incorrect and a.sampled]
+    right = [a for a in attempts if not a.incorrect and a.sampled]
     planted_wrong = [a for a in attempts if a.incorrect]
     compared = compare_controls(wrong, right, n_bootstrap, seed)
     random = compared["controls"]["random"]
@@ -298,7 +300,7 @@ def summarize(
     _rate([o.changed for a in wrong for o in a.graph], out, "changed_step_rate")
     out["planted"] = planted_summary(planted_wrong, right, n_bootstrap, seed)
     if out["planted"] is not None:
-        out["planted"]["n_unflagged"] = sum(not a.flagged for a in planted_wrong)
+        out["planted"]["n_outside_sample"] = sum(not a.sampled for a in planted_wrong)
         out["planted"]["graph_kinds"] = dict(
             sorted(Counter(a.graph_kind for a in planted_wrong if a.planted_rule).items())
         )
@@ -405,11 +407,12 @@ def controls_markdown(result: dict[str, Any]) -> list[str]:
         "| break diff |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    if planted and planted.get("n_unflagged"):
+    if planted and planted.get("n_outside_sample"):
         lines.insert(
             1,
-            f"Planted-rule rows include {planted['n_unflagged']} incorrect steps the verifier "
-            "did not flag (`planted_steps=all`); proposals per graph: "
+            f"Planted-rule rows include {planted['n_outside_sample']} incorrect steps outside "
+            "the sample of flagged steps, flagged or not (`planted_steps=all`); proposals per "
+            "graph: "
             + ", ".join(f"{k} {v}" for k, v in planted.get("graph_kinds", {}).items())
             + ".\n",
         )

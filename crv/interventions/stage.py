@@ -124,7 +124,7 @@ def attempt_step(
     pair: tuple[int, int] | None = None,
 ) -> StepAttempt:
     """Everything tried on one step (`flagged`: its `step_id`, `step`, `label`, verifier
-    `score` and optionally `flagged`, default True): the feature-edit regenerations as one
+    `score` and optionally `sampled`, default True): the feature-edit regenerations as one
     batch, then the second-choice regeneration. With `pair` = (wrong, correct) token ids,
     `graph` is the step's contrastive graph and margins are logit(wrong) - logit(correct)
     at its position."""
@@ -174,7 +174,7 @@ def attempt_step(
         random=by_condition.get("random", []),
         margin_matched=by_condition.get("margin_matched", []),
         planted_rule=str(step.get("planted_rule") or ""),
-        flagged=bool(flagged.get("flagged", True)),
+        sampled=bool(flagged.get("sampled", True)),
         graph_kind="step" if pair is None else "contrastive",
     )
     second = SecondChoice(row, step["index"], span, graph.position, budget)
@@ -228,7 +228,7 @@ def attempt_from_dict(d: Mapping[str, Any]) -> StepAttempt:
         margin_matched=of("margin_matched"),
         second_choice=of("second_choice"),
         planted_rule=d["planted_rule"],
-        flagged=d["flagged"],
+        sampled=d["sampled"],
         graph_kind=d["graph_kind"],
     )
 
@@ -294,11 +294,12 @@ def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
         sample_steps(wrong, cfg.max_steps, rng),
         sample_steps(right, cfg.max_correct_steps, rng),
     ]
+    chosen = pd.concat(parts).assign(sampled=True)
     if cfg.planted_steps == "all":
-        unflagged = scored[~scored["flagged"] & (scored["label"] == 1)]
-        unflagged = unflagged[unflagged["planted_rule"].fillna("") != ""]
-        parts.append(sample_steps(unflagged, cfg.max_planted_steps, rng))
-    chosen = pd.concat(parts)
+        extra = scored[(scored["label"] == 1) & (scored["planted_rule"].fillna("") != "")]
+        extra = extra[~extra["step_id"].isin(chosen["step_id"])]
+        extra = sample_steps(extra, cfg.max_planted_steps, rng).assign(sampled=False)
+        chosen = pd.concat([chosen, extra])
     ctx.log.info(
         "interventions: %d flagged incorrect, %d false alarms; attempting %d steps",
         len(wrong),
@@ -307,7 +308,7 @@ def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
     )
     items = [
         {"step_id": f.step_id, "trace_id": f.trace_id, "step": int(f.step)}
-        | {"label": int(f.label), "score": float(f.score), "flagged": bool(f.flagged)}
+        | {"label": int(f.label), "score": float(f.score), "sampled": bool(f.sampled)}
         for f in chosen.itertuples(index=False)
     ]
     files = [ctx.scratch / "attempts" / f"{quote(it['step_id'], safe='')}.json" for it in items]
