@@ -83,10 +83,11 @@ def _contrastive_markdown(contrastive: dict[str, Any], planted: dict[str, Any]) 
         "Each incorrect test step's contrastive graph explains logit(wrong token) - "
         "logit(correct token) where the step first departs from the correct reduction. A "
         "feature drives the error when its effect on that difference along the graph's paths "
-        "is positive. Steps are grouped per task by their drivers (cosine distance, average "
-        "linkage, the cut with the best silhouette among 2.."
+        "is positive. Steps are grouped per task by their sets of drivers (cosine distance, "
+        "average linkage, the cut with the best silhouette among 2.."
         f"{contrastive['max_groups']} groups) without any planted-rule label; a group's "
-        "features are ranked by their mean share of its steps' drive.\n",
+        "features are ranked by their mean effect over its steps (each step's effects scaled "
+        "to unit length), the number after each.\n",
     ]
     for task, entry in contrastive["tasks"].items():
         parts.append(
