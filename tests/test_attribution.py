@@ -23,7 +23,10 @@ from crv.graphs.attribute import StepAttribution, attribute_trace
 from crv.graphs.config import GraphsConfig
 from crv.graphs.graph import ERROR, FEATURE, LOGIT, TOKEN
 from crv.models.adapter import ArchAdapter
+from crv.transcoders.activations import training_batches
+from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.module import TopKTranscoder, TranscoderSet
+from crv.transcoders.train import TranscoderTrainer
 
 VOCAB, D, N_LAYERS, T = 37, 32, 3, 15
 POSITIONS = [6, 10, 14]
@@ -443,3 +446,21 @@ def test_an_extended_trace_equals_one_built_at_once(
     longer[2] = (longer[2] + 1) % VOCAB
     with pytest.raises(ValueError, match="do not continue"):
         grown.extend(longer, [T])
+
+
+def test_edges_equal_perturbation_effects_for_trained_skip_transcoders() -> None:
+    """Skip transcoders as crv trains them (`transcoders.skip`, W_skip learned with the
+    latents): the skip path is a direct MLP-in -> MLP-out path, edges stay exact."""
+    adapter, _, ids = setup("llama", "eager")
+    cfg = TranscodersConfig(
+        k=4, n_latents=48, tokens=4096, batch_tokens=256, lr=3e-3, lr_warmup_steps=2,
+        shuffle_buffer_tokens=1024, skip=True,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    seqs = torch.randint(1, VOCAB, (32, T), generator=gen).tolist()
+    trainer = TranscoderTrainer(cfg, D, list(range(N_LAYERS)), seed=0)
+    layers = list(range(N_LAYERS))
+    trainer.train(training_batches(cfg, adapter.model, adapter, seqs, layers, gen), progress=False)
+    tset = trainer.transcoder_set()
+    assert all(float(tset[layer].W_skip.norm()) > 0.1 for layer in layers)
+    check_edges_are_perturbation_effects(adapter, tset, ids)

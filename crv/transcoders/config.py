@@ -40,6 +40,13 @@ class CacheDtype(Choice):
     float16 = "float16"
 
 
+class SkipInit(Choice):
+    """How a skip transcoder's W_skip starts (see `TranscodersConfig.skip_init`)."""
+
+    lstsq = "lstsq"
+    zero = "zero"
+
+
 class BufferDtype(Choice):
     """Dtype of the shuffle buffer (`auto`: float32 when it fits, else bfloat16)."""
 
@@ -71,6 +78,19 @@ class TranscodersConfig:
 
     activation: Activation = Activation.topk
     """`relu_topk`: ReLU on the k kept pre-activations; `topk`: kept values unchanged."""
+
+    skip: bool = False
+    """Train skip transcoders: a linear path y^ += W_skip x ([d_model, d_model], learned
+    jointly with the latents) beside the sparse code, saved as `W_skip` in each layer file
+    (circuit-tracer's layout) and a direct MLP-in -> MLP-out path in attribution graphs.
+    The latents then only code what a linear map of the MLP input cannot predict."""
+
+    skip_init: SkipInit = SkipInit.zero
+    """`zero`: W_skip starts at zero and is learned with the latents from the loss alone;
+    `lstsq`: it starts at the ridge least-squares map from MLP input to output on the first
+    batch (b_dec at the mean residual; needs `init_from_data`). `lstsq` starts lower but
+    ends higher at crv-tiny's budgets (`benchmarks/skip_init.py`, README): the latents,
+    left only a residual from the first step, code it less well than the output itself."""
 
     lr: float | None = None
     """Adam learning rate; default 4e-4 / sqrt(n_latents / 2**14), e.g. 3.2e-3 for 256 latents

@@ -22,7 +22,9 @@ forward pre-activation matmul is dense - it is needed to find the top k. Everyth
 it touches the selected latents only:
 
 - decode: `F.embedding_bag` with the activations as per-sample weights sums k decoder
-  rows per token (its backward scatters into those k rows only);
+  rows per token; its backward gathers the k rows for the activations' gradient and
+  forms the weight gradient as a sparse [F, N] x [N, D] product (embedding_bag's own
+  backward sorts all N x k indices, slower than the rest of the step together);
 - encoder backward: the input gradient is the same gather-sum over the k encoder rows
   (embedding_bag again), the weight gradient a sparse [F, N] x [N, D] product whose
   non-zeros are the (latent, token) pairs that were selected.
@@ -95,20 +97,12 @@ class _TopKEncode(torch.autograd.Function):
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx_NS, W_enc_FD, per_sample_weights=g_NS, mode="sum")
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            n_tokens, n_sel = idx_NS.shape
-            rows = idx_NS.reshape(-1)
-            if ctx.needs_input_grad[1]:
-                cols = torch.arange(n_tokens, device=rows.device).repeat_interleave(n_sel)
-                g_FN = torch.sparse_coo_tensor(
-                    torch.stack([rows, cols]),
-                    g_NS.reshape(-1),
-                    (W_enc_FD.shape[0], n_tokens),
-                    check_invariants=False,
-                )
-                grad_W = torch.sparse.mm(g_FN, x_ND)
-            if ctx.needs_input_grad[2]:
-                grad_b = g_NS.new_zeros(W_enc_FD.shape[0]).index_add_(0, rows, g_NS.reshape(-1))
+        if ctx.needs_input_grad[1]:
+            grad_W = torch.sparse.mm(_selected_FN(idx_NS, g_NS, W_enc_FD.shape[0]), x_ND)
+        if ctx.needs_input_grad[2]:
+            grad_b = g_NS.new_zeros(W_enc_FD.shape[0]).index_add_(
+                0, idx_NS.reshape(-1), g_NS.reshape(-1)
+            )
         return grad_x, grad_W, grad_b, None, None, None, None, None
 
 
@@ -132,11 +126,75 @@ def topk_encode(
     return _TopKEncode.apply(x_ND, W_enc_FD, b_enc_F, k, relu, aux_candidates_C, k_aux, threshold_F)
 
 
+def _selected_FN(idx_NS: torch.Tensor, vals_NS: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """The [F, N] sparse matrix with vals[n, s] at (idx[n, s], n): a code as a matrix."""
+    n_tokens, n_sel = idx_NS.shape
+    cols = torch.arange(n_tokens, device=idx_NS.device).repeat_interleave(n_sel)
+    return torch.sparse_coo_tensor(
+        torch.stack([idx_NS.reshape(-1), cols]),
+        vals_NS.reshape(-1),
+        (n_latents, n_tokens),
+        check_invariants=False,
+    )
+
+
+class _SparseDecode(torch.autograd.Function):
+    """(acts_NK, idx_NK, W_dec) -> sum_k acts[n, k] W_dec[idx[n, k]]; sparse backward.
+
+    The forward is embedding_bag's gather-sum. Its own backward for the weight sorts all
+    N x K indices to accumulate rows (the costliest op of a training step); here the weight
+    gradient is the sparse [F, N] x [N, D] product the encoder's weight gradient uses, and
+    only the activations' gradient comes from embedding_bag.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        acts_NK: torch.Tensor,
+        idx_NK: torch.Tensor,
+        W_dec_FD: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(acts_NK, idx_NK, W_dec_FD)
+        return F.embedding_bag(idx_NK, W_dec_FD, per_sample_weights=acts_NK, mode="sum")
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, g_ND: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        acts_NK, idx_NK, W_dec_FD = ctx.saved_tensors
+        grad_acts = grad_W = None
+        if ctx.needs_input_grad[0]:  # <W_dec[idx[n, k]], g[n]>: embedding_bag's own
+            with torch.enable_grad():  # per-sample-weight backward (without its weight part)
+                a_NK = acts_NK.detach().requires_grad_(True)
+                y_ND = F.embedding_bag(
+                    idx_NK, W_dec_FD.detach(), per_sample_weights=a_NK, mode="sum"
+                )
+                (grad_acts,) = torch.autograd.grad(y_ND, a_NK, g_ND)
+        if ctx.needs_input_grad[2]:
+            grad_W = torch.sparse.mm(_selected_FN(idx_NK, acts_NK, W_dec_FD.shape[0]), g_ND)
+        return grad_acts, None, grad_W
+
+
 def sparse_decode(
     acts_NK: torch.Tensor, idx_NK: torch.Tensor, W_dec_FD: torch.Tensor
 ) -> torch.Tensor:
     """sum_k acts[n, k] * W_dec[idx[n, k]] as a gather-sum (no bias); [N, D]."""
-    return F.embedding_bag(idx_NK, W_dec_FD, per_sample_weights=acts_NK, mode="sum")
+    if not (torch.is_grad_enabled() and (acts_NK.requires_grad or W_dec_FD.requires_grad)):
+        return F.embedding_bag(idx_NK, W_dec_FD, per_sample_weights=acts_NK, mode="sum")
+    return _SparseDecode.apply(acts_NK, idx_NK, W_dec_FD)
+
+
+def ridge_map(x_ND: torch.Tensor, y_ND: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """W [D_out, D_in] minimising |(y - mean y) - (x - mean x) W^T|^2 + lam |W|^2.
+
+    lam is `ridge` times the mean eigenvalue of the centred x's Gram matrix: negligible
+    when the tokens outnumber the dimensions, and a well-posed solve when they do not.
+    """
+    xc_ND = x_ND - x_ND.mean(0)
+    gram_DD = xc_ND.T @ xc_ND
+    lam = ridge * gram_DD.diagonal().mean().clamp_min(1e-12)
+    gram_DD.diagonal().add_(lam)
+    return torch.linalg.solve(gram_DD, xc_ND.T @ (y_ND - y_ND.mean(0))).T
 
 
 class TopKTranscoder(nn.Module):
@@ -223,15 +281,25 @@ class TopKTranscoder(nn.Module):
         return self.reconstruct(x_ND, *self.encode(x_ND)).to(x_ND.dtype)
 
     @torch.no_grad()
-    def init_from_data(self, x_ND: torch.Tensor, y_ND: torch.Tensor) -> None:
+    def init_from_data(
+        self, x_ND: torch.Tensor, y_ND: torch.Tensor, skip_lstsq: bool = False
+    ) -> None:
         """b_dec = mean(y); b_enc = -W_enc mean(x) (pre-activations centred on the data).
 
         With the decoder bias at the output mean the loss starts at (about) FVU 1 instead of
         the FVU of predicting zero, and centred pre-activations make TopK select on the
-        token-specific part of the input rather than on its mean.
+        token-specific part of the input rather than on its mean. With `skip_lstsq` (skip
+        transcoders) W_skip is first set to the least-squares map x -> y on these tokens
+        (`ridge_map`) and b_dec to the mean of what it leaves, so the loss starts at the
+        linear map's FVU and the latents code the residual from the first step.
         """
-        self.b_dec.copy_(y_ND.float().mean(0))
-        self.b_enc.copy_(-(self.W_enc @ x_ND.float().mean(0)))
+        x_ND, y_ND = x_ND.float(), y_ND.float()
+        mean_y_D = y_ND.mean(0)
+        if skip_lstsq and self.W_skip is not None:
+            self.W_skip.copy_(ridge_map(x_ND, y_ND))
+            mean_y_D = mean_y_D - self.W_skip @ x_ND.mean(0)
+        self.b_dec.copy_(mean_y_D)
+        self.b_enc.copy_(-(self.W_enc @ x_ND.mean(0)))
 
     @torch.no_grad()
     def fold_scales(self, scale_x: float, scale_y: float) -> None:
@@ -239,11 +307,14 @@ class TopKTranscoder(nn.Module):
 
         The latents shrink by 1/scale_y (W_enc *= scale_x / scale_y, b_enc /= scale_y), a
         common positive factor, so TopK selects the same latents and ReLU zeroes the same
-        ones; the decoder rows stay unit-norm and b_dec /= scale_y.
+        ones; the decoder rows stay unit-norm, b_dec /= scale_y and W_skip *= scale_x /
+        scale_y.
         """
         self.W_enc *= scale_x / scale_y
         self.b_enc /= scale_y
         self.b_dec /= scale_y
+        if self.W_skip is not None:
+            self.W_skip *= scale_x / scale_y
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -27,6 +27,9 @@ are updated from the same batch with one optimizer; their losses are independent
 summing them before the backward pass changes nothing per layer. When the shuffle buffer
 cannot hold all layers (`activations.layer_groups`), `train_transcoders` trains the groups
 one after another, each from its own pass over the corpus.
+
+Skip transcoders (`skip`) add W_skip x to y^ in the same loss; W_skip is one more
+parameter of the same optimizer (its scale folds like the encoder's, x in and y out).
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ def transcoder_loss(
         x_ND, tc.W_enc, tc.b_enc, tc.k, tc.relu, candidates_C, k_aux
     )
     y_hat_ND = sparse_decode(acts_NK, idx_NK, tc.W_dec) + tc.b_dec
+    skip_ND = tc.skip(x_ND)
+    if skip_ND is not None:
+        y_hat_ND = y_hat_ND + skip_ND
     total_var = (y_ND - y_ND.mean(0)).pow(2).sum()
     err_ND = y_hat_ND - y_ND
     fvu = err_ND.pow(2).sum() / total_var
@@ -169,7 +175,7 @@ class TranscoderTrainer:
         drawn = list(layers)[: list(layers).index(self.layers[-1]) + 1]
         transcoders = {}
         for layer in drawn:
-            tc = TopKTranscoder(d_model, self.n_latents, cfg.k, cfg.activation, gen)
+            tc = TopKTranscoder(d_model, self.n_latents, cfg.k, cfg.activation, gen, cfg.skip)
             if layer in self.layers:
                 transcoders[layer] = tc.to(self.device)
         self.tset = TranscoderSet(transcoders, k=cfg.k, activation=cfg.activation)
@@ -216,8 +222,9 @@ class TranscoderTrainer:
         x_LND = x_LND * self.scale_x_L[:, None, None]
         y_LND = y_LND * self.scale_y_L[:, None, None]
         if self.step_count == 0 and self.cfg.init_from_data:
+            lstsq = self.cfg.skip_init == "lstsq"
             for i, layer in enumerate(self.layers):
-                self.tset[layer].init_from_data(x_LND[i], y_LND[i])
+                self.tset[layer].init_from_data(x_LND[i], y_LND[i], lstsq)
         dead_LF = self.dead_mask()
         use_aux = self.cfg.auxk_coef > 0 and self.k_aux > 0
         losses = [
