@@ -1,14 +1,22 @@
-"""Training speed of crv's TopK transcoder trainer against a plain dense implementation.
+"""Training speed of crv's TopK transcoder trainer against a dense implementation and
+against this machine's measured matmul throughput.
 
 Both train the same transcoder (same initial weights, same batches, same learning-rate
 schedule, decoder normalisation and AuxK) on synthetic activations: x ~ N(0, I) in
 d_model dimensions and y = W_2 gelu(W_1 x), a random MLP with 4x hidden width, so the
 target has the structure of a real MLP output. The reference computes everything densely
 - encoder matmul, TopK as a dense mask, dense decoder matmul, full autograd backward - as
-a straightforward implementation would. Prints tokens/s and final FVU of both and ends
-with `ratio: X` (crv tokens/s over reference tokens/s).
+a straightforward implementation would. Prints tokens/s and final FVU of both.
 
-    python benchmarks/transcoders.py [--d-model 128 --expansion 16 --k 32 --steps 20 --lr 3e-3]
+The machine limit: a float32 `torch.matmul` probe at the step's one dense shape ([N, D] x
+[D, F], the encoder's pre-activations; best of several runs) gives GFLOP/s; crv's step
+needs `step_flops` per token (that matmul, the sparse k- and AuxK-row products, and with
+`--skip` the [D, D] skip path forward and backward), so the probe bounds the step at
+GFLOP/s / FLOP-per-token tokens/s. Prints both, `limit_ratio: X` (crv's tokens/s over that
+bound: 1 would mean every step ran at matmul speed), and ends with `ratio: X` (crv tokens/s
+over reference tokens/s).
+
+    python benchmarks/transcoders.py [--d-model 128 --expansion 16 --k 32 --steps 20 --skip]
 """
 
 from __future__ import annotations
@@ -21,6 +29,28 @@ import torch.nn.functional as F
 
 from crv.transcoders.config import TranscodersConfig
 from crv.transcoders.train import TranscoderTrainer
+
+
+def matmul_gflops(n: int, d: int, f: int, repeats: int = 5) -> float:
+    """Measured float32 GFLOP/s of [n, d] x [d, f] (best of `repeats` after a warm-up)."""
+    gen = torch.Generator().manual_seed(0)
+    a_ND, b_DF = torch.randn(n, d, generator=gen), torch.randn(d, f, generator=gen)
+    torch.matmul(a_ND, b_DF)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a_ND, b_DF)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n * d * f / best / 1e9
+
+
+def step_flops(d_model: int, n_latents: int, k: int, k_aux: int, skip: bool) -> int:
+    """FLOP per token of one training step as crv computes it: the dense encoder matmul,
+    decode and the two encoder / one decoder backward products over k (+ AuxK) rows, and
+    the skip path (forward, input and weight gradient)."""
+    dense = 2 * d_model * n_latents
+    sparse = 2 * d_model * (k + k_aux) * 4  # decode, decode grad, encoder grads (x, W)
+    return dense + sparse + (6 * d_model * d_model if skip else 0)
 
 
 def synthetic_batches(
@@ -93,6 +123,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="fixed, so a short run gets somewhere")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dead-tokens", type=int, default=16_384, help="small, so AuxK is active")
+    ap.add_argument("--skip", action="store_true", help="skip transcoders (transcoders.skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TranscodersConfig(
@@ -103,6 +134,7 @@ def main() -> None:
         lr=args.lr,
         lr_warmup_steps=5,
         dead_tokens=args.dead_tokens,
+        skip=args.skip,
     )
     batches = synthetic_batches(args.d_model, args.batch_tokens, args.steps + 1, seed=0)
     crv_trainer = TranscoderTrainer(cfg, args.d_model, [0], "cpu", seed=0)
@@ -132,8 +164,17 @@ def main() -> None:
     n_latents = cfg.latents(args.d_model)
     print(
         f"d_model {args.d_model}, {n_latents} latents, k {args.k}, {args.batch_tokens} tokens/step, "
-        f"{args.steps} steps, {args.threads} threads"
+        f"{args.steps} steps, {args.threads} threads, skip {args.skip}"
     )
+    gflops = matmul_gflops(args.batch_tokens, args.d_model, n_latents)
+    per_token = step_flops(args.d_model, n_latents, args.k, cfg.aux_k(args.d_model), args.skip)
+    bound = gflops * 1e9 / per_token
+    print(
+        f"matmul_gflops: {gflops:.1f} (float32 [{args.batch_tokens}, {args.d_model}] x "
+        f"[{args.d_model}, {n_latents}]); step needs {per_token / 1e6:.2f} MFLOP/token, "
+        f"bound {bound:.0f} tokens/s"
+    )
+    print(f"limit_ratio: {results['crv'] / bound:.3f}")
     print(f"ratio: {results['crv'] / results['reference']:.2f}")
 
 
