@@ -28,8 +28,8 @@ from crv.baselines.scores import (
     trace_step_scores,
 )
 from crv.baselines.stage import baseline_table, run_stage
-from crv.features.stage import KEY_COLUMNS
 from crv.pipeline import StageContext
+from crv.traces.steps import KEY_COLUMNS
 from crv.verifier.config import VerifierConfig
 from crv.verifier.methods import POSITION_COLUMNS, ProbeData, build_methods, fit_method
 

@@ -11,16 +11,9 @@ import pandas as pd
 import pytest
 
 from crv.features.config import FeaturesConfig
-from crv.features.stage import (
-    FAMILIES,
-    KEY_COLUMNS,
-    family_of,
-    feature_names,
-    feature_table,
-    graph_features,
-    step_key_table,
-)
+from crv.features.stage import FAMILIES, family_of, feature_names, feature_table, graph_features
 from crv.graphs.graph import StepGraph
+from crv.traces.steps import KEY_COLUMNS, step_key_table
 
 
 def make_graph(

@@ -709,11 +709,12 @@ def test_run_stage_end_to_end(subject, tmp_path):
     from datasets import Dataset
 
     from crv.features.config import FeaturesConfig
-    from crv.features.stage import TABLE_FILE, feature_names, feature_table, step_key_table
+    from crv.features.stage import TABLE_FILE, feature_names, feature_table
     from crv.graphs.store import save_step_graphs, trace_file
     from crv.interventions.stage import RESULTS_FILE, attempt_from_dict, graph_scorer, run_stage
     from crv.io import atomic_write_json, read_json
     from crv.pipeline import MANIFEST, MissingArtifactError, StageContext
+    from crv.traces.steps import step_key_table
     from crv.transcoders.io import save_transcoder_set
     from crv.verifier.classifier import XGBVerifier
     from crv.verifier.config import VerifierConfig

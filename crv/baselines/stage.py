@@ -37,9 +37,9 @@ from crv.baselines.scores import (
     temperature_scores,
     trace_step_scores,
 )
-from crv.features.stage import KEY_COLUMNS, step_key_table
 from crv.io import atomic_write, atomic_write_json
 from crv.pipeline import StageContext
+from crv.traces.steps import KEY_COLUMNS, step_key_table
 
 if TYPE_CHECKING:
     import torch
