@@ -18,8 +18,9 @@ import torch
 from factories import tiny_llama, tiny_tokenizer, word_vocabulary
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
-from crv.models.loading import export_subject, load_subject, resolve_source
+from crv.models.loading import load_subject
 from crv.subject.config import SubjectConfig
+from crv.subject.sources import export_subject, resolve_source
 
 VOCAB, D, N_LAYERS, N_HEADS, N_KV, D_MLP = 64, 32, 2, 4, 2, 64
 WORDS = word_vocabulary(VOCAB)

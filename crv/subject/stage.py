@@ -56,7 +56,8 @@ def trained_with_planted_rules(subject_dir: str | Path) -> bool:
 
 def run_stage(ctx: StageContext[SubjectConfig]) -> dict[str, Any]:
     from crv.models.adapter import ArchAdapter
-    from crv.models.loading import export_subject, load_subject
+    from crv.models.loading import load_subject
+    from crv.subject.sources import export_subject
 
     cfg = ctx.cfg
     if cfg.name in SHIPPED:
