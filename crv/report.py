@@ -16,6 +16,7 @@ from typing import Any
 from crv.errors import CRVError
 from crv.io import atomic_write_json, atomic_write_text
 from crv.pipeline import StageResult, peak_memory_mb
+from crv.tables import markdown_table
 
 
 def build_report(results: Sequence[StageResult]) -> dict[str, Any]:
@@ -26,24 +27,6 @@ def build_report(results: Sequence[StageResult]) -> dict[str, Any]:
     report["reused"] = [r.name for r in results if r.reused]
     report["peak_memory_mb"] = round(peak_memory_mb(), 1)
     return report
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, float) for v in value):
-        return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Rows of dicts as a Markdown table; columns default to the first row's keys."""
-    if not rows:
-        return "_(no rows)_\n"
-    columns = list(columns or rows[0].keys())
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _scalars(section: dict[str, Any]) -> list[dict[str, Any]]:

@@ -224,14 +224,14 @@ def test_verifier_stage_end_to_end(tmp_path):
     for key in ("vs_maxprob", "vs_probe", "confident_half_vs_maxprob", "confident_half_vs_probe"):
         assert ari[key]["crv+probes"]["diff"] is not None
     # report.md shows the paired differences against MaxProb per error kind
-    from crv.verifier.metrics import _fmt_diff, detection_markdown
+    from crv.verifier.metrics import detection_markdown, diff_cell
 
     md = detection_markdown(det)
     assert "against MaxProb by error kind" in md
     vs = ari["by_error_kind_vs_maxprob"]["planted"]["crv"]
-    assert f"| arithmetic | planted | crv | {_fmt_diff(vs)} |" in md
+    assert f"| arithmetic | planted | crv | {diff_cell(vs)} |" in md
     vs = ari["by_error_kind_vs_probe"]["planted"]["crv+probes"]
-    assert f"| arithmetic | planted | crv+probes | {probe} | {_fmt_diff(vs)} |" in md
+    assert f"| arithmetic | planted | crv+probes | {probe} | {diff_cell(vs)} |" in md
     assert "layer 4, last" in md
     # no planted rule among boolean steps: no split by error kind there
     assert "by_error_kind" not in det["boolean"] and "| boolean | planted |" not in md

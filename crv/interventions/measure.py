@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from crv.tables import interval, markdown_rows
+
 if TYPE_CHECKING:  # annotations only: rendering a report must not import torch
     from crv.interventions.apply import Outcome, StepSpan
     from crv.interventions.propose import Proposal
@@ -324,12 +326,6 @@ RATE_ROWS = (
 )
 
 
-def _fmt_rate(value: float | None, ci: list[float] | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
-
-
 def interventions_markdown(result: dict[str, Any]) -> str:
     """The report.md section of an `interventions` result (the dict `summarize` returns)."""
     settings = ""
@@ -347,12 +343,15 @@ def interventions_markdown(result: dict[str, Any]) -> str:
         settings
         + counts
         + "Rates with 95% intervals (Wilson; paired bootstrap for the difference).\n",
-        "| measure | rate [95% CI] |",
-        "|---|---|",
+        markdown_rows(
+            ["measure", "rate [95% CI]"],
+            [
+                [label, interval(result[key], result.get(f"{key}_ci"))]
+                for key, label in RATE_ROWS
+                if key in result
+            ],
+        ).rstrip("\n"),
     ]
-    for key, label in RATE_ROWS:
-        if key in result:
-            lines.append(f"| {label} | {_fmt_rate(result[key], result.get(f'{key}_ci'))} |")
     if result.get("controls"):
         lines += ["", *controls_markdown(result)]
     examples = result.get("examples") or []
@@ -382,13 +381,6 @@ CONTROL_LABELS = {
 }
 
 
-def _fmt_diff(block: dict[str, Any], key: str) -> str:
-    value, ci = block.get(key), block.get(f"{key}_ci")
-    if value is None:
-        return "n/a"
-    return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else f"{value:+.3f}"
-
-
 def controls_markdown(result: dict[str, Any]) -> list[str]:
     """The table of proposals vs each control: all attempted steps, then planted-rule
     steps and each planted rule when there are any."""
@@ -402,10 +394,6 @@ def controls_markdown(result: dict[str, Any]) -> list[str]:
         "each condition's attempts; `second_choice` has one), and proposals minus control "
         "with paired bootstrap 95% intervals (best vs best, top vs top, and breaking false "
         "alarms top vs top: negative is better for the proposals).\n",
-        "| steps (incorrect / false alarms) | condition | fixes incorrect step | top attempt "
-        "fixes | final answer correct | breaks false alarm | fix diff (best) | fix diff (top) "
-        "| break diff |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
     if planted and planted.get("n_outside_sample"):
         lines.insert(
@@ -416,19 +404,35 @@ def controls_markdown(result: dict[str, Any]) -> list[str]:
             + ", ".join(f"{k} {v}" for k, v in planted.get("graph_kinds", {}).items())
             + ".\n",
         )
+    header = [
+        "steps (incorrect / false alarms)",
+        "condition",
+        "fixes incorrect step",
+        "top attempt fixes",
+        "final answer correct",
+        "breaks false alarm",
+        "fix diff (best)",
+        "fix diff (top)",
+        "break diff",
+    ]
+    rows = []
     for steps, b in blocks:
         where = f"{steps} ({b.get('n_attempted')} / {b.get('n_false_alarms_attempted')})"
         rates = _rate_cells(b, (*FIX_COLUMNS, "broken_correct_rate"))
-        lines.append(f"| {where} | proposals | {rates} | | | |")
+        rows.append([where, "proposals", *rates, "", "", ""])
         for name, c in b["controls"].items():
             rates = _rate_cells(c, (*FIX_COLUMNS, "broke_rate"))
-            diffs = " | ".join(_fmt_diff(c, k) for k in ("diff", "first_diff", "broke_diff"))
-            lines.append(f"| {where} | {CONTROL_LABELS.get(name, name)} | {rates} | {diffs} |")
+            diffs = [
+                interval(c.get(k), c.get(f"{k}_ci"), fmt="+.3f")
+                for k in ("diff", "first_diff", "broke_diff")
+            ]
+            rows.append([where, CONTROL_LABELS.get(name, name), *rates, *diffs])
+    lines.append(markdown_rows(header, rows).rstrip("\n"))
     return lines
 
 
 FIX_COLUMNS = ("fixed_step_rate", "first_fixed_step_rate", "fixed_answer_rate")
 
 
-def _rate_cells(block: dict[str, Any], keys: Sequence[str]) -> str:
-    return " | ".join(_fmt_rate(block.get(k), block.get(f"{k}_ci")) for k in keys)
+def _rate_cells(block: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    return [interval(block.get(k), block.get(f"{k}_ci")) for k in keys]

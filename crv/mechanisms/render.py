@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from crv.report import markdown_table
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "\\n")
+from crv.tables import escape_cell, markdown_table
 
 
 def _pct(x: float) -> str:
@@ -23,7 +19,7 @@ def _feature_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
             "feature": f"L{r['layer']}/F{r['feature']}",
-            "card": _cell(f"`{r['card']}`"),
+            "card": escape_cell(f"`{r['card']}`"),
             "in incorrect": _pct(r["rate_incorrect"]),
             "in correct": _pct(r["rate_correct"]),
             "log OR": f"{r['log_odds_ratio']:.2f}",
@@ -57,7 +53,7 @@ def _planted_markdown(planted: dict[str, Any]) -> list[str]:
     ]
     for name, res in planted.items():
         precision = res.get("precision")
-        head = f"- **{name}** ({res['task']}, trigger `{_cell(res['trigger'])}`; "
+        head = f"- **{name}** ({res['task']}, trigger `{escape_cell(res['trigger'])}`; "
         head += f"{res['n_incorrect']} incorrect vs {res['n_correct']} correct test steps): "
         if precision is None:
             parts.append(head + res["verdict"] + ".")
@@ -71,7 +67,7 @@ def _planted_markdown(planted: dict[str, Any]) -> list[str]:
         for f in res["features"]:
             mark = "points at the rule" if f["points_at_rule"] else "does not"
             parts.append(
-                f"  - L{f['layer']}/F{f['feature']} `{_cell(f['label'])}` (q {f['q']:.2g}, "
+                f"  - L{f['layer']}/F{f['feature']} `{escape_cell(f['label'])}` (q {f['q']:.2g}, "
                 f"log OR {f['log_odds_ratio']:.2f}): {mark}"
             )
     return parts
@@ -100,7 +96,7 @@ def _contrastive_markdown(contrastive: dict[str, Any], planted: dict[str, Any]) 
             if rules:
                 mix = " (" + ", ".join(f"{k or 'no rule'} {v}" for k, v in rules.items()) + ")"
             feats = ", ".join(
-                f"L{f['layer']}/F{f['feature']} `{_cell(f['label'])}` {f['mean_drive']:.2f}"
+                f"L{f['layer']}/F{f['feature']} `{escape_cell(f['label'])}` {f['mean_drive']:.2f}"
                 for f in g["features"][:5]
             )
             parts.append(f"  - group {g['group']}, {g['n_steps']} steps{mix}: {feats or 'none'}")

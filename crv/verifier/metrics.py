@@ -38,6 +38,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from crv.tables import interval, markdown_rows
+
 METRICS = ("auroc", "aupr", "fpr95")
 ERROR_KINDS = ("natural", "planted")
 """Incorrect steps without / with a planted rule (`by_error_kind`)."""
@@ -208,31 +210,20 @@ def _none_if_nan(x: float) -> float | None:
     return None if not np.isfinite(x) else x
 
 
-def _fmt(entry: dict | None, metric: str, ci: bool = True) -> str:
-    """A metric as a percentage with its interval, or the reason it is missing."""
-    if not entry or entry.get(metric) is None:
+def metric_cell(entry: dict | None, metric: str, ci: bool = True) -> str:
+    """A metric as a percentage with its interval, or "n/a" when it is missing."""
+    if not entry:
         return "n/a"
-    text = f"{100 * entry[metric]:.1f}"
-    interval = entry.get(f"{metric}_ci")
-    if ci and interval and None not in interval:
-        text += f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
-    return text
+    return interval(
+        entry.get(metric), entry.get(f"{metric}_ci") if ci else None, fmt=".1f", scale=100
+    )
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt_diff(entry: dict) -> str:
+def diff_cell(entry: dict) -> str:
     """A paired difference in AUROC points with its interval, or why it is missing."""
     if entry.get("diff") is None:
         return f"n/a ({entry.get('reason', 'undefined')})"
-    text = f"{100 * entry['diff']:+.1f}"
-    if entry.get("ci"):
-        text += f" [{100 * entry['ci'][0]:+.1f}, {100 * entry['ci'][1]:+.1f}]"
-    return text
+    return interval(entry["diff"], entry.get("ci"), fmt="+.1f", scale=100)
 
 
 def _auroc_table(
@@ -244,16 +235,16 @@ def _auroc_table(
 ) -> list[str]:
     """A section with one row per method and one AUROC column per named test subset;
     `note` is followed by the per-task `counts`."""
-    rows = [[m] + [_fmt(col.get(m), "auroc") for col in columns.values()] for m in methods]
+    rows = [[m] + [metric_cell(col.get(m), "auroc") for col in columns.values()] for m in methods]
     count_text = ", ".join(f"{t} {c}" for t, c in counts.items())
-    return [f"### {title}\n", f"{note}: {count_text}.\n", _table(["method", *columns], rows)]
+    return [f"### {title}\n", f"{note}: {count_text}.\n", markdown_rows(["method", *columns], rows)]
 
 
 def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) -> list[str]:
     """Tables of the paired differences, the confident half and the error kinds."""
     parts: list[str] = []
     rows = [
-        [t, m, e.get("baseline") or "n/a", _fmt_diff(e)]
+        [t, m, e.get("baseline") or "n/a", diff_cell(e)]
         for t in tasks
         for m, e in detection[t].get("paired", {}).items()
     ]
@@ -267,7 +258,7 @@ def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) ->
     )
     parts += _probe_choice_section(detection, tasks)
     rows = [
-        [t, subset, m, _fmt_diff(e), _fmt_diff(detection[t][f"{prefix}vs_probe"].get(m, {}))]
+        [t, subset, m, diff_cell(e), diff_cell(detection[t][f"{prefix}vs_probe"].get(m, {}))]
         for t in tasks
         for subset, prefix in (("all", ""), ("confident half", "confident_half_"))
         for m, e in detection[t].get(f"{prefix}vs_maxprob", {}).items()
@@ -303,7 +294,7 @@ def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) ->
             methods,
         )
     rows = [
-        [t, k, m, _fmt_diff(e)]
+        [t, k, m, diff_cell(e)]
         for t in kinds
         for k in ERROR_KINDS
         for m, e in (detection[t].get("by_error_kind_vs_maxprob", {}).get(k) or {}).items()
@@ -316,7 +307,7 @@ def _new_keys_markdown(detection: dict, tasks: list[str], methods: list[str]) ->
         rows,
     )
     rows = [
-        [t, k, m, e.get("probe") or "n/a", _fmt_diff(e)]
+        [t, k, m, e.get("probe") or "n/a", diff_cell(e)]
         for t in kinds
         for k in ERROR_KINDS
         for m, e in (detection[t].get("by_error_kind_vs_probe", {}).get(k) or {}).items()
@@ -368,7 +359,7 @@ def _probe_choice_section(detection: dict, tasks: list[str]) -> list[str]:
 
 def _section(title: str, note: str, header: list[str], rows: list[list[str]]) -> list[str]:
     """A titled table with its note, or nothing when there are no rows."""
-    return [f"### {title}\n", f"{note}\n", _table(header, rows)] if rows else []
+    return [f"### {title}\n", f"{note}\n", markdown_rows(header, rows)] if rows else []
 
 
 def detection_markdown(detection: dict) -> str:
@@ -393,23 +384,23 @@ def detection_markdown(detection: dict) -> str:
     ]
     header = ["method"] + [f"{t} {names[k]}" for t in tasks for k in METRICS]
     rows = [
-        [m] + [_fmt(detection[t]["methods"].get(m), k) for t in tasks for k in METRICS]
+        [m] + [metric_cell(detection[t]["methods"].get(m), k) for t in tasks for k in METRICS]
         for m in methods
     ]
-    parts += ["### Methods\n", _table(header, rows)]
+    parts += ["### Methods\n", markdown_rows(header, rows)]
     parts += _new_keys_markdown(detection, tasks, methods)
 
     per_c = detection.get("per_complexity", {})
     rows = [
         [f"{t}", c, f"{e['n_test_steps']} ({e['n_test_incorrect']})"]
-        + [_fmt(e["methods"].get(m), "auroc", ci=False) for m in methods]
+        + [metric_cell(e["methods"].get(m), "auroc", ci=False) for m in methods]
         for t in tasks
         for c, e in per_c.get(t, {}).items()
     ]
     if rows:
         parts += [
             "### AUROC per complexity\n",
-            _table(["task", "complexity", "steps (incorrect)", *methods], rows),
+            markdown_rows(["task", "complexity", "steps (incorrect)", *methods], rows),
         ]
 
     ablation = detection.get("ablation", {})
@@ -417,22 +408,30 @@ def detection_markdown(detection: dict) -> str:
         variants = list(dict.fromkeys(v for t in ablation for v in ablation[t]))
         header = ["CRV features"] + [f"{t} {names[k]}" for t in tasks for k in ("auroc", "fpr95")]
         rows = [
-            [v] + [_fmt(ablation.get(t, {}).get(v), k) for t in tasks for k in ("auroc", "fpr95")]
+            [v]
+            + [
+                metric_cell(ablation.get(t, {}).get(v), k)
+                for t in tasks
+                for k in ("auroc", "fpr95")
+            ]
             for v in variants
         ]
-        parts += ["### Ablation (leave one feature family out)\n", _table(header, rows)]
+        parts += ["### Ablation (leave one feature family out)\n", markdown_rows(header, rows)]
 
     transfer = detection.get("transfer", {})
     pooled = detection.get("all_tasks", {})
     if transfer or pooled:
-        rows = [[a] + [_fmt(transfer[a].get(b), "auroc") for b in tasks] for a in transfer]
+        rows = [[a] + [metric_cell(transfer[a].get(b), "auroc") for b in tasks] for a in transfer]
         if pooled:
             rows.append(
                 ["all tasks"]
-                + [_fmt(pooled.get(b, {}).get("methods", {}).get("crv"), "auroc") for b in tasks]
+                + [
+                    metric_cell(pooled.get(b, {}).get("methods", {}).get("crv"), "auroc")
+                    for b in tasks
+                ]
             )
         parts += [
             "### CRV AUROC: trained on (rows), tested on (columns)\n",
-            _table(["train \\ test", *tasks], rows),
+            markdown_rows(["train \\ test", *tasks], rows),
         ]
     return "\n".join(parts)
