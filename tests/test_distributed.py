@@ -1,6 +1,6 @@
 """Layer-split transcoder training (`crv.transcoders.distributed`): a layer's transcoder
 is the same whichever process trains it; two gloo ranks on CPU give the single-process set;
-`torchrun -m crv.transcoders.distributed` writes the artifact a single-process run writes."""
+`torchrun -m crv.cli.torchrun` writes the artifact a single-process run writes."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_torchrun_writes_the_single_process_artifact(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     proc = subprocess.run(
-        [*torchrun, "--nproc_per_node=2", "-m", "crv.transcoders.distributed", *overrides,
+        [*torchrun, "--nproc_per_node=2", "-m", "crv.cli.torchrun", *overrides,
          f"hydra.run.dir={tmp_path}/run2", f"pipeline.cache_dir={tmp_path}/cache2"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -159,8 +159,8 @@ def test_torchrun_writes_the_single_process_artifact(tmp_path: Path) -> None:
 def test_without_torchrun_it_says_how_to_start() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK")}
     proc = subprocess.run(
-        [sys.executable, "-m", "crv.transcoders.distributed", "experiment=smoke"],
+        [sys.executable, "-m", "crv.cli.torchrun", "experiment=smoke"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1
-    assert "torchrun --nproc_per_node=2 -m crv.transcoders.distributed" in proc.stderr
+    assert "torchrun --nproc_per_node=2 -m crv.cli.torchrun" in proc.stderr

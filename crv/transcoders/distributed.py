@@ -1,6 +1,6 @@
 """Layer-split transcoder training on several processes, launched with torchrun.
 
-    torchrun --nproc_per_node=N -m crv.transcoders.distributed [crv overrides ...]
+    torchrun --nproc_per_node=N -m crv.cli.torchrun [crv overrides ...]
 
 Rank 0 runs `crv` with the overrides, exactly as the console script would; the other
 ranks wait. When the `transcoders` stage trains (a cached set needs no training), rank 0
@@ -32,7 +32,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -233,44 +232,3 @@ def serve() -> None:
         block = assign_layers(job["layers"], dist.get_world_size())[dist.get_rank()]
         log.info("training layers %s of %s", block, job["layers"])
         run_job(job)
-
-
-def main() -> None:
-    """`torchrun ... -m crv.transcoders.distributed [crv overrides]`."""
-    if "LOCAL_RANK" not in os.environ:
-        sys.exit(
-            "crv.transcoders.distributed: start it with torchrun, e.g. "
-            "torchrun --nproc_per_node=2 -m crv.transcoders.distributed experiment=smoke"
-        )
-    dist.init_process_group("gloo", timeout=WAIT)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    rank = dist.get_rank()
-    try:
-        if rank == 0:
-            from crv.cli.main import main as crv_main
-
-            try:
-                crv_main()
-            finally:
-                if not _busy:
-                    broadcast_json(STOP, 0)
-                    dist.barrier()
-        else:
-            logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-            serve()
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    if rank != 0:
-        # A serving rank has nothing left to clean up. Leave without interpreter
-        # finalisation, where gloo's threads still alive can abort the process
-        # ("terminate called without an active exception"): seen once in 6 test runs.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-if __name__ == "__main__":
-    main()
