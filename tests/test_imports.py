@@ -1,8 +1,11 @@
-"""The package's structure: every module imports on its own (no import cycles), and only
-the pipeline and the public loaders read an artifact's manifest."""
+"""The package's structure: every module imports on its own, the import graph (function-
+local imports included) has no cycle and no arrow from a lower room to a higher one, and
+only the pipeline and the public loaders read an artifact's manifest."""
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import os
 import re
 import subprocess
@@ -15,6 +18,31 @@ PACKAGE = ROOT / "crv"
 MANIFEST_READERS = {"crv/pipeline.py"}
 """Modules that may name the pipeline's `manifest.json`; stages go through
 `crv.pipeline.read_manifest` / `artifact_config` and the stages' loaders."""
+
+ROOMS: tuple[tuple[str, ...], ...] = (
+    ("crv", "errors"),
+    ("io", "options", "device", "tokens", "tables", "generation"),
+    ("runtime",),
+    ("executor", "pipeline"),
+    ("tasks",),
+    ("models",),
+    ("subject",),
+    ("traces",),
+    ("transcoders",),
+    ("cards", "graphs"),
+    ("features", "baselines"),
+    ("verifier", "mechanisms"),
+    ("interventions",),
+    ("bundle",),
+    ("verify",),
+    ("report", "config"),
+    ("cli",),
+)
+"""The rooms of crv/ from the floor up, read off the stage DAG: a module may import its own
+room and the rooms of lower tiers, never a room of its own tier or above. A room is a
+package (`crv/traces/`) or a top-level module (`crv/io.py`). tasks sits below models
+(crv-tiny trains on the tasks); config assembles every stage's section; cli is the roof.
+`crv` is the package itself (its version)."""
 
 IMPORT_EACH = """
 import importlib, sys, traceback
@@ -37,6 +65,50 @@ def module_names() -> list[str]:
         parts = path.relative_to(ROOT).with_suffix("").parts
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the crv modules it imports anywhere in its file (top level, inside
+    functions, under TYPE_CHECKING), relative imports resolved."""
+    names = set(module_names())
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([node.module] if node.module else [])])
+                targets.add(base)
+                targets |= {f"{base}.{a.name}" for a in node.names}
+        graph[name] = {t for t in targets if t in names and t != name}
+    return graph
+
+
+def room_of(module: str) -> str:
+    return module.split(".")[1] if "." in module else module
+
+
+def test_import_graph_has_no_cycle_and_no_upward_arrow():
+    graph = import_graph()
+    assert "crv.transcoders.distributed" in graph["crv.cli.torchrun"]  # function-local ones too
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+    tier = {room: i for i, rooms in enumerate(ROOMS) for room in rooms}
+    rooms = {room_of(m) for m in graph}
+    assert rooms == set(tier), f"rooms not placed in ROOMS: {rooms ^ set(tier)}"
+    upward = sorted(
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        for t in targets
+        if room_of(t) != room_of(m) and tier[room_of(t)] >= tier[room_of(m)]
+    )
+    assert not upward, "imports from a room to one of its own tier or above:\n" + "\n".join(upward)
 
 
 def test_every_module_imports_on_its_own():
