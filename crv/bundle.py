@@ -252,7 +252,7 @@ def export_bundle(
 
 def run_stage(ctx: StageContext[BundleConfig]) -> dict[str, Any]:
     """`bundle` stage: export the subject, transcoders, verifier and settings of this run."""
-    from crv.features.stage import load_feature_meta
+    from crv.features.table import load_feature_meta
     from crv.pipeline import artifact_config
 
     manifest = export_bundle(

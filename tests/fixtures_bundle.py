@@ -19,8 +19,8 @@ import pytest
 from factories import random_transcoder_set, tiny_llama
 
 from crv.bundle import BundleConfig, export_bundle
+from crv.features.compute import feature_names
 from crv.features.config import FeaturesConfig
-from crv.features.stage import feature_names
 from crv.graphs.config import GraphsConfig
 from crv.models.tiny import build_tokenizer
 from crv.transcoders.io import save_transcoder_set

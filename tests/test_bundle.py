@@ -28,7 +28,7 @@ from crv.bundle import (
     read_manifest,
     run_stage,
 )
-from crv.features.stage import feature_names
+from crv.features.compute import feature_names
 from crv.io import atomic_write_json, read_json
 from crv.pipeline import StageContext
 from crv.verifier.classifier import load_verifier

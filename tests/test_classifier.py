@@ -18,7 +18,7 @@ from crv.baselines.scores import (
     load_latents,
     save_latents,
 )
-from crv.features.stage import feature_names
+from crv.features.compute import feature_names
 from crv.io import atomic_write, atomic_write_json
 from crv.pipeline import StageContext
 from crv.traces.steps import KEY_COLUMNS

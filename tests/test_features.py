@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from crv.features.compute import FAMILIES, family_of, feature_names, graph_features
 from crv.features.config import FeaturesConfig
-from crv.features.stage import FAMILIES, family_of, feature_names, feature_table, graph_features
+from crv.features.table import feature_table
 from crv.graphs.graph import StepGraph
 from crv.traces.steps import KEY_COLUMNS, step_key_table
 
@@ -205,12 +206,8 @@ def test_features_stage_writes_table_and_resumes_from_its_scratch(tmp_path, iden
 
     from datasets import Dataset
 
-    from crv.features.stage import (
-        load_feature_meta,
-        load_feature_names,
-        load_feature_table,
-        run_stage,
-    )
+    from crv.features.stage import run_stage
+    from crv.features.table import load_feature_meta, load_feature_names, load_feature_table
     from crv.graphs.store import save_step_graphs, trace_file
     from crv.pipeline import StageContext
 
@@ -292,7 +289,7 @@ def identity_graph(trace_id="t0", step=0, position=9):
 
 
 def test_identity_features_by_hand():
-    from crv.features.stage import identity_features, identity_matrix
+    from crv.features.compute import identity_features, identity_matrix
 
     ident = identity_features(identity_graph())
     # features summed over positions, errors summed by layer, zero influence left out
@@ -313,7 +310,7 @@ def test_identity_features_by_hand():
 def test_feature_table_identity_block_and_planted_rule(tmp_path):
     from datasets import Dataset
 
-    from crv.features.stage import load_feature_table, load_identity, split_identity
+    from crv.features.table import load_feature_table, load_identity, split_identity
 
     steps = [
         {"index": i, "text": "", "label": i != 1, "planted_rule": r, "last_token": 5 + i}
@@ -333,7 +330,7 @@ def test_feature_table_identity_block_and_planted_rule(tmp_path):
     )
     np.testing.assert_allclose(m.toarray(), expected, rtol=1e-6)  # rows in table order
     # the stage's files: dense Parquet + sparse npz, read back as sparse columns
-    import crv.features.stage as fs
+    import crv.features.table as fs
     from crv.io import atomic_write, atomic_write_json
 
     atomic_write(tmp_path / fs.TABLE_FILE, lambda p: dense.to_parquet(p, index=False))

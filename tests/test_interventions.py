@@ -708,8 +708,9 @@ def test_run_stage_end_to_end(subject, tmp_path):
 
     from datasets import Dataset
 
+    from crv.features.compute import feature_names
     from crv.features.config import FeaturesConfig
-    from crv.features.stage import TABLE_FILE, feature_names, feature_table
+    from crv.features.table import TABLE_FILE, feature_table
     from crv.graphs.store import save_step_graphs, trace_file
     from crv.interventions.stage import RESULTS_FILE, attempt_from_dict, graph_scorer, run_stage
     from crv.io import atomic_write_json, read_json

@@ -22,7 +22,7 @@ from test_config import composed  # noqa: E402
 
 from crv.baselines.scores import load_baseline_table, load_probe_inputs  # noqa: E402
 from crv.executor import run_sharded  # noqa: E402
-from crv.features.stage import load_feature_table  # noqa: E402
+from crv.features.table import load_feature_table  # noqa: E402
 from crv.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from crv.pipeline import run_pipeline  # noqa: E402
 from crv.runtime import RuntimeConfig  # noqa: E402

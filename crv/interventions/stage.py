@@ -100,7 +100,8 @@ def graph_scorer(
 ) -> Callable[[str, StepGraph], float]:
     """(task, graph) -> the task verifier's score of the graph's features, computed as the
     features stage computed them (with the settings of the `features` artifact)."""
-    from crv.features.stage import graph_features, load_features_config
+    from crv.features.compute import graph_features
+    from crv.features.table import load_features_config
 
     feat_cfg = load_features_config(features_dir)
 
@@ -282,7 +283,7 @@ def run_stage(ctx: StageContext[InterventionsConfig]) -> dict[str, Any]:
     from urllib.parse import quote
 
     from crv.executor import run_sharded
-    from crv.features.stage import load_feature_table
+    from crv.features.table import load_feature_table
 
     cfg = ctx.cfg
     verifiers = load_verifiers(ctx.inputs["verifier"], sorted(TASKS), cfg.verifier)

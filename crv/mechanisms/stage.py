@@ -133,9 +133,9 @@ def contrastive_test_graphs(
     """The incorrect steps of `split` that have a contrastive graph (key columns,
     `planted_rule`) and those graphs, in the same order; None when the graphs artifact was
     built without them (`graphs.contrastive=false`)."""
-    from crv.features.stage import step_key_table
     from crv.graphs.store import CONTRAST_DIR, ContrastiveGraphsError, load_contrastive_graphs
     from crv.traces.stage import load_traces
+    from crv.traces.steps import step_key_table
 
     if not (Path(graphs_dir) / CONTRAST_DIR).is_dir():
         return None

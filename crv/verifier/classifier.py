@@ -37,7 +37,7 @@ import xgboost as xgb
 from scipy.sparse import csr_matrix, hstack, issparse
 from sklearn.metrics import roc_auc_score
 
-from crv.features.stage import family_of
+from crv.features.compute import family_of
 from crv.io import atomic_write, atomic_write_json, read_json
 from crv.verifier.config import VerifierConfig
 

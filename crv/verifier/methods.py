@@ -46,7 +46,7 @@ from scipy.sparse import csr_matrix, hstack, issparse
 
 from crv.baselines.scores import POOLINGS, LatentLayout, temperature_scores
 from crv.errors import CRVError
-from crv.features.stage import FAMILIES, family_of
+from crv.features.compute import FAMILIES, family_of
 from crv.io import atomic_write_json, read_json
 from crv.verifier.classifier import (
     Matrix,

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from crv.features.stage import family_of  # noqa: E402
+from crv.features.compute import family_of  # noqa: E402
 from crv.io import atomic_write  # noqa: E402
 from crv.verifier.metrics import detection_metrics  # noqa: E402
 

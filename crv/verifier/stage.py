@@ -357,7 +357,7 @@ def run_stage(ctx: StageContext[VerifierConfig]) -> dict[str, Any]:
         load_latents,
         load_probe_inputs,
     )
-    from crv.features.stage import load_feature_names, load_feature_table, load_identity
+    from crv.features.table import load_feature_names, load_feature_table, load_identity
     from crv.verifier.plots import plot_feature_importance, plot_roc
 
     cfg: VerifierConfig = ctx.cfg

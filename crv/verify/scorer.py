@@ -130,7 +130,7 @@ class StepVerifier:
         """The verifier's input rows (one per graph) in the bundle's feature order."""
         import pandas as pd
 
-        from crv.features.stage import graph_features
+        from crv.features.compute import graph_features
 
         b = self.bundle
         rows = [graph_features(g, b.n_layers_features, b.features, b.feature_seed) for g in graphs]
