@@ -334,7 +334,7 @@ def test_feature_table_identity_block_and_planted_rule(tmp_path):
     from crv.io import atomic_write, atomic_write_json
 
     atomic_write(tmp_path / fs.TABLE_FILE, lambda p: dense.to_parquet(p, index=False))
-    atomic_write(tmp_path / fs.IDENTITY_FILE, lambda p: fs._save_sparse(p, m))
+    atomic_write(tmp_path / fs.IDENTITY_FILE, lambda p: fs.save_identity(p, m))
     atomic_write_json(tmp_path / fs.META_FILE, {"feature_names": [], "identity_names": names})
     back, back_names = load_identity(tmp_path)
     assert back_names == names and (back != m).nnz == 0

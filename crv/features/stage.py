@@ -15,7 +15,7 @@ from crv.features.table import (
     IDENTITY_FILE,
     META_FILE,
     TABLE_FILE,
-    _save_sparse,
+    save_identity,
     split_identity,
     table_from_rows,
 )
@@ -71,7 +71,7 @@ def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
     )
     atomic_write(ctx.out / TABLE_FILE, lambda p: table.to_parquet(p, index=False))
     if cfg.identity:
-        atomic_write(ctx.out / IDENTITY_FILE, lambda p: _save_sparse(p, matrix))
+        atomic_write(ctx.out / IDENTITY_FILE, lambda p: save_identity(p, matrix))
     names = feature_names(n_layers)
     atomic_write_json(
         ctx.out / META_FILE,

@@ -80,7 +80,8 @@ def split_identity(table: pd.DataFrame) -> tuple[pd.DataFrame, csr_matrix, list[
     return dense, table[names].sparse.to_coo().tocsr(), names
 
 
-def _save_sparse(path: Path, matrix: csr_matrix) -> None:
+def save_identity(path: Path, matrix: csr_matrix) -> None:
+    """Write the identity block as a compressed npz (read back by `load_identity`)."""
     with open(path, "wb") as f:
         save_npz(f, matrix, compressed=True)
 
