@@ -44,7 +44,7 @@ from crv.tasks.segment import CANONICAL_STEP_PATTERN
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from crv.cards.stage import FeatureCards
+    from crv.cards.store import FeatureCards
     from crv.features.config import FeaturesConfig
     from crv.graphs.config import GraphsConfig
     from crv.models.adapter import ArchAdapter
@@ -213,7 +213,7 @@ def export_bundle(
     save_transcoder_set(tset, out / TRANSCODERS_DIR)
     verifier.save(out / VERIFIER_DIR)
     if cards_dir is not None:
-        from crv.cards.stage import copy_cards
+        from crv.cards.store import copy_cards
 
         copy_cards(cards_dir, out / CARDS_DIR)
     first = tset[tset.layers[0]]
@@ -398,7 +398,7 @@ def _load_cards(path: Path, manifest: dict[str, Any]) -> FeatureCards | None:
     entry = manifest.get("cards")
     if not entry:
         return None
-    from crv.cards.stage import load_feature_cards
+    from crv.cards.store import load_feature_cards
 
     return load_feature_cards(path / entry["dir"])
 

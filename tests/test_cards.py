@@ -13,13 +13,8 @@ from factories import random_transcoder_set, tiny_llama
 from fixtures_bundle import ATTRIBUTION, FEATURES, N_LAYERS, PROMPT, STEPS, build_parts
 
 from crv.cards.config import CardsConfig
-from crv.cards.stage import (
-    CardArrays,
-    compute_cards,
-    load_feature_cards,
-    logit_effects,
-    save_cards,
-)
+from crv.cards.stage import compute_cards, logit_effects
+from crv.cards.store import CardArrays, load_feature_cards, save_cards
 from crv.cards.topk import StreamingTopK
 from crv.models.adapter import ArchAdapter
 

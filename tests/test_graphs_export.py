@@ -202,7 +202,7 @@ def check_export_dir(out: Path, node_ids: str = "current") -> list[dict[str, Any
 
 
 class FakeCards:
-    """Feature cards with the fields of `crv.cards.stage.FeatureCards`."""
+    """Feature cards with the fields of `crv.cards.store.FeatureCards`."""
 
     def label(self, layer: int, feature: int) -> str:
         return f"card {layer}/{feature}"

@@ -123,7 +123,7 @@ def load_cards(artifacts: dict[str, Path]) -> Any:
     if "cards" not in artifacts:
         return None
     try:
-        from crv.cards.stage import load_feature_cards
+        from crv.cards.store import load_feature_cards
     except ImportError:
         log.warning("this crv has no feature cards (crv.cards): features are named L/F")
         return None

@@ -78,7 +78,7 @@ NODE_FIELDS = (
 
 
 class Cards(Protocol):
-    """What the export reads from crv's feature cards (`crv.cards.stage.FeatureCards`)."""
+    """What the export reads from crv's feature cards (`crv.cards.store.FeatureCards`)."""
 
     def label(self, layer: int, feature: int) -> str: ...
 

@@ -258,7 +258,7 @@ def mechanisms(
 
 def run_stage(ctx: StageContext[MechanismsConfig]) -> dict[str, Any]:
     """`mechanisms` stage: the error-mechanism table of the test steps."""
-    from crv.cards.stage import load_feature_cards
+    from crv.cards.store import load_feature_cards
 
     cfg: MechanismsConfig = ctx.cfg
     t0 = time.perf_counter()
