@@ -265,7 +265,7 @@ def run_inputs(root: Path, args: argparse.Namespace):
     from crv.io import read_json
     from crv.models.loading import load_subject
     from crv.pipeline import MANIFEST
-    from crv.traces.stage import load_traces
+    from crv.traces.store import load_traces
     from crv.transcoders.io import absolute_config_for, load_transcoder_set
 
     artifacts = {k: Path(v) for k, v in read_json(Path(args.run) / "artifacts.json").items()}

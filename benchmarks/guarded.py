@@ -46,7 +46,7 @@ from crv.generation import generate_greedy
 from crv.interventions.measure import paired_bootstrap_diff, wilson_interval
 from crv.pipeline import read_manifest
 from crv.tasks.label import label_steps
-from crv.traces.stage import load_traces
+from crv.traces.store import load_traces
 from crv.verify.config import VerifyConfig
 from crv.verify.guard import Guard, GuardedTrace
 from crv.verify.inputs import Prompt

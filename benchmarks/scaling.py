@@ -36,8 +36,8 @@ from crv.graphs.stage import run_stage as run_graphs
 from crv.graphs.store import GRAPH_DIR
 from crv.pipeline import StageContext, run_pipeline
 from crv.runtime import RuntimeConfig
-from crv.traces.stage import load_traces
 from crv.traces.stage import run_stage as run_traces
+from crv.traces.store import load_traces
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -146,7 +146,7 @@ def test_pipeline_on_ray_gives_the_local_artifacts(tmp_path: Path):
     for stage in ("traces", "graphs", "features", "baselines", "verifier", "interventions"):
         assert figures(on_ray[stage].metrics) == figures(local[stage].metrics), stage
     assert (on_ray["traces"].path / "dataset").exists()
-    from crv.traces.stage import load_traces
+    from crv.traces.store import load_traces
 
     assert (
         load_traces(on_ray["traces"].path).to_list() == load_traces(local["traces"].path).to_list()

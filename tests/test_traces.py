@@ -191,7 +191,7 @@ def test_reading_a_traces_artifact_never_writes_into_it(tmp_path: Path) -> None:
     as written: a datasets cache file inside it would fail the manifest check."""
     from datasets import Dataset
 
-    from crv.traces.stage import load_traces
+    from crv.traces.store import load_traces
 
     Dataset.from_dict({"id": list("abcdef"), "split": ["train", "test"] * 3}).save_to_disk(
         str(tmp_path / "dataset")

@@ -235,7 +235,7 @@ def run_stage(ctx: StageContext[BaselinesConfig]) -> dict[str, Any]:
     from urllib.parse import quote
 
     from crv.executor import run_sharded
-    from crv.traces.stage import load_traces
+    from crv.traces.store import load_traces
 
     t0 = time.perf_counter()
     by_trace, items = step_spans(load_traces(ctx.inputs["traces"]))

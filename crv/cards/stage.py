@@ -153,7 +153,7 @@ def run_stage(ctx: StageContext[CardsConfig]) -> dict[str, Any]:
     """`cards` stage: one card per transcoder feature from the traces of `cards.split`."""
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import load_subject
-    from crv.traces.stage import load_traces
+    from crv.traces.store import load_traces
     from crv.transcoders.io import load_transcoder_set
 
     cfg: CardsConfig = ctx.cfg

@@ -166,7 +166,7 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
     from crv.graphs.stage import load_graphs_config
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import load_subject
-    from crv.traces.stage import load_traces
+    from crv.traces.store import load_traces
     from crv.transcoders.io import load_transcoder_set
 
     if not cfg.run or not cfg.out:

@@ -50,7 +50,7 @@ def run_stage(ctx: StageContext[FeaturesConfig]) -> dict[str, Any]:
 
     from crv.executor import run_sharded
     from crv.graphs.store import iter_step_graphs, trace_file, trace_ids
-    from crv.traces.stage import load_traces
+    from crv.traces.store import load_traces
 
     cfg: FeaturesConfig = ctx.cfg
     t0 = time.perf_counter()

@@ -44,7 +44,7 @@ def load_graphs_config(path: str | Path) -> GraphsConfig:
 
 def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:
     """Build, prune and store the step graphs of the selected traces."""
-    from crv.traces.stage import load_traces
+    from crv.traces.store import load_traces
 
     cfg = ctx.cfg
     traces = load_traces(ctx.inputs["traces"])

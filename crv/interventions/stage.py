@@ -245,7 +245,7 @@ def attempt_steps(
     verifiers, to rank by them) once, then write each flagged step's attempt
     (`attempt_step`) to its file as JSON."""
     from crv.graphs.store import load_step_graphs
-    from crv.traces.stage import load_traces
+    from crv.traces.store import load_traces
     from crv.transcoders.io import load_subject_with_transcoders
 
     loaded = load_subject_with_transcoders(inputs["subject"], inputs["transcoders"], device)

@@ -105,8 +105,8 @@ def labelled_test_graphs(traces_dir: Path, graphs_dir: Path) -> tuple[pd.DataFra
     """The labelled test steps that have a graph (key columns, `planted_rule` when the
     traces carry it) and their graphs, in the same order."""
     from crv.graphs.store import load_step_graphs
-    from crv.traces.stage import load_traces
     from crv.traces.steps import step_key_table
+    from crv.traces.store import load_traces
 
     keys = step_key_table(load_traces(traces_dir))
     keys = keys[(keys["split"] == "test") & (keys["label"] >= 0)]

@@ -1,4 +1,5 @@
 """The `traces` stage: the subject model's chains of thought, split into labelled steps.
 
-Modules: `config` (TracesConfig), `stage` (`run_stage`; public loader `load_traces`).
+Modules: `config` (TracesConfig), `prompts` (plain or chat prompts), `steps` (step keys),
+`store` (public loader `load_traces`), `stage` (`run_stage`).
 """

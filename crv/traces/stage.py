@@ -42,15 +42,6 @@ PromptFn = Callable[[str, str, list[tuple[str, str]]], str]
 """`(task, problem, few-shot examples) -> prompt text`."""
 
 
-def load_traces(path: str | Path):
-    """The traces dataset of a `traces` artifact, held in memory: a memory-mapped one would
-    write `datasets`' cache files for every `filter` or `select` into the artifact, which
-    would then fail its integrity check and be recomputed."""
-    from datasets import load_from_disk
-
-    return load_from_disk(str(Path(path) / "dataset"), keep_in_memory=True)
-
-
 def few_shot_examples(task: str, k: int, seed: int, exclude: set[str]) -> list[tuple[str, str]]:
     """`k` solved 3-operator problems `(expression, canonical solution)`, none in `exclude`."""
     from crv.tasks import generate_problems

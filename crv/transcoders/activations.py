@@ -182,7 +182,7 @@ def load_token_sequences(
     with `cfg.corpus_split`), tokenised with the subject's tokenizer.
     """
     if cfg.corpus == "traces":
-        from crv.traces.stage import load_traces
+        from crv.traces.store import load_traces
 
         ds = load_traces(traces_dir)
         seqs = [ids for ids, s in zip(ds["input_ids"], ds["split"], strict=True) if s == split]
