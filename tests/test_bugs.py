@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from crv.models.tiny import TinyConfig, _Batches, build_tokenizer, train_recipe
-from crv.subject.stage import shipped_tiny_dir
+from crv.subject.sources import shipped_tiny_dir
 from crv.tasks import Problem, check_completion, make_splits
 from crv.tasks.bugs import RULES, buggy_solution, planted_rules
 from crv.tasks.expr import to_text

@@ -24,7 +24,7 @@ from crv.generation import GreedyDecoder, generate_greedy
 from crv.graphs.config import Position
 from crv.graphs.graph import StepGraph
 from crv.interventions.apply import StepSpan, regenerate_batch
-from crv.subject.stage import shipped_tiny_dir
+from crv.subject.sources import shipped_tiny_dir
 from crv.tasks import generate_problems
 from crv.tasks.label import unlabelled_steps
 from crv.tasks.segment import segment_steps

@@ -88,13 +88,13 @@ def test_runtime_fields_do_not_change_the_key(stages):
 def test_a_new_shipped_checkpoint_gets_a_new_subject_key(tmp_path, monkeypatch):
     import shutil
 
-    import crv.subject.stage as subject_stage
+    import crv.subject.sources as subject_sources
     from crv.pipeline import STAGE_BY_NAME
     from crv.subject.config import SubjectConfig
 
     stage = STAGE_BY_NAME["subject"]
-    shutil.copytree(subject_stage.DATA_DIR / "crv-tiny", tmp_path / "crv-tiny")
-    monkeypatch.setattr(subject_stage, "DATA_DIR", tmp_path)
+    shutil.copytree(subject_sources.DATA_DIR / "crv-tiny", tmp_path / "crv-tiny")
+    monkeypatch.setattr(subject_sources, "DATA_DIR", tmp_path)
     before = artifact_key(stage, SubjectConfig(), 0, {})
     with open(tmp_path / "crv-tiny" / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from crv.pipeline import StageContext
-from crv.subject.stage import shipped_tiny_dir, trained_with_planted_rules
+from crv.subject.sources import shipped_tiny_dir, trained_with_planted_rules
 from crv.tasks.gsm8k import calculations, label_free_text, step_label
 from crv.traces.config import TracesConfig
 from crv.traces.prompts import SYSTEM, build_prompt, resolve_style

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from crv.errors import CRVError
-from crv.io import atomic_write
+from crv.io import atomic_write, read_json
 from crv.models.adapter import ArchAdapter
 from crv.subject.config import SubjectConfig
 
@@ -193,3 +193,33 @@ def _check_sha256(paths: list[Path], expected: str | None, actual: str | None = 
             f"sha256 mismatch for the GGUF file from {shown}: expected {expected}, got {actual}. "
             "Refusing to load it: reinstall the pinned package versions or fix subject.sha256."
         )
+
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+
+
+SHIPPED = ("crv-tiny", "crv-tiny-bugs")
+"""Models crv trains itself and ships in data/<name> (their recipes: `crv.models.tiny`)."""
+
+
+def shipped_tiny_dir(name: str = "crv-tiny") -> Path:
+    """The checkpoint of a shipped model (`SHIPPED`) in the repository's data/ folder."""
+    if name not in SHIPPED:
+        raise ValueError(f"{name!r} is not a shipped model; expected one of {SHIPPED}")
+    path = DATA_DIR / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded model is missing at {path}: install crv from a git clone "
+            "(pip install -e .) or retrain it with subject.retrain=true"
+        )
+    return path
+
+
+def trained_with_planted_rules(subject_dir: str | Path) -> bool:
+    """Whether a subject artifact was trained with crv.tasks.bugs's planted rules (its
+    crv-tiny training record says `planted`): only then does a step's `planted_rule` name
+    a planted error rather than a step a rule would have touched."""
+    record = Path(subject_dir) / "crv_tiny.json"
+    if not record.is_file():
+        return False
+    return bool(read_json(record).get("config", {}).get("planted", False))

@@ -8,29 +8,11 @@ resolved exactly once, and a GGUF model is dequantised to fp32 safetensors only 
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any
 
-from crv.io import read_json
 from crv.pipeline import StageContext
 from crv.subject.config import SubjectConfig
-
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
-SHIPPED = ("crv-tiny", "crv-tiny-bugs")
-"""Models crv trains itself and ships in data/<name> (their recipes: `crv.models.tiny`)."""
-
-
-def shipped_tiny_dir(name: str = "crv-tiny") -> Path:
-    """The checkpoint of a shipped model (`SHIPPED`) in the repository's data/ folder."""
-    if name not in SHIPPED:
-        raise ValueError(f"{name!r} is not a shipped model; expected one of {SHIPPED}")
-    path = DATA_DIR / name
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the embedded model is missing at {path}: install crv from a git clone "
-            "(pip install -e .) or retrain it with subject.retrain=true"
-        )
-    return path
+from crv.subject.sources import SHIPPED, shipped_tiny_dir
 
 
 def shipped_fingerprint(cfg: SubjectConfig) -> str:
@@ -42,16 +24,6 @@ def shipped_fingerprint(cfg: SubjectConfig) -> str:
     if cfg.name not in SHIPPED or cfg.retrain:
         return ""
     return file_digest(shipped_tiny_dir(cfg.name) / "model.safetensors")
-
-
-def trained_with_planted_rules(subject_dir: str | Path) -> bool:
-    """Whether a subject artifact was trained with crv.tasks.bugs's planted rules (its
-    crv-tiny training record says `planted`): only then does a step's `planted_rule` name
-    a planted error rather than a step a rule would have touched."""
-    record = Path(subject_dir) / "crv_tiny.json"
-    if not record.is_file():
-        return False
-    return bool(read_json(record).get("config", {}).get("planted", False))
 
 
 def run_stage(ctx: StageContext[SubjectConfig]) -> dict[str, Any]:

@@ -229,7 +229,7 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
     from crv.generation import GenerationResult, greedy_batches, token_cap
     from crv.io import atomic_write_json, read_json
     from crv.models.loading import load_subject_tokenizer
-    from crv.subject.stage import trained_with_planted_rules
+    from crv.subject.sources import trained_with_planted_rules
     from crv.tasks.label import judge_for, label_steps
     from crv.tokens import last_token_index, token_char_ends
     from crv.traces.prompts import build_prompt, resolve_style
