@@ -163,7 +163,7 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
     from crv.device import resolve_device
     from crv.graphs.attribute import TraceAttributor
     from crv.graphs.export import GraphExporter
-    from crv.graphs.stage import load_graphs_config
+    from crv.graphs.store import load_graphs_config
     from crv.models.adapter import ArchAdapter
     from crv.models.loading import load_subject
     from crv.traces.store import load_traces

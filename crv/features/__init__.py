@@ -1,5 +1,5 @@
 """The `features` stage: one row of graph statistics per reasoning step.
 
-Modules: `config` (FeaturesConfig), `stage` (`graph_features`, `run_stage`; public loader
-`load_feature_table`).
+Modules: `config` (FeaturesConfig), `compute` (`graph_features`, the families), `table`
+(the feature table; public loader `load_feature_table`), `stage` (`run_stage`).
 """

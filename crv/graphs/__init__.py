@@ -9,7 +9,7 @@
 - `prune.py`: influence on the logits, pruning, replacement and completeness scores.
 - `graph.py`: `StepGraph`, the pruned graph of one step as columnar arrays.
 - `store.py`: one file per trace; `load_step_graphs(dir, trace_id)`, `iter_step_graphs(dir)`,
-  `load_contrastive_graphs(dir, trace_id)`.
+  `load_contrastive_graphs(dir, trace_id)`, `load_graphs_config(dir)`.
 - `stage.py`: `run_stage(ctx)`; `config.py`: `GraphsConfig`.
 - `export.py`: graphs as circuit-tracer graph JSON for its viewer (`crv-graphs export`).
 - `viewer.py`: that viewer offline (its page and libraries, fetched once) and a local

@@ -34,12 +34,7 @@ from crv.graphs.store import (
     save_step_graphs,
     trace_file,
 )
-from crv.pipeline import StageContext, artifact_config
-
-
-def load_graphs_config(path: str | Path) -> GraphsConfig:
-    """The settings a `graphs` artifact's step graphs were built with."""
-    return GraphsConfig(**artifact_config(path))
+from crv.pipeline import StageContext
 
 
 def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:

@@ -22,8 +22,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from crv.errors import CRVError
+from crv.graphs.config import GraphsConfig
 from crv.graphs.graph import EDGE_COLUMNS, NODE_COLUMNS, StepGraph
 from crv.io import atomic_write
+from crv.pipeline import artifact_config
 
 FORMAT = "crv-step-graphs/1"
 GRAPH_DIR = "graphs"
@@ -151,3 +153,8 @@ def iter_step_graphs(directory: str | Path) -> Iterator[StepGraph]:
     """Every step graph of a `graphs` artifact, trace by trace (sorted by id), step by step."""
     for trace_id in trace_ids(directory):
         yield from load_step_graphs(directory, trace_id)
+
+
+def load_graphs_config(path: str | Path) -> GraphsConfig:
+    """The settings a `graphs` artifact's step graphs were built with."""
+    return GraphsConfig(**artifact_config(path))
