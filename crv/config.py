@@ -21,25 +21,12 @@ from crv.graphs.config import GraphsConfig
 from crv.interventions import InterventionsConfig
 from crv.mechanisms.config import MechanismsConfig
 from crv.options import Choice, check_names
+from crv.pipeline import STAGES
 from crv.runtime import RuntimeConfig
 from crv.subject.config import SubjectConfig
 from crv.traces.config import TracesConfig
 from crv.transcoders.config import TranscodersConfig
 from crv.verifier.config import VerifierConfig
-
-ALL_STAGES = [
-    "subject",
-    "traces",
-    "transcoders",
-    "cards",
-    "graphs",
-    "features",
-    "baselines",
-    "verifier",
-    "mechanisms",
-    "interventions",
-    "bundle",
-]
 
 
 class OnDamage(Choice):
@@ -51,7 +38,7 @@ class OnDamage(Choice):
 
 @dataclass
 class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: list(ALL_STAGES))
+    stages: list[str] = field(default_factory=lambda: [s.name for s in STAGES])
     """Stages to run, e.g. [subject,traces]; their dependencies run (or are reused) too."""
     cache_dir: str = "outputs/cache"
     """Artifact cache shared by runs and sweeps; relative paths start at the launch directory."""
@@ -63,7 +50,7 @@ class PipelineConfig:
     file), or `fail` with that message."""
 
     def __post_init__(self) -> None:
-        check_names(self.stages, ALL_STAGES, "pipeline.stages")
+        check_names(self.stages, [s.name for s in STAGES], "pipeline.stages")
 
 
 @dataclass

@@ -87,32 +87,82 @@ class Stage:
     fingerprint: str = ""
     """Optional "module:function" of the section: what else, besides the config, decides
     the artifact (a shipped checkpoint's content hash), so that a new one is not reused."""
+    title: str = ""
+    """The heading of the stage's report.md section."""
+    renderer: str = ""
+    """Optional "module:function" turning the stage's report.json entry into its report.md
+    section (Markdown); a stage without one has no section."""
 
     def load_runner(self) -> Callable[[StageContext], dict]:
-        module, func = self.runner.split(":")
-        return getattr(importlib.import_module(module), func)
+        return _load(self.runner)
+
+    def load_renderer(self) -> Callable[[dict[str, Any]], str]:
+        return _load(self.renderer)
 
     def data_fingerprint(self, section_cfg: Any) -> str:
         if not self.fingerprint:
             return ""
-        module, func = self.fingerprint.split(":")
-        return str(getattr(importlib.import_module(module), func)(section_cfg))
+        return str(_load(self.fingerprint)(section_cfg))
+
+
+def _load(target: str) -> Callable[..., Any]:
+    """The function a "module:function" string names, imported now."""
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("subject", (), "crv.subject.stage:run_stage", "crv.subject.stage:shipped_fingerprint"),
-    Stage("traces", ("subject",), "crv.traces.stage:run_stage"),
-    Stage("transcoders", ("subject", "traces"), "crv.transcoders.stage:run_stage"),
-    Stage("cards", ("subject", "traces", "transcoders"), "crv.cards.stage:run_stage"),
-    Stage("graphs", ("subject", "traces", "transcoders"), "crv.graphs.stage:run_stage"),
+    Stage(
+        "traces",
+        ("subject",),
+        "crv.traces.stage:run_stage",
+        title="Traces",
+        renderer="crv.traces.stage:traces_markdown",
+    ),
+    Stage(
+        "transcoders",
+        ("subject", "traces"),
+        "crv.transcoders.stage:run_stage",
+        title="Transcoders",
+        renderer="crv.transcoders.stage:transcoders_markdown",
+    ),
+    Stage(
+        "cards",
+        ("subject", "traces", "transcoders"),
+        "crv.cards.stage:run_stage",
+        title="Feature cards",
+        renderer="crv.cards.stage:cards_markdown",
+    ),
+    Stage(
+        "graphs",
+        ("subject", "traces", "transcoders"),
+        "crv.graphs.stage:run_stage",
+        title="Attribution graphs",
+        renderer="crv.graphs.stage:graphs_markdown",
+    ),
     Stage("features", ("traces", "graphs"), "crv.features.stage:run_stage"),
     Stage("baselines", ("subject", "traces", "transcoders"), "crv.baselines.stage:run_stage"),
-    Stage("verifier", ("traces", "features", "baselines"), "crv.verifier.stage:run_stage"),
-    Stage("mechanisms", ("traces", "graphs", "cards"), "crv.mechanisms.stage:run_stage"),
+    Stage(
+        "verifier",
+        ("traces", "features", "baselines"),
+        "crv.verifier.stage:run_stage",
+        title="Error detection",
+        renderer="crv.verifier.metrics:detection_markdown",
+    ),
+    Stage(
+        "mechanisms",
+        ("traces", "graphs", "cards"),
+        "crv.mechanisms.stage:run_stage",
+        title="Error mechanisms",
+        renderer="crv.mechanisms.render:mechanisms_markdown",
+    ),
     Stage(
         "interventions",
         ("subject", "traces", "transcoders", "graphs", "features", "verifier"),
         "crv.interventions.stage:run_stage",
+        title="Interventions",
+        renderer="crv.interventions.measure:interventions_markdown",
     ),
     Stage(
         "bundle",

@@ -1,8 +1,8 @@
 """The run report: `report.json` (stable keys) and `report.md` (tables and plots).
 
 Each stage returns what it measured; this module only gathers those dicts under the
-stages' names, adds per-stage timings and peak memory, and renders Markdown. The
-renderers of the verifier, mechanisms and intervention sections live with those stages.
+stages' names, adds per-stage timings and peak memory, and renders Markdown: each stage's
+section comes from the renderer the stage table (`crv.pipeline.STAGES`) names for it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from crv.errors import CRVError
 from crv.io import atomic_write_json, atomic_write_text
-from crv.pipeline import StageResult, peak_memory_mb
+from crv.pipeline import STAGES, StageResult, peak_memory_mb
 from crv.tables import markdown_table
 
 
@@ -29,39 +29,11 @@ def build_report(results: Sequence[StageResult]) -> dict[str, Any]:
     return report
 
 
-def _scalars(section: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {"metric": k, "value": v}
-        for k, v in section.items()
-        if isinstance(v, (int, float, str)) or (isinstance(v, list) and len(v) == 2)
-    ]
-
-
 def render_markdown(report: dict[str, Any], plots: Sequence[str]) -> str:
     parts = ["# crv run report\n"]
-    if "traces" in report:
-        parts += ["## Traces\n", markdown_table(report["traces"].get("table", []))]
-    if "transcoders" in report:
-        tc = report["transcoders"]
-        parts += ["## Transcoders\n", markdown_table(tc.get("layers", []))]
-        parts.append(markdown_table(_scalars(tc)))
-    if "cards" in report:
-        parts += ["## Feature cards\n", markdown_table(report["cards"].get("layers", []))]
-        parts.append(markdown_table(_scalars(report["cards"])))
-    if "graphs" in report:
-        parts += ["## Attribution graphs\n", markdown_table(_scalars(report["graphs"]))]
-    if "verifier" in report:
-        from crv.verifier.metrics import detection_markdown
-
-        parts += ["## Error detection\n", detection_markdown(report["verifier"])]
-    if "mechanisms" in report:
-        from crv.mechanisms.render import mechanisms_markdown
-
-        parts += ["## Error mechanisms\n", mechanisms_markdown(report["mechanisms"])]
-    if "interventions" in report:
-        from crv.interventions import interventions_markdown
-
-        parts += ["## Interventions\n", interventions_markdown(report["interventions"])]
+    for stage in STAGES:
+        if stage.renderer and stage.name in report:
+            parts += [f"## {stage.title}\n", stage.load_renderer()(report[stage.name])]
     if plots:
         parts.append("## Plots\n")
         parts += [f"![{Path(p).stem}]({p})\n" for p in plots]

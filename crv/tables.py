@@ -49,3 +49,13 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
         return "_(no rows)_\n"
     columns = list(columns or rows[0].keys())
     return markdown_rows(columns, [[format_value(row.get(c, "")) for c in columns] for row in rows])
+
+
+def scalar_rows(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scalar entries of a report section (and its two-number intervals) as
+    `metric` / `value` rows."""
+    return [
+        {"metric": k, "value": v}
+        for k, v in section.items()
+        if isinstance(v, (int, float, str)) or (isinstance(v, list) and len(v) == 2)
+    ]

@@ -162,3 +162,24 @@ def test_concurrent_runs_compute_a_missing_artifact_once(tmp_path):
     assert (tmp_path / "runs.txt").read_text() == "5\n"
     (artifact,) = [p for p in (tmp_path / "up").iterdir() if p.is_dir()]
     assert (artifact / "value.txt").read_text() == "5" and (artifact / "manifest.json").is_file()
+
+
+def test_report_md_has_each_stage_section_in_stage_order():
+    """report.md's sections come from the stage table: each stage with a renderer and a
+    report entry gets its title and its renderer's text, in the order of STAGES."""
+    from crv.pipeline import STAGES
+    from crv.report import render_markdown
+
+    report = {
+        "traces": {"table": [{"task": "boolean", "n_traces": 3}]},
+        "graphs": {"n_graphs": 7, "replacement_score": 0.5},
+        "features": {"n_steps": 4},  # no renderer: no section
+        "timings": {"traces": 1.0},
+    }
+    md = render_markdown(report, [])
+    assert md.index("## Traces\n") < md.index("## Attribution graphs\n")
+    assert "| boolean | 3 |" in md and "| n_graphs | 7 |" in md
+    assert "## Transcoders" not in md and "n_steps" not in md
+    titled = [s for s in STAGES if s.renderer]
+    assert {s.name for s in titled} >= {"traces", "verifier", "mechanisms", "interventions"}
+    assert all(s.title and callable(s.load_renderer()) for s in titled)

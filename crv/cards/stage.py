@@ -16,6 +16,7 @@ from crv.cards.store import CardArrays, save_cards
 from crv.cards.topk import StreamingTopK
 from crv.device import LOGITS_BUDGET_BYTES
 from crv.pipeline import StageContext
+from crv.tables import markdown_table, scalar_rows
 
 _ROW, _POS = 0, 1
 """Payload columns of a top context: trace row and token position; the window follows."""
@@ -187,3 +188,8 @@ def run_stage(ctx: StageContext[CardsConfig]) -> dict[str, Any]:
         "tokens_per_s": n_tokens / max(seconds, 1e-9),
         "layers": layers,
     }
+
+
+def cards_markdown(section: dict[str, Any]) -> str:
+    """The report.md section of a `cards` result: per layer, then the scalars."""
+    return markdown_table(section.get("layers", [])) + "\n" + markdown_table(scalar_rows(section))

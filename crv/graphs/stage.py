@@ -35,6 +35,7 @@ from crv.graphs.store import (
     trace_file,
 )
 from crv.pipeline import StageContext
+from crv.tables import markdown_table, scalar_rows
 
 
 def run_stage(ctx: StageContext[GraphsConfig]) -> dict[str, Any]:
@@ -149,3 +150,8 @@ def attribute_traces(
                 contrast_graphs,
             )
         save_step_graphs(file, trace["id"], graphs, meta)
+
+
+def graphs_markdown(section: dict[str, Any]) -> str:
+    """The report.md section of a `graphs` result: its scalars."""
+    return markdown_table(scalar_rows(section))

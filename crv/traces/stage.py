@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from crv.pipeline import StageContext
+from crv.tables import markdown_table
 from crv.traces.config import TracesConfig
 
 log = logging.getLogger("crv.traces")
@@ -327,3 +328,8 @@ def run_stage(ctx: StageContext[TracesConfig]) -> dict[str, Any]:
         "seconds_per_trace": round(per_trace, 2),
         "table": table,
     }
+
+
+def traces_markdown(section: dict[str, Any]) -> str:
+    """The report.md section of a `traces` result: its per-task table."""
+    return markdown_table(section.get("table", []))

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from crv.errors import CRVError
 from crv.io import atomic_write_json
 from crv.pipeline import StageContext
+from crv.tables import markdown_table, scalar_rows
 from crv.transcoders import distributed
 from crv.transcoders.activations import cache_factory, load_token_sequences
 from crv.transcoders.config import TranscodersConfig
@@ -153,3 +154,8 @@ def _train(
         "passes": history.passes,
     }
     return tset, report
+
+
+def transcoders_markdown(section: dict[str, Any]) -> str:
+    """The report.md section of a `transcoders` result: per layer, then the scalars."""
+    return markdown_table(section.get("layers", [])) + "\n" + markdown_table(scalar_rows(section))
