@@ -42,15 +42,15 @@ import numpy as np
 import torch
 
 from crv.bundle import Bundle, load_bundle
+from crv.check.config import VerifyConfig
+from crv.check.guard import Guard, GuardedTrace
+from crv.check.inputs import Prompt
+from crv.check.scorer import StepVerifier
 from crv.generation import generate_greedy
 from crv.interventions.measure import paired_bootstrap_diff, wilson_interval
 from crv.pipeline import read_manifest
 from crv.tasks.label import label_steps
 from crv.traces.store import load_traces
-from crv.verify.config import VerifyConfig
-from crv.verify.guard import Guard, GuardedTrace
-from crv.verify.inputs import Prompt
-from crv.verify.scorer import StepVerifier
 
 POLICIES = ("intervention", "second_choice")
 N_BOOTSTRAP = 2000

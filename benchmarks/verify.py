@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from crv.bundle import MANIFEST_FILE, load_bundle
+from crv.check.config import VerifyConfig
+from crv.check.inputs import parse_trace
+from crv.check.scorer import StepVerifier
 from crv.tasks import generate_problems
-from crv.verify.config import VerifyConfig
-from crv.verify.inputs import parse_trace
-from crv.verify.scorer import StepVerifier
 
 N_STEPS = 6
 

@@ -19,7 +19,7 @@ step serves the whole batch; position ids are counted over real tokens only, whi
 padded sequence see exactly the positions it would see alone (tested: batched == unbatched).
 
 `GreedyDecoder` decodes one sequence a token at a time and can cut it back, for generation
-that stops at each line to check it (`crv.verify.guard`).
+that stops at each line to check it (`crv.check.guard`).
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ class GreedyDecoder:
     """One sequence decoded greedily, token by token, with a KV cache that can be cut back.
 
     For decoding interleaved with other work that may rewrite the sequence from some
-    position on (`crv.verify.guard`). Each forward pass is the one `generate_from_ids` makes
+    position on (`crv.check.guard`). Each forward pass is the one `generate_from_ids` makes
     for a single prompt (attention mask, position ids, the last logits only), so a decoder
     that is never cut back yields `generate_from_ids`'s tokens exactly (tested). A hook that
     reads absolute positions from the cache (`crv.transcoders.splice`) sees the right ones.

@@ -205,11 +205,11 @@ def test_load_feature_cards_names_a_missing_file(tmp_path: Path):
 
 def test_crv_verify_labels_top_features_from_the_bundle_cards(tmp_path: Path):
     from crv.bundle import BundleConfig, export_bundle, load_bundle
+    from crv.check.config import VerifyConfig
+    from crv.check.inputs import Trace
+    from crv.check.scorer import StepVerifier
     from crv.models.loading import load_subject
     from crv.transcoders.io import load_transcoder_set
-    from crv.verify.config import VerifyConfig
-    from crv.verify.inputs import Trace
-    from crv.verify.scorer import StepVerifier
 
     parts = build_parts(tmp_path / "parts")
     model, tokenizer = load_subject(parts["subject_dir"])

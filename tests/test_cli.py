@@ -93,7 +93,7 @@ def test_every_misuse_is_one_line_exit_2_before_anything_runs(
     (tmp_path / "sweep" / "0" / "report.json").write_text(json.dumps(report))
     ran: list[str] = []
     monkeypatch.setattr(crv.pipeline, "run_pipeline", lambda *a, **k: ran.append("pipeline"))
-    monkeypatch.setattr(crv.cli.verify, "verify_main", lambda cfg: ran.append("verify") or 0)
+    monkeypatch.setattr(crv.cli.verify, "verify_command", lambda cfg: ran.append("verify") or 0)
     for name, (config, _) in crv.cli.graphs.COMMANDS.items():
         monkeypatch.setitem(
             crv.cli.graphs.COMMANDS, name, (config, lambda cfg: ran.append("graphs"))
@@ -150,7 +150,7 @@ def test_crv_verify_help_explains_every_option(
 ) -> None:
     from dataclasses import fields
 
-    from crv.verify.config import VerifyConfig
+    from crv.check.config import VerifyConfig
 
     monkeypatch.setattr(sys, "argv", ["crv-verify", "--help"])
     verify_main()

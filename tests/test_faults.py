@@ -24,10 +24,10 @@ from fixtures_bundle import (  # noqa: F401  (the *_fixture functions define fix
     tiny_bundle_fixture,
 )
 
-from crv.cli.verify import verify_main
+from crv.check.config import VerifyConfig
+from crv.cli.verify import verify_command
 from crv.io import atomic_write_text
 from crv.pipeline import CacheDamageError, Stage, run_pipeline
-from crv.verify.config import VerifyConfig
 
 CALLS: list[str] = []
 
@@ -162,7 +162,9 @@ def test_read_only_cache_is_one_line_exit_2(tmp_path: Path) -> None:
 def _verify(tmp_path: Path, bundle: Path, output: str) -> int:
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": PROMPT, "steps": STEPS}) + "\n")
-    return verify_main(VerifyConfig(bundle=str(bundle), input=str(src), output=output, quiet=True))
+    return verify_command(
+        VerifyConfig(bundle=str(bundle), input=str(src), output=output, quiet=True)
+    )
 
 
 def test_verify_writes_into_a_fifo_without_replacing_it(tmp_path: Path, tiny_bundle: Path):
@@ -209,7 +211,7 @@ def test_verify_scores_the_steps_that_fit_and_marks_the_rest(tmp_path: Path, tin
     steps = STEPS * 12  # far longer than the tiny bundle's 96-token context
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(json.dumps({"prompt": PROMPT, "steps": steps}) + "\n")
-    code = verify_main(
+    code = verify_command(
         VerifyConfig(bundle=str(tiny_bundle), input=str(src), output=str(out), quiet=True)
     )
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
@@ -225,7 +227,9 @@ def test_verify_warns_about_characters_the_tokenizer_drops(tmp_path: Path, tiny_
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     odd = [STEPS[0] + " \U0001f914", *STEPS[1:]]
     src.write_text(json.dumps({"prompt": PROMPT, "steps": odd}) + "\n")
-    verify_main(VerifyConfig(bundle=str(tiny_bundle), input=str(src), output=str(out), quiet=True))
+    verify_command(
+        VerifyConfig(bundle=str(tiny_bundle), input=str(src), output=str(out), quiet=True)
+    )
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
     assert "\U0001f914" in record["steps"][0]["warning"]
     assert "warning" not in record["steps"][1]

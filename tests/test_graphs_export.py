@@ -367,8 +367,8 @@ def test_bad_run_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_crv_verify_exports_every_step(tiny_bundle: Path, tmp_path: Path) -> None:
-    from crv.cli.verify import verify_main
-    from crv.verify.config import VerifyConfig
+    from crv.check.config import VerifyConfig
+    from crv.cli.verify import verify_command
 
     lines = [
         {"id": "mine", "prompt": PROMPT, "steps": STEPS},
@@ -382,7 +382,7 @@ def test_crv_verify_exports_every_step(tiny_bundle: Path, tmp_path: Path) -> Non
         export_graphs=str(tmp_path / "view"),
         quiet=True,
     )
-    assert verify_main(cfg) == 0
+    assert verify_command(cfg) == 0
     graphs = check_export_dir(tmp_path / "view")
     slugs = ["mine-step0", "mine-step1", "mine-step2", "line2-step0"]
     assert [g["metadata"]["slug"] for g in graphs] == slugs

@@ -1,4 +1,4 @@
-"""Verify while generating (`crv.verify.guard`, `crv-verify generate=true`).
+"""Verify while generating (`crv.check.guard`, `crv-verify generate=true`).
 
 The bundle pairs the shipped crv-tiny (so that greedy decoding writes real step lines) with
 random transcoders and a random verifier: scores mean nothing, so flags are forced with the
@@ -19,7 +19,11 @@ from factories import random_transcoder_set
 from fixtures_bundle import ATTRIBUTION, make_bundle, write_verifier
 
 from crv.bundle import Bundle, load_bundle
-from crv.cli.verify import render_table, verify_main
+from crv.check.config import VerifyConfig
+from crv.check.guard import Guard, GuardedTrace
+from crv.check.inputs import Prompt, parse_trace
+from crv.check.scorer import StepVerifier
+from crv.cli.verify import render_table, verify_command
 from crv.generation import GreedyDecoder, generate_greedy
 from crv.graphs.config import Position
 from crv.graphs.graph import StepGraph
@@ -30,10 +34,6 @@ from crv.tasks.label import unlabelled_steps
 from crv.tasks.segment import segment_steps
 from crv.tokens import step_token_spans
 from crv.transcoders.io import save_transcoder_set
-from crv.verify.config import VerifyConfig
-from crv.verify.guard import Guard, GuardedTrace
-from crv.verify.inputs import Prompt, parse_trace
-from crv.verify.scorer import StepVerifier
 
 PROMPTS = [p.prompt for p in generate_problems("arithmetic", 4, 2, seed=5)] + [
     generate_problems("boolean", 3, 1, seed=5)[0].prompt
@@ -245,7 +245,7 @@ def test_bad_lines_get_clear_errors_and_good_ones_are_generated(bundle: Bundle, 
         bundle=str(bundle.path), input=str(src), output=str(out), quiet=True, generate=True,
         correct="second_choice", max_new_tokens=120,
     )  # fmt: skip
-    assert verify_main(cfg) == 1
+    assert verify_command(cfg) == 1
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6]
     good = records[0]
@@ -262,4 +262,4 @@ def test_bad_lines_get_clear_errors_and_good_ones_are_generated(bundle: Bundle, 
     assert "no room left in the model's context of 1024 tokens" in errors[4]
     assert [r["id"] for r in records] == ["good", None, "traced", "none", "blank", "long"]
     bad = dataclasses.replace(cfg, intervene=True)
-    assert verify_main(bad) == 2
+    assert verify_command(bad) == 2

@@ -34,7 +34,7 @@ ROOMS: tuple[tuple[str, ...], ...] = (
     ("verifier", "mechanisms"),
     ("interventions",),
     ("bundle",),
-    ("verify",),
+    ("check",),
     ("report", "config"),
     ("cli",),
 )

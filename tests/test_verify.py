@@ -24,10 +24,10 @@ from fixtures_bundle import (  # noqa: F401  (the *_fixture functions define fix
 
 import crv.cli.verify as verify
 from crv.bundle import load_bundle
-from crv.cli.verify import verify_line, verify_main
-from crv.verify.config import VerifyConfig
-from crv.verify.inputs import Trace
-from crv.verify.scorer import StepVerifier
+from crv.check.config import VerifyConfig
+from crv.check.inputs import Trace
+from crv.check.scorer import StepVerifier
+from crv.cli.verify import verify_command, verify_line
 
 GOOD = {"prompt": PROMPT, "steps": STEPS}
 
@@ -41,7 +41,7 @@ def run(tmp_path: Path, bundle: Path, data: bytes, **overrides: Any) -> tuple[in
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_bytes(data)
     settings = {"bundle": str(bundle), "input": str(src), "output": str(out), "quiet": True}
-    code = verify_main(VerifyConfig(**{**settings, **overrides}))
+    code = verify_command(VerifyConfig(**{**settings, **overrides}))
     records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     return code, records
 
@@ -172,7 +172,7 @@ def test_exit_status_two_with_one_line_error_when_nothing_can_run(
     src = tmp_path / "in.jsonl"
     src.write_bytes(jsonl(GOOD))
     settings = {"bundle": str(tiny_bundle), "input": str(src), "output": str(tmp_path / "o")}
-    assert verify_main(VerifyConfig(**{**settings, **overrides})) == 2
+    assert verify_command(VerifyConfig(**{**settings, **overrides})) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("crv-verify: error: ")
     expected = {
@@ -221,7 +221,7 @@ def test_stdin_to_stdout_and_table(
 ) -> None:
     data = jsonl({"id": "x", **GOOD}, b"[1, 2]")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
-    assert verify_main(VerifyConfig(bundle=str(tiny_bundle), input="-", output="-")) == 1
+    assert verify_command(VerifyConfig(bundle=str(tiny_bundle), input="-", output="-")) == 1
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.splitlines()]
     assert [r["id"] for r in records] == ["x", None]
@@ -230,7 +230,7 @@ def test_stdin_to_stdout_and_table(
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     cfg = VerifyConfig(bundle=str(tiny_bundle), input="-", output="-", format="table", quiet=True)
-    assert verify_main(cfg) == 1
+    assert verify_command(cfg) == 1
     captured = capsys.readouterr()
     assert "Step 2: 2+3=5, so 14*5" in captured.out and "ERR" in captured.out
     assert captured.err == ""

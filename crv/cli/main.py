@@ -228,13 +228,12 @@ def main() -> None:
 
 def verify_main() -> None:
     """Console script `crv-verify`."""
+    from crv.check.config import VerifyConfig
     from crv.cli.checks import command_config, print_command_help
-    from crv.cli.verify import USAGE
-    from crv.cli.verify import verify_main as _verify
-    from crv.verify.config import VerifyConfig
+    from crv.cli.verify import USAGE, verify_command
 
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
         print_command_help(USAGE, VerifyConfig)
         return
-    sys.exit(_verify(command_config("crv-verify", VerifyConfig, argv)))
+    sys.exit(verify_command(command_config("crv-verify", VerifyConfig, argv)))

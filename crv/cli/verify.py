@@ -14,7 +14,7 @@ Usage (Hydra overrides)::
 "steps": [str, ...]}`` or ``{"id": ..., "prompt": str, "completion": str}``. A completion is
 split into steps with the bundle's step regex. Given `steps`, the completion is their
 concatenation joined by "\\n" (no trailing newline), so the same trace given either way is
-tokenised identically and gets the same scores (`crv.verify.scorer` says how a trace is
+tokenised identically and gets the same scores (`crv.check.scorer` says how a trace is
 tokenised and scored). Blank lines are skipped; every other line gets one record.
 
 **Output**: JSONL, one record per input line, in input order::
@@ -48,7 +48,7 @@ step and the intervention that produced it.
 **Verify while generating** (`generate=true [correct=none|intervention|second_choice]
 [max_corrections=2]`): each input line is a prompt, ``{"id": optional str, "prompt": str}``
 (a line with `steps` or `completion` is an error), and the model writes the steps; each is
-scored as its line ends and a flagged one is corrected (`crv.verify.guard`). The record adds
+scored as its line ends and a flagged one is corrected (`crv.check.guard`). The record adds
 `completion` (the final one), `corrections` (step, policy, before, after, features,
 replacement) and `ended` (eos, stop, max_new_tokens, context); each step has `corrected`.
 
@@ -69,9 +69,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from crv.verify.config import STDIO, VerifyConfig
-from crv.verify.inputs import Prompt, Trace, TraceError, iter_lines
-from crv.verify.scorer import StepVerifier
+from crv.check.config import STDIO, VerifyConfig
+from crv.check.inputs import Prompt, Trace, TraceError, iter_lines
+from crv.check.scorer import StepVerifier
 
 if TYPE_CHECKING:
     from crv.bundle import Bundle
@@ -87,7 +87,7 @@ run (one line on stderr)."""
 
 
 class LineWorker(Protocol):
-    """What checks input lines: `StepVerifier` (traces) or `crv.verify.guard.Guard` (prompts)."""
+    """What checks input lines: `StepVerifier` (traces) or `crv.check.guard.Guard` (prompts)."""
 
     threshold: float
 
@@ -307,7 +307,7 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-def verify_main(cfg: VerifyConfig) -> int:
+def verify_command(cfg: VerifyConfig) -> int:
     """Run `crv-verify`; returns the exit status (0 all verified, 1 some lines failed,
     2 nothing could run), printing run-level errors as one line on stderr."""
     try:
@@ -317,7 +317,7 @@ def verify_main(cfg: VerifyConfig) -> int:
         verifier = StepVerifier(bundle, cfg)
         worker: LineWorker = verifier
         if cfg.generate:
-            from crv.verify.guard import Guard
+            from crv.check.guard import Guard
 
             worker = Guard(verifier)
         lines = list(iter_lines(data))

@@ -1,5 +1,5 @@
 """The options of `crv-verify` (Hydra overrides): one dataclass whose field docstrings are
-the help text, for the command and the engine (`crv.verify.scorer`, `crv.verify.guard`)."""
+the help text, for the command and the engine (`crv.check.scorer`, `crv.check.guard`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class OutputFormat(Choice):
 
 
 class Correct(Choice):
-    """How `generate=true` corrects a flagged step (see `crv.verify.guard`)."""
+    """How `generate=true` corrects a flagged step (see `crv.check.guard`)."""
 
     none = "none"
     intervention = "intervention"
@@ -93,7 +93,7 @@ class VerifyConfig:
 
     generate: bool = False
     """Verify while generating: the model writes each prompt's chain of thought greedily and
-    every step is scored as its line ends (input: prompts only; see `crv.verify.guard`)."""
+    every step is scored as its line ends (input: prompts only; see `crv.check.guard`)."""
 
     correct: Correct = Correct.none
     """With generate=true, what replaces a flagged step: none (flag only), intervention (its

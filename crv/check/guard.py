@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from crv.check.inputs import Prompt, TraceError, parse_generate
+from crv.check.scorer import StepVerifier, proposal_fields
 from crv.generation import GreedyDecoder, pattern_stop, stop_ids
 from crv.graphs.attribute import Explained, TraceAttributor, span_of, step_positions
 from crv.graphs.graph import StepGraph
@@ -58,8 +60,6 @@ from crv.interventions.apply import StepSpan, second_choice_token, to_interventi
 from crv.tasks.segment import segment_steps
 from crv.tokens import step_token_spans
 from crv.transcoders.splice import splice
-from crv.verify.inputs import Prompt, TraceError, parse_generate
-from crv.verify.scorer import StepVerifier, proposal_fields
 
 
 @dataclass

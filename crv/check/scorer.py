@@ -21,17 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crv.verify.inputs import Trace, TraceError, parse_trace
+from crv.check.inputs import Trace, TraceError, parse_trace
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
     from crv.bundle import Bundle
+    from crv.check.config import VerifyConfig
     from crv.graphs.graph import StepGraph
     from crv.interventions.apply import StepSpan
     from crv.interventions.propose import Proposal
-    from crv.verify.config import VerifyConfig
 
 
 @dataclass
