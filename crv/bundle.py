@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 
 MANIFEST_FILE = "bundle.json"
 FORMAT_NAME = "crv-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the graphs settings' section is `graphs` (version 1 called it `attribution`; still read)."""
 SUBJECT_DIR, TRANSCODERS_DIR, VERIFIER_DIR, CARDS_DIR = (
     "subject",
     "transcoders",
@@ -71,7 +72,7 @@ re-saved by another transformers version or in another dtype, not when the model
 SUBJECT_FIELDS = ("family", "n_layers", "d_model", "vocab_size", "config_hash", "tokenizer_hash")
 """Subject properties a bundle pins; a loaded model must match every one of them."""
 
-_SECTIONS = ("subject", "transcoders", "verifier", "attribution", "features", "step_pattern")
+_SECTIONS = ("subject", "transcoders", "verifier", "graphs", "features", "step_pattern")
 """Top-level entries every manifest has."""
 
 
@@ -241,7 +242,7 @@ def export_bundle(
             "threshold": float(verifier.threshold),
             "feature_names": list(verifier.feature_names),
         },
-        "attribution": graphs,
+        "graphs": graphs,
         "features": {"config": features, "n_layers": int(n_layers), "seed": int(seed)},
         "step_pattern": cfg.step_pattern,
         "cards": {"dir": CARDS_DIR} if cards_dir is not None else None,
@@ -289,7 +290,7 @@ class Bundle:
     transcoders: TranscoderSet
     verifier: XGBVerifier
     graphs: GraphsConfig
-    """Settings the training graphs were built with (the manifest's `attribution`)."""
+    """Settings the training graphs were built with (the manifest's `graphs`)."""
     features: FeaturesConfig
     """Settings the training features were computed with."""
     cards: FeatureCards | None = None
@@ -340,6 +341,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{file} has bundle format version {version!r}; this crv reads up to "
             f"{FORMAT_VERSION}: upgrade crv"
         )
+    if version < 2 and "attribution" in manifest:  # a version-1 bundle
+        manifest["graphs"] = manifest.pop("attribution")
     missing = [key for key in _SECTIONS if key not in manifest]
     missing += [
         f"subject.{key}" for key in SUBJECT_FIELDS if key not in manifest.get("subject", {})
@@ -447,7 +450,7 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
         adapter=loaded.adapter,
         transcoders=loaded.transcoders,
         verifier=verifier,
-        graphs=_settings(GraphsConfig, manifest["attribution"], "attribution"),
+        graphs=_settings(GraphsConfig, manifest["graphs"], "graphs"),
         features=_settings(FeaturesConfig, manifest["features"]["config"], "features"),
         cards=cards,
     )

@@ -124,6 +124,20 @@ def test_large_subject_is_referenced_not_copied(
         load_bundle(out)
 
 
+def test_a_version_1_bundle_still_loads(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Version 1 called the graphs settings `attribution`; such a bundle reads as before."""
+    old = tmp_path / "v1"
+    shutil.copytree(tiny_bundle, old)
+    manifest = read_json(old / MANIFEST_FILE)
+    assert manifest["format_version"] == 2 and "attribution" not in manifest
+    manifest["attribution"] = manifest.pop("graphs")
+    atomic_write_json(old / MANIFEST_FILE, {**manifest, "format_version": 1})
+    assert load_bundle(old).graphs == ATTRIBUTION
+    atomic_write_json(old / MANIFEST_FILE, {**manifest, "format_version": 2})
+    with pytest.raises(BundleError, match="lacks graphs"):  # only version 1 may say so
+        load_bundle(old)
+
+
 def test_not_a_bundle_newer_format_and_incomplete_manifest_are_refused(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
@@ -178,7 +192,7 @@ def test_run_stage_reads_the_settings_of_its_inputs(
     manifest = read_manifest(out)
     assert metrics["subject_embedded"] and metrics["n_features"] == len(feature_names(N_LAYERS))
     assert manifest["subject"]["source"] == {"name": "crv-tiny"}
-    assert manifest["attribution"] == dataclasses.asdict(ATTRIBUTION)
+    assert manifest["graphs"] == dataclasses.asdict(ATTRIBUTION)
     assert manifest["features"] == {
         "config": dataclasses.asdict(FEATURES),
         "n_layers": N_LAYERS,
