@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import crv
+from crv.errors import CRVError
 from crv.io import atomic_write_json, read_json
 from crv.options import Choice, check_choices
 from crv.tasks.segment import CANONICAL_STEP_PATTERN
@@ -109,7 +110,7 @@ class BundleConfig:
             raise ValueError(f"bundle.step_pattern is not a valid regex: {exc}") from None
 
 
-class BundleError(Exception):
+class BundleError(CRVError):
     """A bundle that cannot be used: missing, unreadable, incomplete or from a newer crv."""
 
 

@@ -231,7 +231,7 @@ def artifact_keys(cfg: Any, seed: int, stages: tuple[Stage, ...] = STAGES) -> di
     return keys
 
 
-class MissingArtifactError(FileNotFoundError):
+class MissingArtifactError(CRVError, FileNotFoundError):
     """An artifact directory without its manifest: not a complete artifact of any stage."""
 
 

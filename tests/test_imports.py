@@ -184,3 +184,26 @@ def test_docs_tree_and_stage_table_match_the_code():
         assert f"`{package}" in row, (stage.name, package)
         assert (f"{parts[-1]}.{func}" if len(parts) > 2 else func) in row, (stage.name, row)
     assert len([r for r in rows if "run_stage" in r]) == len(STAGES)
+
+
+def test_every_error_class_is_a_crv_error():
+    """Each exception class crv defines subclasses `crv.errors.CRVError`, so that a command
+    prints any of them as one line."""
+    import importlib
+
+    from crv.errors import CRVError
+
+    defined = []
+    for name in module_names():
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if not path.is_file():
+            path = ROOT / name.replace(".", "/") / "__init__.py"
+        tree = ast.parse(path.read_text())
+        classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef) and n.bases]
+        module = importlib.import_module(name) if classes else None
+        for cls in classes:
+            obj = getattr(module, cls)
+            if isinstance(obj, type) and issubclass(obj, BaseException):
+                defined.append(obj)
+    assert len(defined) >= 8, defined
+    assert not [c for c in defined if not issubclass(c, CRVError)]

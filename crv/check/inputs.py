@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from crv.errors import CRVError
 
-class TraceError(ValueError):
+
+class TraceError(CRVError, ValueError):
     """A problem with one input line; its message names the line and the problem."""
 
     def __init__(self, message: str, trace_id: str | int | None = None) -> None:

@@ -95,7 +95,7 @@ class ServeConfig:
     """Stop serving after this many seconds (0: until Ctrl-C)."""
 
 
-class ExportError(Exception):
+class ExportError(CRVError):
     """A problem with the options or the run: printed as one line, exit status 2."""
 
 

@@ -72,6 +72,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from crv.check.config import STDIO, VerifyConfig
 from crv.check.inputs import Prompt, Trace, TraceError, iter_lines
 from crv.check.scorer import StepVerifier
+from crv.errors import CRVError
 
 if TYPE_CHECKING:
     from crv.bundle import Bundle
@@ -174,7 +175,7 @@ def _step_notes(step: dict[str, Any]) -> list[str]:
     return rows
 
 
-class _Failure(Exception):
+class _Failure(CRVError):
     """A run-level failure: printed as one line, exit status 2."""
 
 

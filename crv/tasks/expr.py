@@ -36,6 +36,8 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from crv.errors import CRVError
+
 Value = int | bool
 
 
@@ -67,7 +69,7 @@ Node = Atom | Unary | Binary
 Path = tuple[int, ...]
 
 
-class ExprError(ValueError):
+class ExprError(CRVError, ValueError):
     """Raised for text that is not an expression of the language, or values out of range."""
 
 

@@ -74,7 +74,7 @@ CALC_LANGUAGE = Language(
 """Decimal numbers with + - * / and brackets, evaluated exactly as fractions."""
 
 
-class MalformedRecord(ValueError):
+class MalformedRecord(CRVError, ValueError):
     """A record that lacks a field or has one of the wrong form."""
 
 
