@@ -71,7 +71,7 @@ def write_verifier(out: Path, seed: int = 0, n_layers: int = N_LAYERS) -> Path:
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1.0, 100.0, size=(400, len(names))) * rng.uniform(0.0, 1.0, size=(400, 1))
     y = ((x - x.mean(0)) @ rng.normal(size=len(names)) > 0).astype(np.int64)
-    cfg = VerifierConfig(n_estimators=20, max_depth=3, n_threads=1)
+    cfg = VerifierConfig(n_estimators=20, max_depth=3, runtime_n_threads=1)
     XGBVerifier(cfg, names, seed).fit(x, y, np.arange(len(y))).save(out)
     return out
 

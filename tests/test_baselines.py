@@ -215,7 +215,7 @@ def test_position_baseline_uses_only_its_three_columns():
         }
     )
     df["label"] = (rng.random(n) < 0.1 + 0.2 * df["step"] / 3).astype(int)
-    cfg = VerifierConfig(n_estimators=20, early_stopping_rounds=5, n_threads=1)
+    cfg = VerifierConfig(n_estimators=20, early_stopping_rounds=5, runtime_n_threads=1)
     position = next(
         m
         for m in build_methods(cfg, ["f0"], ["maxprob"], ProbeData(np.zeros((n, 2))), 0)

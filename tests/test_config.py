@@ -50,6 +50,36 @@ def test_artifact_keys_of_the_presets_are_pinned():
     assert got == json.loads(KEYS_FILE.read_text())
 
 
+RUNTIME_OVERRIDES = [
+    "transcoders.runtime_log_every=10",
+    "transcoders.runtime_cache_dir=/elsewhere",
+    "traces.runtime_batch_size=3",
+    "cards.runtime_batch_seqs=5",
+    "graphs.runtime_row_cache_mb=1",
+    "verifier.runtime_n_threads=7",
+    "pipeline.cache_dir=/other/cache",
+    "device=cpu",
+]
+
+
+def test_fields_that_change_only_speed_or_memory_keep_every_artifact_key():
+    """Every `runtime_*` field (and the pipeline's cache directory and device) may change
+    between runs that share a cache; a field that changes what is computed moves keys."""
+    base = stage_keys(composed(["experiment=smoke"]))
+    assert stage_keys(composed(["experiment=smoke", *RUNTIME_OVERRIDES])) == base
+    moved = stage_keys(composed(["experiment=smoke", "transcoders.model_batch_seqs=3"]))
+    assert moved["traces"] == base["traces"] and moved["transcoders"] != base["transcoders"]
+    fields = {
+        f"{stage.name}.{f.name}"
+        for stage in STAGES
+        for f in dataclasses.fields(type(getattr(CRVConfig(), stage.name)))
+        if f.name.startswith("runtime_")
+    }
+    assert fields == {o.split("=")[0] for o in RUNTIME_OVERRIDES if o.count(".") == 1} - {
+        "pipeline.cache_dir"
+    }
+
+
 def test_composed_choices_are_enum_members_and_keys_use_their_values():
     cfg = composed(["graphs.position=after", "interventions.rank_by=layer"])
     assert cfg.graphs.position is Position.after

@@ -37,7 +37,7 @@ def _setup(n_layers: int, **cfg: object) -> tuple[TranscodersConfig, torch.nn.Mo
         for n in [*range(4, 17), *range(6, 16)]
     ]
     base = dict(expansion=4, k=8, tokens=1500, batch_tokens=128, lr_warmup_steps=2)
-    base.update(model_batch_seqs=4, max_seq_len=16, dead_tokens=300, log_every=2)
+    base.update(model_batch_seqs=4, max_seq_len=16, dead_tokens=300, runtime_log_every=2)
     base.update(shuffle_buffer_tokens=512)
     return TranscodersConfig(**{**base, **cfg}), model, seqs
 

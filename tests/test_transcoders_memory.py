@@ -127,7 +127,7 @@ def test_layer_groups_train_every_layer(model: torch.nn.Module) -> None:
         expansion=2,
         tokens=4096,
         lr_warmup_steps=2,
-        log_every=4,
+        runtime_log_every=4,
         **{**SMALL, "min_shuffle_tokens": 3000},
     )
     assert layer_groups(cfg, range(4), adapter.d_model) == [[0, 1], [2, 3]]

@@ -14,7 +14,7 @@ from crv.verifier.methods import ProbeData, ablation_methods, build_methods, fit
 from crv.verifier.metrics import detection_metrics, group_weights, paired_auroc_difference
 from crv.verifier.stage import confident_half, error_kind_mask, strongest
 
-FAST = VerifierConfig(n_estimators=30, early_stopping_rounds=5, n_threads=1)
+FAST = VerifierConfig(n_estimators=30, early_stopping_rounds=5, runtime_n_threads=1)
 
 
 def test_group_weights_resample_whole_traces():

@@ -167,7 +167,7 @@ class TranscodersConfig:
     """Cache the activations on disk as safetensors shards (reused across transcoder settings:
     the cache is keyed by the subject, corpus and layers only)."""
 
-    cache_dir: str | None = None
+    runtime_cache_dir: str | None = None
     """Where activation caches live; default `<scratch>/../activation_cache`."""
 
     cache_dtype: CacheDtype = CacheDtype.bfloat16
@@ -181,7 +181,7 @@ class TranscodersConfig:
     forward passes per layer (49 in all for a 24-layer model instead of 3); the all-layer
     CE, KL and every reconstruction metric are measured either way."""
 
-    log_every: int = 50
+    runtime_log_every: int = 50
     """Log per-layer metrics every this many steps."""
 
     def __post_init__(self) -> None:
@@ -198,7 +198,7 @@ class TranscodersConfig:
             "buffer_mb": self.buffer_mb,
             "min_shuffle_tokens": self.min_shuffle_tokens,
             "eval_tokens": self.eval_tokens,
-            "log_every": self.log_every,
+            "runtime_log_every": self.runtime_log_every,
         }
         optional = {"n_latents": self.n_latents, "k_aux": self.k_aux}
         positive.update({name: value for name, value in optional.items() if value is not None})

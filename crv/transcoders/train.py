@@ -113,7 +113,7 @@ class StepMetrics:
 
 @dataclass
 class TrainHistory:
-    """Logged per-layer metrics: every `log_every` steps the mean over those steps."""
+    """Logged per-layer metrics: every `runtime_log_every` steps the mean over those steps."""
 
     steps: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
@@ -287,7 +287,7 @@ class TranscoderTrainer:
                 fvu=f"{sum(metrics.fvu.values()) / len(metrics.fvu):.4f}",
                 dead=f"{max(metrics.dead_frac.values()):.3f}",
             )
-            if len(window) == self.cfg.log_every:
+            if len(window) == self.cfg.runtime_log_every:
                 self._log_window(hist, window, seen, log)
                 window = []
         if window:

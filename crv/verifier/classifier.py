@@ -159,7 +159,7 @@ class XGBVerifier:
 
     def _matrix(self, x: Matrix, **kw) -> xgb.DMatrix:
         return xgb.DMatrix(
-            self._array(x), feature_names=self.feature_names, nthread=self.cfg.n_threads, **kw
+            self._array(x), feature_names=self.feature_names, nthread=self.cfg.runtime_n_threads, **kw
         )
 
     def fit(self, x: Matrix, y: np.ndarray, groups: np.ndarray) -> XGBVerifier:
@@ -178,7 +178,7 @@ class XGBVerifier:
             "colsample_bytree": cfg.colsample_bytree,
             "min_child_weight": cfg.min_child_weight,
             "scale_pos_weight": spw,
-            "nthread": cfg.n_threads,
+            "nthread": cfg.runtime_n_threads,
             "seed": self.seed,
         }
         dtrain = self._matrix(x[tr], label=y[tr])

@@ -52,7 +52,7 @@ class VerifierConfig:
     threshold maximising F1 of the incorrect class) or `recall95` (the highest threshold
     that still flags 95% of the incorrect validation steps)."""
 
-    n_threads: int = 2
+    runtime_n_threads: int = 2
     """CPU threads used by xgboost."""
 
     n_bootstrap: int = 1000
@@ -97,7 +97,7 @@ class VerifierConfig:
             "max_depth": self.max_depth,
             "learning_rate": self.learning_rate,
             "early_stopping_rounds": self.early_stopping_rounds,
-            "n_threads": self.n_threads,
+            "runtime_n_threads": self.runtime_n_threads,
             "lr_probe_c": self.lr_probe_c,
             "mlp_probe_max_iter": self.mlp_probe_max_iter,
             "probe_c_grid": min(self.probe_c_grid, default=0),
