@@ -51,8 +51,8 @@ def logit_effects(
     """The m most promoted and most suppressed tokens of each decoder row through the
     unembedding, `W_dec[f] @ W_U.T` (no final norm): ids and values, [F, m] each, promoted
     largest first, suppressed most negative first. Rows go `chunk` at a time, by default as
-    many as `LOGITS_BUDGET_BYTES` holds (a 3,584-row layer against Qwen's 152k-token
-    vocabulary is 2.2 GB of logits in one piece; it set the Qwen benchmark's peak)."""
+    many as `LOGITS_BUDGET_BYTES` holds (a layer of a large model against a large
+    vocabulary is gigabytes of logits in one piece)."""
     m = min(m, W_U_VD.shape[0])
     chunk = chunk or max(1, LOGITS_BUDGET_BYTES // (4 * W_U_VD.shape[0]))
     out: list[list[np.ndarray]] = [[], [], [], []]

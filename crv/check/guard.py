@@ -38,8 +38,8 @@ probabilities come from one KV cache; the attribution is one `TraceAttributor` e
 by step (`ReplacementTrace.extend` runs the frozen forward on from the previous step's
 position, and rows of earlier positions stay cached), so a step's graph costs its own
 backward passes, which run back over the whole prefix, as in the graphs stage. Rebuilding
-the attribution per step instead took about 1.5x the graph time (six 7-operator problems on a
-crv-tiny-bugs bundle, 38 graphs: 4.1 s against 2.6 s). A rewrite cuts the decoder back
+the attribution per step instead costs more graph time (measured: README.md, "Figures behind
+the code"). A rewrite cuts the decoder back
 (`GreedyDecoder.truncate`) and starts the attribution anew from the prefix; it adds the
 proposal's forward passes (intervention) or one forward over the prefix (second choice).
 """

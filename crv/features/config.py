@@ -23,11 +23,9 @@ class FeaturesConfig:
     identity: bool = False
     """Add the feature-identity family: which (layer, feature) nodes and which layers'
     error nodes carry influence in the step's graph, influence-weighted and sparse
-    (`id_L<l>_F<f>`, `err_L<l>`). Off by default: on a crv-tiny development run (complexities
-    7 and 10, 18 attributed traces) CRV's validation AUROC was 0.923 without and 1.000 with it
-    on arithmetic (14 validation steps, one incorrect: one pair of 13 ranked differently) and
-    1.000 both ways on Boolean, no evidence of a gain, while it costs about 4x the features
-    stage's time and turns the verifier's 27 inputs into 531."""
+    (`id_L<l>_F<f>`, `err_L<l>`). Off by default: it showed no evidence of a gain on crv-tiny
+    and multiplies the features stage's time and the verifier's inputs (README.md, "Figures
+    behind the code")."""
 
     def __post_init__(self) -> None:
         if self.n_layers is not None and self.n_layers < 1:

@@ -240,7 +240,7 @@ class ArchAdapter:
     def run_body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """A forward pass through the embedding, the decoder blocks and the final norm, not
         the unembedding: for work that reads activations through hooks. Logits would cost
-        tokens x vocabulary x 4 bytes (6.8 GB for 32 Qwen traces of 350 tokens)."""
+        tokens x vocabulary x 4 bytes."""
         self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     def _check_norms(self) -> None:

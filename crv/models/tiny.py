@@ -1,8 +1,8 @@
 """crv-tiny: the embedded default subject model, trained here from scratch on a CPU.
 
 Why a model of our own: attribution costs roughly one backward pass per graph row, so a
-benchmark of thousands of step graphs on a CPU needs a subject of about a million parameters
-(see REFERENCE.md). Pretrained models that small do not exist offline, so crv ships one: a
+benchmark of thousands of step graphs on a CPU needs a subject of about a million parameters.
+Pretrained models that small do not exist offline, so crv ships one: a
 4-layer Llama trained only on *correct* canonical traces of the two synthetic tasks. It learns
 the format well but neither the arithmetic nor the copying of long expressions perfectly, so its
 greedy traces contain incorrect steps at a rate that grows with the problem size - exactly what
@@ -145,7 +145,7 @@ class TinyConfig:
     """Train on traces with crv.tasks.bugs's planted rules applied (crv-tiny-bugs)."""
     rule_share: float = 0.0
     """With `planted`: at least this share of each batch's problems exercise a rule (drawn
-    from 8x as many problems), so the rules are seen more often than their natural 9%."""
+    from 8x as many problems), so the rules are seen more often than their natural share."""
 
 
 def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:

@@ -3,18 +3,11 @@
 Every field's docstring is its help text. The defaults are sized for crv's embedded subject
 model (Llama, 4 layers, d_model 128, MLP 512, a 33-token vocabulary) on a 2-core CPU:
 16x expansion (2,048 latents) with plain TopK, k = 32 (so L0 = k exactly), 2M tokens, all
-layers trained in one pass (the 2 GiB buffer holds their 262,144 float32 tokens, 1.06 GiB
-with room for one model batch). Larger models get a bfloat16 buffer of fewer tokens, and
-layer groups trained in several passes when even that is below `min_shuffle_tokens`: on
-crv-tiny's smoke settings (3 seeds, paired) bfloat16 changed the mean FVU by +0.0002
-[-0.0009, +0.0013] and CE-loss recovered by -0.004 [-0.013, +0.004] (95% t intervals).
-
-Measured on the shipped crv-tiny with 1.5M tokens (`crv pipeline.stages=[transcoders]
-transcoders.expansion=16 transcoders.activation=topk transcoders.tokens=1500000`): FVU
-0.021 / 0.068 / 0.104 / 0.082 per layer, dead 1.1% / 0.1% / 0 / 0, CE-loss recovered 0.967
-with all layers spliced; the 256-latent relu_topk alternative reached FVU <= 0.095 and no
-dead latents but L0 24.8-31.2 < k, and a partly trained early checkpoint left up to 25% of
-a 512-latent dictionary dead (a weak subject uses few directions).
+layers trained in one pass (the 2 GiB buffer holds all their float32 tokens with room for
+one model batch). Larger models get a bfloat16 buffer of fewer tokens, and layer groups
+trained in several passes when even that is below `min_shuffle_tokens`. What these
+defaults measured (bfloat16 against float32, FVU per layer, the alternatives): README.md,
+"Figures behind the code".
 """
 
 from __future__ import annotations

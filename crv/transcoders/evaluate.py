@@ -18,7 +18,7 @@ transcoders lose nothing, 0 means they are as bad as deleting the MLPs. KL(clean
 spliced) is averaged per predicted token. A forward's logits take tokens x vocabulary x 4
 bytes, and the clean log-probabilities stay alive beside each variant's (about 5 copies in
 all), so behaviour batches hold at most `LOGITS_BUDGET_BYTES` of logits: for a 152k-token
-vocabulary that is one trace at a time, and memory no longer grows with `batch_seqs`.
+vocabulary that is one trace at a time, and memory does not grow with `batch_seqs`.
 """
 
 from __future__ import annotations
