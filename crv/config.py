@@ -18,7 +18,7 @@ from crv.cards.config import CardsConfig
 from crv.device import check_device_name
 from crv.features.config import FeaturesConfig
 from crv.graphs.config import GraphsConfig
-from crv.interventions import InterventionsConfig
+from crv.interventions.config import InterventionsConfig
 from crv.mechanisms.config import MechanismsConfig
 from crv.options import Choice, check_names
 from crv.pipeline import STAGES

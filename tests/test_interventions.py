@@ -13,7 +13,6 @@ from factories import random_transcoder_set
 
 from crv.generation import generate_greedy
 from crv.graphs.graph import FEATURE, LOGIT, TOKEN, StepGraph
-from crv.interventions import InterventionsConfig, interventions_markdown
 from crv.interventions.apply import (
     Outcome,
     SecondChoice,
@@ -26,8 +25,10 @@ from crv.interventions.apply import (
     step_span,
     to_intervention,
 )
+from crv.interventions.config import InterventionsConfig
 from crv.interventions.measure import (
     StepAttempt,
+    interventions_markdown,
     paired_bootstrap_diff,
     summarize,
     wilson_interval,
