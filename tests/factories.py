@@ -1,4 +1,4 @@
-"""Tiny random models, tokenizers and transcoder sets shared by the tests.
+"""Tiny random models, tokenizers, transcoder sets and composed configs shared by the tests.
 
 Plain functions, imported as `from factories import ...` (pytest puts tests/ on sys.path).
 The model and transcoder factories seed their own random generators, so equal arguments
@@ -8,8 +8,11 @@ give equal weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     Gemma2Config,
@@ -32,6 +35,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from crv.config import CRVConfig, register_configs
 from crv.transcoders.module import TopKTranscoder, TranscoderSet
 
 MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {
@@ -174,3 +178,13 @@ def random_transcoder_set(
             with torch.no_grad():
                 init(tcs[layer], gen)
     return TranscoderSet(tcs, k=k, activation=activation)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def composed(overrides: list[str]) -> CRVConfig:
+    """The config `crv` composes from conf/ with `overrides`, as dataclasses."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))

@@ -5,8 +5,8 @@ xgboost verifier fitted to random feature rows with the right feature names), so
 mean nothing, but every code path (tokenising, attribution, features, scoring,
 interventions) runs exactly as with a trained bundle.
 
-A test module uses the fixtures `bundle_parts` and `tiny_bundle` by importing the functions
-that define them: `from fixtures_bundle import bundle_parts_fixture, tiny_bundle_fixture`.
+The session fixtures `bundle_parts` and `tiny_bundle` (tests/conftest.py) are built from
+these once per test session.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import pytest
 from factories import random_transcoder_set, tiny_llama
 
 from crv.bundle import BundleConfig, export_bundle
@@ -106,16 +105,3 @@ def make_bundle(
         subject_source={"name": "test-tiny"},
     )
     return out
-
-
-@pytest.fixture(scope="session", name="bundle_parts")
-def bundle_parts_fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_parts(tmp_path_factory.mktemp("parts"))
-
-
-@pytest.fixture(scope="session", name="tiny_bundle")
-def tiny_bundle_fixture(
-    tmp_path_factory: pytest.TempPathFactory, bundle_parts: dict[str, Path]
-) -> Path:
-    """A bundle with the subject model embedded."""
-    return make_bundle(tmp_path_factory.mktemp("embedded"), bundle_parts)

@@ -8,13 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fixtures_bundle import (  # noqa: F401  (the *_fixture functions define fixtures)
+from fixtures_bundle import (
     ATTRIBUTION,
     FEATURES,
     N_LAYERS,
-    bundle_parts_fixture,
     make_bundle,
-    tiny_bundle_fixture,
     write_subject,
 )
 

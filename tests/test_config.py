@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from factories import composed
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from crv.cli.main import rewrite_deprecated
 from crv.config import CRVConfig, register_configs
@@ -27,12 +27,6 @@ from crv.verifier.config import VerifierConfig
 ROOT = Path(__file__).resolve().parents[1]
 KEYS_FILE = Path(__file__).parent / "golden" / "artifact_keys.json"
 PRESETS = {"default": [], "smoke": ["experiment=smoke"]}
-
-
-def composed(overrides: list[str]) -> CRVConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
 
 
 def stage_keys(cfg: CRVConfig) -> dict[str, str]:

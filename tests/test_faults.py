@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixtures_bundle import (  # noqa: F401  (the *_fixture functions define fixtures)
+from fixtures_bundle import (
     PROMPT,
     STEPS,
-    bundle_parts_fixture,
-    tiny_bundle_fixture,
 )
 
 from crv.check.config import VerifyConfig

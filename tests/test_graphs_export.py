@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fixtures_bundle import PROMPT, STEPS, bundle_parts_fixture, tiny_bundle_fixture  # noqa: F401
-from test_attribution_stage import CFG, context, make_artifacts
+from fixtures_bundle import PROMPT, STEPS
+from fixtures_graphs import CFG, context, make_artifacts
 
 import crv.graphs.viewer as viewer
 from crv.cli.graphs import ExportConfig, ServeConfig, export_run, main, run_export, run_serve

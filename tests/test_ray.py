@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 ray = pytest.importorskip("ray", reason='the Ray executor needs the extra: pip install -e ".[ray]"')
 
-from test_config import composed  # noqa: E402
+from factories import composed  # noqa: E402
 
 from crv.baselines.scores import load_baseline_table, load_probe_inputs  # noqa: E402
 from crv.executor import run_sharded  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from crv.models.tiny import TinyConfig, _encode_trace, build_model, build_tokenizer, train_tiny
+from crv.models.tiny import TinyConfig, build_model, build_tokenizer, encode_trace, train_tiny
 from crv.tasks import generate_problems
 
 
@@ -54,7 +54,7 @@ def _loss(model, tok, texts: list[str]) -> float:
     with torch.no_grad():
         for text in texts:
             prompt, completion = text.split("\n", 1)
-            ids, n_prompt = _encode_trace(tok, prompt + "\n", completion)
+            ids, n_prompt = encode_trace(tok, prompt + "\n", completion)
             labels = torch.tensor([[-100] * n_prompt + ids[n_prompt:]])
             losses.append(model(input_ids=torch.tensor([ids]), labels=labels).loss.item())
     return sum(losses) / len(losses)

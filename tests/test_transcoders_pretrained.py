@@ -150,7 +150,7 @@ def test_hub_uris_resolve_through_the_hub_cache(
     assert calls[0] == ("me/set", "config.yaml", "v1", True)
     assert ("me/set", "layer_1.safetensors", "v1", True) in calls
     with pytest.raises(ValueError, match="bad hub URI 'hf://me/file'"):
-        io._split_hf_uri("hf://me/file")
+        io.split_hf_uri("hf://me/file")
 
 
 def test_bad_sets_name_file_and_field(tmp_path: Path) -> None:

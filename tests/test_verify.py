@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_bundle import (  # noqa: F401  (the *_fixture functions define fixtures)
+from fixtures_bundle import (
     PROMPT,
     STEPS,
-    bundle_parts_fixture,
-    tiny_bundle_fixture,
     write_subject,
 )
 

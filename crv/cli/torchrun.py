@@ -35,7 +35,7 @@ def main() -> None:
             try:
                 crv_main()
             finally:
-                if not distributed._busy:
+                if not distributed.busy:
                     broadcast_json(STOP, 0)
                     dist.barrier()
         else:

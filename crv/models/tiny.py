@@ -167,7 +167,7 @@ def build_model(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaFor
     return LlamaForCausalLM(config).float()
 
 
-def _encode_trace(
+def encode_trace(
     tokenizer: PreTrainedTokenizerFast, prompt: str, completion: str
 ) -> tuple[list[int], int]:
     """`<bos> prompt completion <eos>` as ids, and the number of prompt ids (incl. bos)."""
@@ -198,7 +198,7 @@ class _Batches:
         for task in TASKS:
             for n in range(1, cfg.max_complexity + 1):
                 probe = generate_problems(task, n, 16, seed=-1 - cfg.seed)
-                lens = [len(_encode_trace(tokenizer, p.prompt, self.solution(p))[0]) for p in probe]
+                lens = [len(encode_trace(tokenizer, p.prompt, self.solution(p))[0]) for p in probe]
                 self.mean_len[task, n] = sum(lens) / len(lens)
         self.count = 0
 
@@ -222,7 +222,7 @@ class _Batches:
             problems = self._rule_rich(task, n, size, seed)
         else:
             problems = self.generate(task, n, size, seed=seed)
-        encoded = [_encode_trace(self.tokenizer, p.prompt, self.solution(p)) for p in problems]
+        encoded = [encode_trace(self.tokenizer, p.prompt, self.solution(p)) for p in problems]
         width = max(len(ids) for ids, _ in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)

@@ -53,7 +53,7 @@ upstream stages (a real model's traces take hours) and the stages after the tran
 
 STOP = {"stop": True}
 
-_busy = False
+busy = False
 """Rank 0 between `announce` and the end of the job. Rank 0 tells the others to stop when
 `crv` ends, but not in the middle of a job: the others are then inside collectives, and
 torchrun ends them when rank 0 fails."""
@@ -163,8 +163,8 @@ def train_layer_split(
     owners = {layer: r for r, block in enumerate(blocks) for layer in block}
     tset = gather_transcoders(own, layers, owners, cfg.k, str(cfg.activation))
     history = share_history(history)
-    global _busy
-    _busy = False
+    global busy
+    busy = False
     return (tset.to(device) if tset is not None else None), history
 
 
@@ -178,8 +178,8 @@ def announce(
     cache_root: str | Path,
 ) -> None:
     """Rank 0, in the `transcoders` stage: send the other ranks the job they `serve`."""
-    global _busy
-    _busy = True
+    global busy
+    busy = True
     job = {
         "subject": str(subject_dir),
         "traces": str(traces_dir) if traces_dir else None,

@@ -127,7 +127,7 @@ def _hub_file(repo: str, filename: str) -> Path:
         ) from None
 
 
-def _split_hf_uri(uri: str) -> tuple[str, str]:
+def split_hf_uri(uri: str) -> tuple[str, str]:
     """`hf://owner/name[@revision]/path/in/repo` -> (`owner/name[@revision]`, path)."""
     parts = uri.removeprefix("hf://").split("/", 2)
     if len(parts) < 3 or not all(parts):
@@ -163,7 +163,7 @@ def _resolve_file(entry: str, config_path: Path, repo: str | None) -> Path:
     """A `transcoders` entry as a local file: hub URI, absolute path, or relative to the
     config (inside the hub repo when the set came from one)."""
     if entry.startswith("hf://"):
-        return _hub_file(*_split_hf_uri(entry))
+        return _hub_file(*split_hf_uri(entry))
     if Path(entry).is_absolute():
         return Path(entry)
     return _hub_file(repo, entry) if repo is not None else config_path.parent / entry
