@@ -33,7 +33,11 @@ from crv.verifier.methods import HiddenInputs, StepInputs, load_method, selected
 from crv.verifier.stage import run_stage
 
 FAST = VerifierConfig(
-    n_estimators=40, early_stopping_rounds=5, n_bootstrap=50, runtime_n_threads=1, mlp_probe_max_iter=50
+    n_estimators=40,
+    early_stopping_rounds=5,
+    n_bootstrap=50,
+    runtime_n_threads=1,
+    mlp_probe_max_iter=50,
 )
 
 

@@ -128,7 +128,11 @@ def _train(
     layers = list(cfg.layers) if cfg.layers is not None else list(range(adapter.n_layers))
     traces_dir = ctx.inputs.get("traces")
     train_seqs = load_token_sequences(cfg, traces_dir, tokenizer, "train")
-    root = Path(cfg.runtime_cache_dir) if cfg.runtime_cache_dir else Path(ctx.scratch).parent / "activation_cache"
+    root = (
+        Path(cfg.runtime_cache_dir)
+        if cfg.runtime_cache_dir
+        else Path(ctx.scratch).parent / "activation_cache"
+    )
 
     cache_for = cache_factory(cfg, ctx.inputs["subject"], traces_dir, root)
     ctx.log.info(

@@ -159,7 +159,10 @@ class XGBVerifier:
 
     def _matrix(self, x: Matrix, **kw) -> xgb.DMatrix:
         return xgb.DMatrix(
-            self._array(x), feature_names=self.feature_names, nthread=self.cfg.runtime_n_threads, **kw
+            self._array(x),
+            feature_names=self.feature_names,
+            nthread=self.cfg.runtime_n_threads,
+            **kw,
         )
 
     def fit(self, x: Matrix, y: np.ndarray, groups: np.ndarray) -> XGBVerifier:
