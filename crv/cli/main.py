@@ -88,11 +88,11 @@ def check_subject(obj: Any) -> None:
     """A hub subject that is not cached yet must be reachable: one line when offline."""
     from crv.cli.checks import check_hub_model
     from crv.pipeline import ArtifactCache, artifact_keys
-    from crv.subject.stage import SHIPPED
+    from crv.subject.sources import SHIPPED
 
     if obj.subject.name in SHIPPED or Path(obj.subject.name).exists():
         return
-    from crv.models.loading import resolve_source
+    from crv.subject.sources import resolve_source
 
     if resolve_source(obj.subject) != "hf":
         return
