@@ -47,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from crv.traces.stage import load_traces
+    from crv.traces.store import load_traces
     from crv.transcoders.io import load_subject_with_transcoders
 
     loaded = load_subject_with_transcoders(

@@ -229,7 +229,9 @@ def test_stacked_verifier_trains_on_out_of_fold_probe_scores():
     y = (rng.random(n) < 0.4).astype(int)
     groups = np.repeat(np.arange(n // 2), 2).astype(str)
     hidden = HiddenInputs(rng.normal(size=(n, 3, 1, 300)).astype(np.float16), [2])
-    cfg = VerifierConfig(n_estimators=20, early_stopping_rounds=5, runtime_n_threads=1, probe_c_grid=[10.0])
+    cfg = VerifierConfig(
+        n_estimators=20, early_stopping_rounds=5, runtime_n_threads=1, probe_c_grid=[10.0]
+    )
     stacked = StackedVerifier(cfg, ["f0"], {"probe": lambda: HiddenProbe(cfg, 0)}, 0, {})
     x = StackInputs(rng.normal(size=(n, 1)), {"probe": hidden})
     oof = stacked.out_of_fold(x, y, groups)[:, 0]

@@ -134,8 +134,8 @@ def contrastive_test_graphs(
     `planted_rule`) and those graphs, in the same order; None when the graphs artifact was
     built without them (`graphs.contrastive=false`)."""
     from crv.graphs.store import CONTRAST_DIR, ContrastiveGraphsError, load_contrastive_graphs
-    from crv.traces.stage import load_traces
     from crv.traces.steps import step_key_table
+    from crv.traces.store import load_traces
 
     if not (Path(graphs_dir) / CONTRAST_DIR).is_dir():
         return None
