@@ -4,7 +4,7 @@ A whole-step graph shares rows with the per-token graphs of its positions (the s
 computed once), and one of a one-position step is that position's graph. A contrastive
 target is found where an incorrect step departs from the correct reduction with the
 longest common prefix; its graph is built, stored and loaded beside the step graphs.
-(Exactness of the contrastive edges: tests/test_attribution.py.)
+(Exactness of the contrastive edges: tests/test_graphs_attribute.py.)
 """
 
 from __future__ import annotations

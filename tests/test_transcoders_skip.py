@@ -1,6 +1,6 @@
 """Skip transcoders (`transcoders.skip`): W_skip trains, folds, saves and loads.
 
-The graphs side (a trained W_skip as a direct path, exact edges) is in test_attribution.py.
+The graphs side (a trained W_skip as a direct path, exact edges) is in test_graphs_attribute.py.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ dominated by the features at its own position, so the steps of a trace share few
 rows (backward passes and their assembly) are most of the time; what is saved is the single
 forward and encoding per trace and the packed logit rows.
 
-Correctness test (tests/test_attribution.py)
+Correctness test (tests/test_graphs_attribute.py)
 --------------------------------------------
 For tiny random models of every supported family with random TopK transcoders, every
 MLP output is replaced by constants equal to transcoder-out + error (its clean value), and
