@@ -8,11 +8,19 @@ refuses, when loaded, a subject model that does not match what it was built for.
 
 Layout (the bundle is the stage's artifact directory)::
 
-    bundle.json        manifest: format, versions, subject reference, settings, threshold
+    bundle.json        manifest: format, versions, subject reference, settings, the
+                       shipped method (name, kind, inputs, threshold, validation AUROCs)
     subject/           the subject model (HF directory), when embedded (small models)
     transcoders/       the transcoder set (circuit-tracer layout, safetensors)
-    verifier/          model.json (xgboost JSON) + verifier.json (feature names, threshold)
+    verifier/          the shipped method's directory as the verifier stage saved it
+                       (`crv.verifier.methods`: spec.json, model.json or logistic.json)
     cards/             the feature cards (`crv.cards`), for naming features; optional
+
+The shipped method is the one the verifier stage selected on validation for all tasks
+(`crv.shipped`), not always `crv`; when it reads more than graph features, the manifest's
+`baselines` entry holds the baselines stage's settings and fitted temperature, so that
+`crv-verify` computes them for a user's trace with the baselines stage's own code. Format
+version 1 (before: always `crv`, no `baselines` entry) still loads and scores as before.
 
 `bundle.json` is written last, so a directory without it is not a bundle. A large subject
 model is not copied: the manifest records its name, source settings (hub name, GGUF file),
@@ -45,18 +53,22 @@ from crv.tasks.segment import CANONICAL_STEP_PATTERN
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from crv.baselines.config import BaselinesConfig
     from crv.cards.store import FeatureCards
     from crv.features.config import FeaturesConfig
     from crv.graphs.config import GraphsConfig
     from crv.models.adapter import ArchAdapter
     from crv.pipeline import StageContext
+    from crv.shipped import V1Method
     from crv.transcoders.module import TranscoderSet
-    from crv.verifier.classifier import XGBVerifier
+    from crv.verifier.methods import SavedMethod
 
 MANIFEST_FILE = "bundle.json"
 FORMAT_NAME = "crv-bundle"
 FORMAT_VERSION = 2
-"""2: the graphs settings' section is `graphs` (version 1 called it `attribution`; still read)."""
+"""2: the verifier entry names the shipped method (`crv.shipped`) and, when it reads baseline
+scores, a `baselines` entry; the graphs settings' section is `graphs` (version 1 called it
+`attribution`, always shipped `crv`; still read and scored as before)."""
 SUBJECT_DIR, TRANSCODERS_DIR, VERIFIER_DIR, CARDS_DIR = (
     "subject",
     "transcoders",
@@ -175,35 +187,47 @@ def export_bundle(
     *,
     subject_dir: str | Path,
     transcoders_dir: str | Path,
-    verifier_dir: str | Path,
+    method_dir: str | Path,
+    threshold: float,
     graphs: dict[str, Any],
     features: dict[str, Any],
     n_layers: int,
     seed: int,
     subject_source: dict[str, Any] | None = None,
     cards_dir: str | Path | None = None,
+    baselines: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a bundle into `out` (created; must not already hold one); returns the manifest.
 
-    `graphs` and `features` are the settings (config sections, as dicts) the
-    verifier's training graphs and features were computed with; `n_layers` and `seed` are
-    the feature computation's layer-histogram size and seed. `subject_source` is the
-    subject's model config section (name, GGUF file, ...), recorded for provenance.
-    `cards_dir`, a `cards` artifact, is copied so that crv-verify can label features.
-    The subject is checked against the transcoders before anything is written.
+    `method_dir` is the saved verifier method it ships (`crv.verifier.methods`: spec.json
+    and model files), flagged at `threshold`. `graphs` and `features` are the settings
+    (config sections, as dicts) the verifier's training graphs and features were computed
+    with; `n_layers` and `seed` are the feature computation's layer-histogram size and
+    seed. `subject_source` is the subject's model config section (name, GGUF file, ...),
+    recorded for provenance. `cards_dir`, a `cards` artifact, is copied so that crv-verify
+    can label features. `baselines` (`crv.shipped.baselines_section`) is required when the
+    method reads more than graph features. The subject is checked against the transcoders
+    before anything is written.
     """
     from crv.pipeline import PIPELINE_FILES, library_versions
+    from crv.shipped import manifest_entry
     from crv.transcoders.io import load_subject_with_transcoders, save_transcoder_set
-    from crv.verifier.classifier import load_verifier
+    from crv.verifier.methods import MethodError, SavedMethod
 
     out, subject_dir = Path(out), Path(subject_dir).resolve()
     if (out / MANIFEST_FILE).exists():
         raise BundleError(f"{out} already holds a bundle; export into a new directory")
+    try:
+        method = SavedMethod(method_dir)
+    except (MethodError, OSError, ValueError) as exc:
+        raise BundleError(f"cannot ship the verifier method {method_dir}: {exc}") from None
+    needs_baselines = bool(method.needs - {"features"})
+    if needs_baselines and baselines is None:
+        raise BundleError(f"method {method.name} reads the baselines' scores: pass `baselines`")
     loaded = load_subject_with_transcoders(subject_dir, transcoders_dir)
     props = subject_properties(loaded.adapter, loaded.tokenizer, subject_dir)
     tset = loaded.transcoders
     del loaded
-    verifier = load_verifier(verifier_dir)
 
     embed = _should_embed(cfg, subject_dir)
     if embed:
@@ -213,7 +237,7 @@ def export_bundle(
             ignore=lambda _, names: [n for n in names if n in PIPELINE_FILES],
         )
     save_transcoder_set(tset, out / TRANSCODERS_DIR)
-    verifier.save(out / VERIFIER_DIR)
+    shutil.copytree(method_dir, out / VERIFIER_DIR)
     if cards_dir is not None:
         from crv.cards.store import copy_cards
 
@@ -240,9 +264,9 @@ def export_bundle(
         },
         "verifier": {
             "dir": VERIFIER_DIR,
-            "threshold": float(verifier.threshold),
-            "feature_names": list(verifier.feature_names),
+            **manifest_entry(method.spec, threshold, method.needs),
         },
+        "baselines": baselines if needs_baselines else None,
         "graphs": graphs,
         "features": {"config": features, "n_layers": int(n_layers), "seed": int(seed)},
         "step_pattern": cfg.step_pattern,
@@ -253,35 +277,60 @@ def export_bundle(
 
 
 def run_stage(ctx: StageContext[BundleConfig]) -> dict[str, Any]:
-    """`bundle` stage: export the subject, transcoders, verifier and settings of this run."""
+    """`bundle` stage: export the subject, transcoders, the verifier method that won on
+    validation for all tasks together (`crv.shipped`) and the settings of this run."""
+    from crv.baselines.config import BaselinesConfig
+    from crv.baselines.scores import load_baseline_meta
     from crv.features.table import load_feature_meta
     from crv.pipeline import artifact_config
+    from crv.shipped import SHIPPED_TASK, baselines_section
+    from crv.verifier.methods import MethodError, selected_method
 
+    try:
+        method, threshold = selected_method(ctx.inputs["verifier"], SHIPPED_TASK)
+    except MethodError as exc:
+        raise BundleError(f"bundle: no verifier to ship: {exc}") from None
+    baselines = ctx.inputs["baselines"]
+    section = baselines_section(
+        BaselinesConfig(**artifact_config(baselines)),
+        load_baseline_meta(baselines)["temperature"],
+    )
     manifest = export_bundle(
         ctx.out,
         ctx.cfg,
         subject_dir=ctx.inputs["subject"],
         transcoders_dir=ctx.inputs["transcoders"],
-        verifier_dir=ctx.inputs["verifier"],
+        method_dir=method.path,
+        threshold=threshold,
         graphs=artifact_config(ctx.inputs["graphs"]),
         features=artifact_config(ctx.inputs["features"]),
         n_layers=int(load_feature_meta(ctx.inputs["features"])["n_layers"]),
         seed=ctx.seed,
         subject_source=artifact_config(ctx.inputs["subject"]),
         cards_dir=ctx.inputs.get("cards"),
+        baselines=section,
     )
-    ctx.log.info("bundle exported (subject embedded: %s)", manifest["subject"]["embedded"])
+    entry = manifest["verifier"]
+    ctx.log.info(
+        "bundle exported: method %s (validation AUROC %s), subject embedded: %s",
+        entry["method"],
+        entry["val_auroc"],
+        manifest["subject"]["embedded"],
+    )
     return {
         "subject_embedded": manifest["subject"]["embedded"],
         "size_mb": round(_dir_mb(Path(ctx.out)), 2),
-        "threshold": manifest["verifier"]["threshold"],
-        "n_features": len(manifest["verifier"]["feature_names"]),
+        "method": entry["method"],
+        "threshold": entry["threshold"],
+        "n_features": len(entry["feature_names"]),
+        "validation_auroc": entry["val_auroc"],
     }
 
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the subject model with its adapter, transcoders, verifier, settings."""
+    """A loaded bundle: the subject model with its adapter, transcoders, shipped verifier
+    method, settings."""
 
     path: Path
     manifest: dict[str, Any]
@@ -289,11 +338,14 @@ class Bundle:
     tokenizer: PreTrainedTokenizerBase
     adapter: ArchAdapter
     transcoders: TranscoderSet
-    verifier: XGBVerifier
+    method: SavedMethod | V1Method
+    """The verifier it ships (`crv.shipped`): `score(StepInputs)`, `needs`, `name`."""
     graphs: GraphsConfig
     """Settings the training graphs were built with (the manifest's `graphs`)."""
     features: FeaturesConfig
     """Settings the training features were computed with."""
+    baselines: BaselinesConfig | None = None
+    """The baselines stage's settings, when the method reads its scores (else None)."""
     cards: FeatureCards | None = None
     """Feature cards of the transcoders (None in a bundle exported without them)."""
 
@@ -304,7 +356,14 @@ class Bundle:
 
     @property
     def feature_names(self) -> list[str]:
+        """The graph feature columns the shipped method reads (empty: it reads none)."""
         return list(self.manifest["verifier"]["feature_names"])
+
+    @property
+    def temperature(self) -> float | None:
+        """The baselines' fitted temperature (None when the method reads no baseline)."""
+        entry = self.manifest.get("baselines")
+        return float(entry["temperature"]) if entry else None
 
     @property
     def step_pattern(self) -> str:
@@ -323,6 +382,17 @@ class Bundle:
         """Longest token sequence the subject model accepts (None: unknown)."""
         value = self.manifest["subject"].get("max_context")
         return int(value) if value is not None else None
+
+
+V1_VERIFIER = {"method": "crv", "kind": "xgboost", "needs": ["features"], "val_auroc": None}
+"""What a format-1 manifest's verifier entry leaves implicit: it always shipped `crv`."""
+
+
+def _upgrade(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 manifest in the current form (the verifier entry made explicit)."""
+    if manifest["format_version"] >= 2:
+        return manifest
+    return {**manifest, "verifier": {**V1_VERIFIER, **manifest["verifier"]}, "baselines": None}
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -350,6 +420,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     ]
     if missing:
         raise BundleError(f"{file} is incomplete: it lacks {', '.join(missing)}")
+    manifest = _upgrade(manifest)
+    method = manifest["verifier"]
+    lacking = [k for k in ("threshold", "feature_names", *V1_VERIFIER) if k not in method]
+    if lacking or set(method["needs"]) - {"features"} and not manifest.get("baselines"):
+        what = f"verifier.{lacking[0]}" if lacking else "baselines"
+        raise BundleError(f"{file} is incomplete: it lacks {what}")
     return manifest
 
 
@@ -407,6 +483,21 @@ def _load_cards(path: Path, manifest: dict[str, Any]) -> FeatureCards | None:
     return load_feature_cards(path / entry["dir"])
 
 
+def _load_method(path: Path, manifest: dict[str, Any]) -> SavedMethod | V1Method:
+    """The shipped method: a saved verifier method, or a format-1 bundle's `crv`."""
+    from crv.shipped import V1Method
+    from crv.verifier.classifier import load_verifier
+    from crv.verifier.methods import SavedMethod
+
+    entry = manifest["verifier"]
+    if manifest["format_version"] >= 2:
+        return SavedMethod(path / entry["dir"])
+    verifier = load_verifier(path / entry["dir"])
+    if list(verifier.feature_names) != list(entry["feature_names"]):
+        raise ValueError("the verifier's feature names differ from the manifest's")
+    return V1Method(verifier, float(entry["threshold"]))
+
+
 def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None = None) -> Bundle:
     """Load a bundle for verification, checking the subject model against it.
 
@@ -414,10 +505,10 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
     model). Raises BundleError for an unusable bundle and BundleMismatchError (naming the
     field) when the subject model differs from the one the bundle was built for.
     """
+    from crv.baselines.config import BaselinesConfig
     from crv.features.config import FeaturesConfig
     from crv.graphs.config import GraphsConfig
     from crv.transcoders.io import load_subject_with_transcoders
-    from crv.verifier.classifier import load_verifier
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -431,7 +522,6 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
         loaded = load_subject_with_transcoders(
             subject_dir, path / manifest["transcoders"]["dir"], device, check
         )
-        verifier = load_verifier(path / manifest["verifier"]["dir"])
         cards = _load_cards(path, manifest)
     except BundleError:
         raise
@@ -439,10 +529,13 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
         raise BundleError(
             f"cannot load bundle {path} with the subject model {subject_dir}: {exc}"
         ) from None
-    if list(verifier.feature_names) != list(manifest["verifier"]["feature_names"]):
-        raise BundleError(
-            f"bundle {path} is damaged: the verifier's feature names differ from the manifest's"
-        )
+    from crv.verifier.methods import MethodError
+
+    try:
+        method = _load_method(path, manifest)
+    except (MethodError, OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"bundle {path} is damaged: its verifier: {exc}") from None
+    baselines = manifest.get("baselines")
     return Bundle(
         path=path,
         manifest=manifest,
@@ -450,8 +543,11 @@ def load_bundle(path: str | Path, device: str = "cpu", model: str | Path | None 
         tokenizer=loaded.tokenizer,
         adapter=loaded.adapter,
         transcoders=loaded.transcoders,
-        verifier=verifier,
+        method=method,
         graphs=_settings(GraphsConfig, manifest["graphs"], "graphs"),
         features=_settings(FeaturesConfig, manifest["features"]["config"], "features"),
+        baselines=_settings(BaselinesConfig, baselines["config"], "baselines")
+        if baselines
+        else None,
         cards=cards,
     )

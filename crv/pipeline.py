@@ -166,7 +166,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "bundle",
-        ("subject", "transcoders", "cards", "graphs", "features", "verifier"),
+        ("subject", "transcoders", "cards", "graphs", "features", "baselines", "verifier"),
         "crv.bundle:run_stage",
     ),
 )

@@ -12,6 +12,7 @@ these once per test session.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from crv.models.tiny import build_tokenizer
 from crv.transcoders.io import save_transcoder_set
 from crv.verifier.classifier import XGBVerifier
 from crv.verifier.config import VerifierConfig
+from crv.verifier.methods import SavedMethod, save_method
 
 N_LAYERS, D_MODEL, CONTEXT = 2, 32, 96
 ATTRIBUTION = GraphsConfig(max_logits=3, max_feature_nodes=12, batch_size=16)
@@ -61,7 +63,8 @@ def write_transcoders(out: Path, seed: int = 0) -> Path:
 
 
 def write_verifier(out: Path, seed: int = 0, n_layers: int = N_LAYERS) -> Path:
-    """An xgboost verifier fitted to random rows whose label depends on many features.
+    """An xgboost verifier fitted to random rows whose label depends on many features,
+    saved as the verifier stage saves a method (`crv.verifier.methods.save_method`).
 
     Feature values are drawn over the ranges real graphs of the tiny model span (0 to
     ~100), so different graphs land in different leaves and their scores differ.
@@ -71,7 +74,8 @@ def write_verifier(out: Path, seed: int = 0, n_layers: int = N_LAYERS) -> Path:
     x = rng.uniform(-1.0, 100.0, size=(400, len(names))) * rng.uniform(0.0, 1.0, size=(400, 1))
     y = ((x - x.mean(0)) @ rng.normal(size=len(names)) > 0).astype(np.int64)
     cfg = VerifierConfig(n_estimators=20, max_depth=3, runtime_n_threads=1)
-    XGBVerifier(cfg, names, seed).fit(x, y, np.arange(len(y))).save(out)
+    fitted = XGBVerifier(cfg, names, seed).fit(x, y, np.arange(len(y)))
+    save_method(out, "crv", {"features": names}, fitted)
     return out
 
 
@@ -97,7 +101,10 @@ def make_bundle(
     export_bundle(
         out,
         BundleConfig(**cfg),
-        **parts,
+        subject_dir=parts["subject_dir"],
+        transcoders_dir=parts["transcoders_dir"],
+        method_dir=parts["verifier_dir"],
+        threshold=SavedMethod(parts["verifier_dir"]).threshold,
         graphs=dataclasses.asdict(graphs),
         features=dataclasses.asdict(FEATURES),
         n_layers=n_layers,
@@ -105,3 +112,59 @@ def make_bundle(
         subject_source={"name": "test-tiny"},
     )
     return out
+
+
+def fixed_method(out: Path, column: str, temperature: float | None = None) -> Path:
+    """A saved `fixed` method (a baseline score column) as the verifier stage writes one."""
+    from crv.io import atomic_write_json
+    from crv.verifier.methods import FORMAT_VERSION, SPEC_FILE
+
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "name": column,
+        "kind": "fixed",
+        "threshold": 0.5,
+        "val_auroc": 0.9,
+        "inputs": {"features": [], "scores": [column], "hidden": None, "latents": [], "parts": []},
+        "temperature": temperature,
+        "info": {},
+    }
+    atomic_write_json(out / SPEC_FILE, spec)
+    return out
+
+
+def write_stage_inputs(root: Path, parts: dict[str, Path], selected: str) -> dict[str, Path]:
+    """The bundle stage's input artifacts: manifests, the features' and baselines' metadata,
+    and a verifier artifact with two saved methods for all tasks (`crv`, `perplexity`),
+    `selected` named in its selected.json."""
+    from crv.baselines.config import BaselinesConfig
+    from crv.io import atomic_write_json
+    from crv.verifier.methods import SELECTED_FILE
+
+    dirs = {
+        name: root / name for name in ("subject", "graphs", "features", "baselines", "verifier")
+    }
+    shutil.copytree(parts["subject_dir"], dirs["subject"])
+    for name, cfg in (
+        ("subject", {"name": "crv-tiny"}),
+        ("graphs", dataclasses.asdict(ATTRIBUTION)),
+        ("features", dataclasses.asdict(FEATURES)),
+        ("baselines", dataclasses.asdict(BaselinesConfig())),
+        ("verifier", dataclasses.asdict(VerifierConfig())),
+    ):
+        atomic_write_json(dirs[name] / "manifest.json", {"config": cfg})
+    atomic_write_json(
+        dirs["features"] / "features.json",
+        {"n_layers": N_LAYERS, "feature_names": feature_names(N_LAYERS)},
+    )
+    temperature = BaselinesConfig().temperature_grid[10]
+    atomic_write_json(dirs["baselines"] / "baselines.json", {"temperature": temperature})
+    methods = dirs["verifier"] / "methods" / "all"
+    shutil.copytree(parts["verifier_dir"], methods / "crv")
+    (methods / "perplexity").mkdir(parents=True)
+    fixed_method(methods / "perplexity", "perplexity", temperature)
+    entry = {"method": selected, "dir": f"methods/all/{selected}", "threshold": 0.25}
+    atomic_write_json(
+        dirs["verifier"] / SELECTED_FILE, {"format_version": 1, "tasks": {"all": entry}}
+    )
+    return {**dirs, "transcoders": parts["transcoders_dir"]}

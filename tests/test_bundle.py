@@ -13,6 +13,7 @@ from fixtures_bundle import (
     FEATURES,
     N_LAYERS,
     make_bundle,
+    write_stage_inputs,
     write_subject,
 )
 
@@ -57,7 +58,8 @@ def test_load_restores_settings_and_is_self_contained(tiny_bundle: Path, tmp_pat
     assert bundle.transcoders.layers == list(range(N_LAYERS))
     assert bundle.adapter.n_layers == N_LAYERS
     assert bundle.max_context == 96
-    assert bundle.verifier.feature_names == bundle.feature_names
+    assert bundle.method.model.feature_names == bundle.feature_names
+    assert (bundle.method.name, bundle.method.kind, bundle.baselines) == ("crv", "xgboost", None)
 
 
 def test_config_hash_ignores_resaving_but_not_changes(
@@ -158,37 +160,24 @@ def test_export_refuses_to_overwrite(tiny_bundle: Path, bundle_parts: dict[str, 
         make_bundle(tiny_bundle.parent, bundle_parts)
 
 
+def stage_context(inputs: dict[str, Path], out: Path, seed: int = 7) -> StageContext:
+    return StageContext(
+        "bundle", BundleConfig(), inputs, out, out.parent / "scratch", seed, "cpu",
+        logging.getLogger("test"),
+    )  # fmt: skip
+
+
 def test_run_stage_reads_the_settings_of_its_inputs(
     tmp_path: Path, bundle_parts: dict[str, Path]
 ) -> None:
-    """The stage takes attribution, feature and subject settings from its inputs' manifests."""
-    subject, graphs, features = tmp_path / "subject", tmp_path / "graphs", tmp_path / "features"
-    shutil.copytree(bundle_parts["subject_dir"], subject)
-    atomic_write_json(subject / "manifest.json", {"config": {"name": "crv-tiny"}})
-    atomic_write_json(graphs / "manifest.json", {"config": dataclasses.asdict(ATTRIBUTION)})
-    atomic_write_json(features / "manifest.json", {"config": dataclasses.asdict(FEATURES)})
-    atomic_write_json(features / "features.json", {"n_layers": N_LAYERS})
-    inputs = {
-        "subject": subject,
-        "transcoders": bundle_parts["transcoders_dir"],
-        "graphs": graphs,
-        "features": features,
-        "verifier": bundle_parts["verifier_dir"],
-    }
+    """The stage takes attribution, feature, subject and baseline settings from its inputs'
+    manifests."""
+    inputs = write_stage_inputs(tmp_path, bundle_parts, "crv")
     out = tmp_path / "out"
-    ctx = StageContext(
-        "bundle",
-        BundleConfig(),
-        inputs,
-        out,
-        tmp_path / "scratch",
-        7,
-        "cpu",
-        logging.getLogger("test"),
-    )
-    metrics = run_stage(ctx)
+    metrics = run_stage(stage_context(inputs, out))
     manifest = read_manifest(out)
-    assert metrics["subject_embedded"] and metrics["n_features"] == len(feature_names(N_LAYERS))
+    assert metrics["subject_embedded"]
+    assert metrics["n_features"] == len(manifest["verifier"]["feature_names"])
     assert manifest["subject"]["source"] == {"name": "crv-tiny"}
     assert manifest["graphs"] == dataclasses.asdict(ATTRIBUTION)
     assert manifest["features"] == {
@@ -199,22 +188,39 @@ def test_run_stage_reads_the_settings_of_its_inputs(
     assert not (out / "subject" / "manifest.json").exists()  # the pipeline's file is not copied
 
 
+@pytest.mark.parametrize("selected", ["crv", "perplexity"])
+def test_run_stage_ships_the_method_selected_on_validation(
+    tmp_path: Path, bundle_parts: dict[str, Path], selected: str
+) -> None:
+    """The bundle ships the verifier's `all` selection with its threshold; a method that
+    reads baseline scores comes with the baselines' settings and temperature."""
+    inputs = write_stage_inputs(tmp_path, bundle_parts, selected)
+    out = tmp_path / "out"
+    metrics = run_stage(stage_context(inputs, out))
+    manifest = read_manifest(out)
+    entry = manifest["verifier"]
+    assert metrics["method"] == entry["method"] == selected and entry["threshold"] == 0.25
+    bundle = load_bundle(out)
+    assert bundle.method.name == selected and bundle.threshold == 0.25
+    if selected == "perplexity":
+        assert entry["needs"] == ["scores"] and entry["kind"] == "fixed"
+        meta = read_json(inputs["baselines"] / "baselines.json")
+        assert bundle.temperature == meta["temperature"] and bundle.baselines is not None
+    else:
+        assert entry["needs"] == ["features"] and bundle.baselines is None
+        assert entry["feature_names"] == feature_names(N_LAYERS)
+
+
 def test_run_stage_refuses_an_input_without_manifest(
     tmp_path: Path, bundle_parts: dict[str, Path]
 ) -> None:
     """A missing input manifest is an error naming the directory, never default settings."""
     from crv.pipeline import MissingArtifactError
 
-    inputs = {name: tmp_path / name for name in ("subject", "graphs", "features")}
-    inputs.update(
-        transcoders=bundle_parts["transcoders_dir"], verifier=bundle_parts["verifier_dir"]
-    )
-    ctx = StageContext(
-        "bundle", BundleConfig(), inputs, tmp_path / "out", tmp_path / "s", 0, "cpu",
-        logging.getLogger("test"),
-    )  # fmt: skip
-    with pytest.raises(MissingArtifactError, match=f"{tmp_path / 'graphs'} is not a complete"):
-        run_stage(ctx)
+    inputs = write_stage_inputs(tmp_path / "in", bundle_parts, "crv")
+    shutil.rmtree(inputs["graphs"])
+    with pytest.raises(MissingArtifactError, match=f"{inputs['graphs']} is not a complete"):
+        run_stage(stage_context(inputs, tmp_path / "out"))
 
 
 def test_load_subject_with_transcoders(tmp_path: Path, bundle_parts: dict[str, Path]) -> None:

@@ -221,7 +221,10 @@ def test_crv_verify_labels_top_features_from_the_bundle_cards(tmp_path: Path):
     export_bundle(
         tmp_path / "bundle",
         BundleConfig(),
-        **parts,
+        subject_dir=parts["subject_dir"],
+        transcoders_dir=parts["transcoders_dir"],
+        method_dir=parts["verifier_dir"],
+        threshold=0.5,
         graphs=dataclasses.asdict(ATTRIBUTION),
         features=dataclasses.asdict(FEATURES),
         n_layers=N_LAYERS,

@@ -149,7 +149,7 @@ def test_steps_are_scored_as_crv_verify_scores_the_finished_trace(
 def flag_only_step(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
     """Score step `index` 1 and every other step 0 (the rewritten one too)."""
 
-    def scores(self: StepVerifier, graphs: list[StepGraph]) -> np.ndarray:
+    def scores(self: StepVerifier, graphs: list[StepGraph], inputs: object) -> np.ndarray:
         return np.array([float(g.step == index) for g in graphs])
 
     monkeypatch.setattr(StepVerifier, "scores", scores)
@@ -206,7 +206,7 @@ def test_intervention_rewrites_the_step_as_the_interventions_stage_regenerates_i
     assert enc.input_ids == result.prompt_ids + expected
     span = StepSpan(enc.first_tokens[1], enc.last_tokens[1])
     graph = g.verifier.graphs(trace, enc)[1]
-    proposal = g.verifier.propose(enc.input_ids, span, graph)[0]
+    proposal = g.verifier.propose(enc.input_ids, span, graph, None)[0]
     assert (proposal.layer, proposal.feature) == (feature["layer"], feature["feature"])
     [outcome] = regenerate_batch(
         bundle.adapter, bundle.transcoders, bundle.tokenizer,

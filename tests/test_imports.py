@@ -33,6 +33,7 @@ ROOMS: tuple[tuple[str, ...], ...] = (
     ("features", "baselines"),
     ("verifier", "mechanisms"),
     ("interventions",),
+    ("shipped",),
     ("bundle",),
     ("check",),
     ("report", "config"),

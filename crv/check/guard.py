@@ -9,8 +9,10 @@ The algorithm, for one prompt
    bundle's step pattern and every step that has ended and is not yet scored is scored as
    crv-verify scores a step (`StepVerifier`): its token span, the prediction its graph
    explains (the bundle's `graphs.position`; `least_confident` reads the probabilities kept
-   while decoding), its pruned attribution graph, the bundle's graph features and the
-   verifier's P(incorrect) (the scores crv-verify gives the finished trace, tested).
+   while decoding), its pruned attribution graph, and the bundle's shipped method on its
+   graph features (and, when the method reads them, the baselines' scores of the step
+   from a forward pass over the trace so far): the scores crv-verify gives the finished
+   trace, tested.
    Flagged: score >= threshold.
 3. A flagged step is corrected when the policy is not `none`, the trace has corrections
    left (`max_corrections`) and the step is not itself a correction:
@@ -57,9 +59,11 @@ from crv.generation import GreedyDecoder, pattern_stop, stop_ids
 from crv.graphs.attribute import Explained, TraceAttributor, span_of, step_positions
 from crv.graphs.graph import StepGraph
 from crv.interventions.apply import StepSpan, second_choice_token, to_intervention
+from crv.shipped import input_rows
 from crv.tasks.segment import segment_steps
 from crv.tokens import step_token_spans
 from crv.transcoders.splice import splice
+from crv.verifier.methods import StepInputs
 
 
 @dataclass
@@ -228,7 +232,10 @@ class _Run:
             span = StepSpan(first[i], last[i])
             position = self.positions(last[: i + 1], v.graphs_cfg.position)[-1]
             graph = self.graph(i, position)
-            score = float(v.scores([graph])[0])
+            inputs = v.step_inputs(self.decoder.ids, self.prompt_len, last[: i + 1])
+            if inputs is not None:
+                inputs = input_rows(inputs, [i])
+            score = float(v.scores([graph], inputs)[0])
             flagged = score >= self.guard.threshold
             text = completion[spans[i][0] : spans[i][1]]
             rewrite = self.pending is not None and self.pending["start_char"] == spans[i][0]
@@ -246,7 +253,7 @@ class _Run:
                 self.pending["after"] = {"text": text, "score": score, "flagged": flagged}
             self.pending = None
             if flagged and not rewrite and self.may_correct():
-                status = self.correct(i, graph)
+                status = self.correct(i, graph, inputs)
                 if status is not None:
                     return status
         return None
@@ -273,9 +280,10 @@ class _Run:
         cfg = self.guard.cfg
         return cfg.correct != "none" and len(self.corrections) < cfg.max_corrections
 
-    def correct(self, i: int, graph: StepGraph) -> str | None:
-        """Rewrite flagged step i by the policy; the rewrite's status, or None when there
-        is nothing to apply (no proposal)."""
+    def correct(self, i: int, graph: StepGraph, inputs: StepInputs | None) -> str | None:
+        """Rewrite flagged step i (its baselines' `inputs`, when the bundle's method reads
+        them) by the policy; the rewrite's status, or None when there is nothing to apply
+        (no proposal)."""
         step = self.steps[i]
         entry: dict[str, Any] = {
             "step": i,
@@ -287,7 +295,7 @@ class _Run:
             "replacement": None,
         }
         if self.guard.cfg.correct == "intervention":
-            status = self.intervene(i, graph, entry)
+            status = self.intervene(i, graph, inputs, entry)
         else:
             status = self.second_choice(i, entry)
         if status is not None:
@@ -304,10 +312,12 @@ class _Run:
         if self.attributor is not None and self.attributor.trace.n_positions > keep:
             self.attributor = None
 
-    def intervene(self, i: int, graph: StepGraph, entry: dict[str, Any]) -> str | None:
+    def intervene(
+        self, i: int, graph: StepGraph, inputs: StepInputs | None, entry: dict[str, Any]
+    ) -> str | None:
         v = self.guard.verifier
         span = self.steps[i].span
-        proposals = v.propose(self.decoder.ids, span, graph)
+        proposals = v.propose(self.decoder.ids, span, graph, inputs)
         if not proposals:
             return None
         best = proposals[0]

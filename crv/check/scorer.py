@@ -4,8 +4,11 @@ The model sees the trace's `prompt` tokenised with its special tokens (bos) foll
 completion tokenised without them, exactly as traces were tokenised for training; a trace
 longer than the model's context is cut there, and the steps that end beyond it are not
 scored. Each step's attribution graph explains the prediction the bundle's
-`graphs.position` picks; its pruned graph gives the bundle's graph features, and the
-verifier's P(incorrect) of those is the step's score, flagged at the threshold. A flagged
+`graphs.position` picks; its pruned graph gives the bundle's graph features. The step's
+score is the bundle's shipped method (`crv.shipped`: the one that won on validation) on
+what it reads: the graph features, and, when it reads them, the baselines stage's
+confidence scores and probe inputs of the step (`crv.shipped.step_inputs`, one more forward
+pass of the trace); it is flagged at the threshold. A flagged
 step gets the single-feature interventions `crv.interventions.propose` ranks first and,
 with `intervene`, a greedy regeneration with the first of them applied to the spliced
 transcoders.
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crv.check.inputs import Trace, TraceError, parse_trace
+from crv.shipped import input_rows
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
     from crv.graphs.graph import StepGraph
     from crv.interventions.apply import StepSpan
     from crv.interventions.propose import Proposal
+    from crv.verifier.methods import StepInputs
 
 
 @dataclass
@@ -141,13 +146,30 @@ class StepVerifier:
         cards = self.bundle.cards
         return cards.label(layer, feature) if cards is not None else None
 
-    def score_graph(self, graph: StepGraph) -> float:
-        """P(incorrect) of one graph (used to rank interventions by verifier effect)."""
-        return float(self.scores([graph])[0])
+    def step_inputs(
+        self, input_ids: list[int], prompt_len: int, last_tokens: list[int]
+    ) -> StepInputs | None:
+        """The baselines' numbers of the steps ending at `last_tokens` when the shipped
+        method reads more than graph features (None otherwise)."""
+        from crv.shipped import step_inputs
 
-    def scores(self, graphs: list[StepGraph]) -> np.ndarray:
-        """The verifier's P(incorrect) of each graph."""
-        return self.bundle.verifier.predict_proba(self.feature_frame(graphs))
+        b = self.bundle
+        needs = b.method.needs
+        if not needs - {"features"}:
+            return None
+        device = str(next(b.model.parameters()).device)
+        tset = b.transcoders if "latents" in needs else None
+        return step_inputs(
+            b.model, input_ids, prompt_len, last_tokens, b.baselines, b.temperature, tset, device
+        )
+
+    def scores(self, graphs: list[StepGraph], inputs: StepInputs | None) -> np.ndarray:
+        """The shipped method's score of each step from its graph and its `inputs` (rows
+        aligned with `graphs`; None when the method reads only graph features)."""
+        from crv.verifier.methods import StepInputs
+
+        x = dataclasses.replace(inputs or StepInputs(), features=self.feature_frame(graphs))
+        return self.bundle.method.score(x)
 
     def top_features(self, graph: StepGraph) -> list[dict[str, Any]]:
         """The graph's `top_features` most influential features, labelled."""
@@ -169,7 +191,8 @@ class StepVerifier:
         """The step records of one trace (the `steps` of `crv-verify`'s output records)."""
         enc = self.encode(trace)
         graphs = self.graphs(trace, enc)
-        scores = self.scores(graphs)
+        inputs = self.step_inputs(enc.input_ids, enc.prompt_len, enc.last_tokens)
+        scores = self.scores(graphs, inputs)
         records = []
         for i, ((start, end), graph, score) in enumerate(
             zip(trace.spans[: enc.n_fit], graphs, scores, strict=True)
@@ -186,7 +209,8 @@ class StepVerifier:
             if enc.warnings[i]:
                 record["warning"] = enc.warnings[i]
             if flagged:
-                record.update(self.interventions(trace, enc, i, graph))
+                step = input_rows(inputs, [i]) if inputs is not None else None
+                record.update(self.interventions(enc, i, graph, step))
             elif self.cfg.intervene:
                 record["regenerated"] = None
             records.append(record)
@@ -201,9 +225,12 @@ class StepVerifier:
             )
         return records
 
-    def propose(self, input_ids: list[int], span: StepSpan, graph: StepGraph) -> list[Proposal]:
+    def propose(
+        self, input_ids: list[int], span: StepSpan, graph: StepGraph, inputs: StepInputs | None
+    ) -> list[Proposal]:
         """The `n_interventions` interventions `crv.interventions.propose` ranks first for
-        the step at `span` of `input_ids` whose graph is `graph`."""
+        the step at `span` of `input_ids` whose graph is `graph` (`rank_by=verifier` scores
+        the edited graphs with the step's own `inputs`)."""
         from crv.interventions.apply import active_features, margin_drops
         from crv.interventions.propose import propose
 
@@ -219,20 +246,23 @@ class StepVerifier:
             cfg.action,
             cfg.amplify_scale,
             cfg.scope,
-            score_graph=self.score_graph,
+            score_graph=lambda g: float(self.scores([g], inputs)[0]),
             margin_drops=lambda ps: margin_drops(
                 b.adapter, b.transcoders, input_ids, graph.position, ps
             ),
         )
 
-    def interventions(self, trace: Trace, enc: Encoded, i: int, graph: StepGraph) -> dict[str, Any]:
-        """Proposed interventions of a flagged step and, with `intervene`, the regeneration."""
+    def interventions(
+        self, enc: Encoded, i: int, graph: StepGraph, inputs: StepInputs | None
+    ) -> dict[str, Any]:
+        """Proposed interventions of a flagged step (its `inputs`: `step_inputs`' row) and,
+        with `intervene`, the regeneration."""
         from crv.interventions.apply import StepSpan, regenerate_batch
         from crv.tasks.label import unlabelled_steps
 
         cfg, b = self.cfg, self.bundle
         span = StepSpan(enc.first_tokens[i], enc.last_tokens[i])
-        proposals = self.propose(enc.input_ids, span, graph)
+        proposals = self.propose(enc.input_ids, span, graph, inputs)
         out: dict[str, Any] = {"interventions": [proposal_fields(p) for p in proposals]}
         if not cfg.intervene:
             return out

@@ -23,9 +23,11 @@ tokenised and scored). Blank lines are skipped; every other line gets one record
      [{"layer", "feature", "label", "influence"}], "interventions": [{"layer", "feature", "action",
      "scale"}]}], "error": null}
 
-`id` echoes the input's as given, a string or an integer (null when absent or unreadable) and `line` is the 1-based input
-line number. `score` is the verifier's probability that the step is incorrect; `flagged` is
-`score >= threshold` (the threshold chosen on validation data, stored in the bundle).
+`id` echoes the input's as given, a string or an integer (null when absent or unreadable)
+and `line` is the 1-based input line number. `score` is the bundle's shipped method's score
+(higher = more likely incorrect: P(incorrect) for `crv` and the probes, the baseline's value
+for a confidence score); `flagged` is `score >= threshold` (the threshold chosen on
+validation data, stored in the bundle).
 `top_features` are the transcoder features of the step's attribution graph with the most
 influence on the explained prediction, each with its feature card's short `label` (null for
 a bundle without cards); `interventions` (flagged steps only) are the
