@@ -112,6 +112,12 @@ class BundleConfig:
     embed_max_mb: float = 100.0
     """Largest subject model (MiB on disk) that `embed_subject=auto` copies."""
 
+    method: str = "selected"
+    """Verifier method to ship: `selected` = the one the verifier stage chose on validation
+    for all tasks together (selected.json), or the name of a saved method (`crv`,
+    `crv+confidence`, `perplexity`, `probe`, ...; the verifier artifact's
+    methods/all/ lists them), shipped with the threshold chosen for it on validation."""
+
     def __post_init__(self) -> None:
         check_choices(self, "bundle")
         if self.embed_max_mb < 0:
@@ -284,10 +290,27 @@ def run_stage(ctx: StageContext[BundleConfig]) -> dict[str, Any]:
     from crv.features.table import load_feature_meta
     from crv.pipeline import artifact_config
     from crv.shipped import SHIPPED_TASK, baselines_section
-    from crv.verifier.methods import MethodError, selected_method
+    from crv.verifier.methods import (
+        SPEC_FILE,
+        MethodError,
+        load_method,
+        selected_method,
+        task_methods_dir,
+    )
 
     try:
-        method, threshold = selected_method(ctx.inputs["verifier"], SHIPPED_TASK)
+        if ctx.cfg.method == "selected":
+            method, threshold = selected_method(ctx.inputs["verifier"], SHIPPED_TASK)
+        else:
+            saved = task_methods_dir(ctx.inputs["verifier"], SHIPPED_TASK)
+            names = sorted(read_json(f)["name"] for f in saved.glob(f"*/{SPEC_FILE}"))
+            if ctx.cfg.method not in names:
+                raise BundleError(
+                    f"bundle.method={ctx.cfg.method!r} is not a saved verifier method; "
+                    f"saved: {', '.join(names) or 'none'}"
+                )
+            method = load_method(ctx.inputs["verifier"], SHIPPED_TASK, ctx.cfg.method)
+            threshold = method.threshold
     except MethodError as exc:
         raise BundleError(f"bundle: no verifier to ship: {exc}") from None
     baselines = ctx.inputs["baselines"]

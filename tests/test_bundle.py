@@ -160,9 +160,11 @@ def test_export_refuses_to_overwrite(tiny_bundle: Path, bundle_parts: dict[str, 
         make_bundle(tiny_bundle.parent, bundle_parts)
 
 
-def stage_context(inputs: dict[str, Path], out: Path, seed: int = 7) -> StageContext:
+def stage_context(
+    inputs: dict[str, Path], out: Path, seed: int = 7, cfg: BundleConfig | None = None
+) -> StageContext:
     return StageContext(
-        "bundle", BundleConfig(), inputs, out, out.parent / "scratch", seed, "cpu",
+        "bundle", cfg or BundleConfig(), inputs, out, out.parent / "scratch", seed, "cpu",
         logging.getLogger("test"),
     )  # fmt: skip
 
@@ -209,6 +211,21 @@ def test_run_stage_ships_the_method_selected_on_validation(
     else:
         assert entry["needs"] == ["features"] and bundle.baselines is None
         assert entry["feature_names"] == feature_names(N_LAYERS)
+
+
+def test_bundle_method_ships_a_named_method_with_its_own_threshold(
+    tmp_path: Path, bundle_parts: dict[str, Path]
+) -> None:
+    """`bundle.method=perplexity` ships that saved method (not the validation winner `crv`)
+    with the threshold chosen for it; an unknown name is one line listing the saved ones."""
+    inputs = write_stage_inputs(tmp_path, bundle_parts, "crv")
+    out = tmp_path / "out"
+    run_stage(stage_context(inputs, out, cfg=BundleConfig(method="perplexity")))
+    entry = read_manifest(out)["verifier"]
+    assert entry["method"] == "perplexity" and entry["threshold"] == 0.5  # its spec's, not 0.25
+    assert load_bundle(out).method.name == "perplexity"
+    with pytest.raises(BundleError, match="saved: crv, perplexity"):
+        run_stage(stage_context(inputs, tmp_path / "out2", cfg=BundleConfig(method="crv+x")))
 
 
 def test_run_stage_refuses_an_input_without_manifest(

@@ -26,7 +26,7 @@ from crv.verifier.config import VerifierConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS_FILE = Path(__file__).parent / "golden" / "artifact_keys.json"
-PRESETS = {"default": [], "smoke": ["experiment=smoke"]}
+PRESETS = {"default": [], "smoke": ["experiment=smoke"], "quick": ["experiment=quick"]}
 
 
 def stage_keys(cfg: CRVConfig) -> dict[str, str]:

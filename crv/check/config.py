@@ -32,7 +32,9 @@ class VerifyConfig:
     """Options of `crv-verify` (Hydra overrides, e.g. `bundle=DIR input=- output=out.jsonl`)."""
 
     bundle: str | None = None
-    """Bundle directory exported by the pipeline's `bundle` stage (see artifacts.json)."""
+    """Bundle directory exported by the pipeline's `bundle` stage, or a run directory whose
+    artifacts.json lists one; default: the bundle shipped in data/crv-tiny-bugs-bundle
+    (crv-tiny-bugs, exported by `crv experiment=quick`)."""
 
     input: str = STDIO
     """JSONL file of traces; `-` reads standard input."""

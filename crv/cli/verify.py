@@ -75,6 +75,7 @@ from crv.check.config import STDIO, VerifyConfig
 from crv.check.inputs import Prompt, Trace, TraceError, iter_lines
 from crv.check.scorer import StepVerifier
 from crv.errors import CRVError
+from crv.subject.sources import DATA_DIR
 
 if TYPE_CHECKING:
     from crv.bundle import Bundle
@@ -211,9 +212,18 @@ def bundle_dir(given: str) -> str:
     return str(artifacts["bundle"])
 
 
+SHIPPED_BUNDLE = DATA_DIR / "crv-tiny-bugs-bundle"
+"""The bundle crv-verify uses when none is given: a small one in the repository's data/."""
+
+
 def _check_config(cfg: VerifyConfig) -> None:
     if not cfg.bundle:
-        raise _Failure("no bundle given: crv-verify bundle=PATH input=FILE output=FILE")
+        if not SHIPPED_BUNDLE.is_dir():
+            raise _Failure(
+                f"no bundle given and no shipped bundle at {SHIPPED_BUNDLE}: "
+                "crv-verify bundle=PATH input=FILE output=FILE"
+            )
+        cfg.bundle = str(SHIPPED_BUNDLE)
     cfg.bundle = bundle_dir(cfg.bundle)
     if cfg.generate and (cfg.intervene or cfg.export_graphs is not None):
         option = "intervene=true" if cfg.intervene else "export_graphs"
