@@ -234,16 +234,20 @@ def export_line(summary: dict[str, Any]) -> str:
     )
 
 
+def fail(exc: Exception) -> int:
+    """Print a failed command's one line (a CRVError's own words; other expected errors
+    with their type) and give exit status 2."""
+    detail = str(exc) if isinstance(exc, CRVError) else f"{type(exc).__name__}: {exc}"
+    print(f"crv-graphs: error: {detail}", file=sys.stderr)
+    return 2
+
+
 def run_export(cfg: ExportConfig) -> int:
     """`crv-graphs export`: 0 on success, 2 with a one-line error."""
     try:
         summary = export_run(cfg)
-    except (ExportError, CRVError) as exc:
-        print(f"crv-graphs: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"crv-graphs: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    except (CRVError, OSError, ValueError) as exc:
+        return fail(exc)
     print(f"{export_line(summary)}\nview: crv-graphs serve run={summary['out']}")
     return 0
 
@@ -287,12 +291,8 @@ def run_serve(cfg: ServeConfig) -> int:
         slugs = graph_slugs(data_dir)
         frontend = prepare_viewer(cfg.cache)
         server = ViewerServer(data_dir, frontend, cfg.port)
-    except (ExportError, CRVError) as exc:
-        print(f"crv-graphs: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"crv-graphs: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    except (CRVError, OSError, ValueError) as exc:
+        return fail(exc)
     url = server.url(slugs[0] if slugs else None)
     until = f"for {cfg.stop_after:g} s" if cfg.stop_after > 0 else "until Ctrl-C"
     print(

@@ -23,6 +23,7 @@ and the top `top_n` features and every layer row; `planted.<rule>.precision` and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,30 @@ def unit_matrices(
     return present, influence, units
 
 
+def _graphs_of_steps(
+    keys: pd.DataFrame,
+    load: Callable[[str], list[Any]],
+    missing: type[Exception] | tuple[type[Exception], ...],
+) -> tuple[pd.DataFrame, list[Any]]:
+    """The rows of `keys` that have a graph among `load(trace_id)`'s, and those graphs, in
+    the same order; a trace whose graphs are `missing` is skipped."""
+    by_step = {
+        (t, int(s)): i for i, (t, s) in enumerate(zip(keys["trace_id"], keys["step"], strict=True))
+    }
+    picked, graphs = [], []
+    for trace_id in keys["trace_id"].unique():
+        try:
+            trace_graphs = load(trace_id)
+        except missing:
+            continue  # a trace without graphs (graphs.max_traces)
+        for g in trace_graphs:
+            i = by_step.get((trace_id, int(g.step)))
+            if i is not None:
+                picked.append(i)
+                graphs.append(g)
+    return keys.iloc[picked].reset_index(drop=True), graphs
+
+
 def labelled_test_graphs(traces_dir: Path, graphs_dir: Path) -> tuple[pd.DataFrame, list[Any]]:
     """The labelled test steps that have a graph (key columns, `planted_rule` when the
     traces carry it) and their graphs, in the same order."""
@@ -110,21 +135,7 @@ def labelled_test_graphs(traces_dir: Path, graphs_dir: Path) -> tuple[pd.DataFra
 
     keys = step_key_table(load_traces(traces_dir))
     keys = keys[(keys["split"] == "test") & (keys["label"] >= 0)]
-    by_step = {
-        (t, int(s)): i for i, (t, s) in enumerate(zip(keys["trace_id"], keys["step"], strict=True))
-    }
-    picked, graphs = [], []
-    for trace_id in keys["trace_id"].unique():
-        try:
-            trace_graphs = load_step_graphs(graphs_dir, trace_id)
-        except FileNotFoundError:
-            continue
-        for g in trace_graphs:
-            i = by_step.get((trace_id, int(g.step)))
-            if i is not None:
-                picked.append(i)
-                graphs.append(g)
-    return keys.iloc[picked].reset_index(drop=True), graphs
+    return _graphs_of_steps(keys, lambda t: load_step_graphs(graphs_dir, t), FileNotFoundError)
 
 
 def contrastive_test_graphs(
@@ -141,21 +152,9 @@ def contrastive_test_graphs(
         return None
     keys = step_key_table(load_traces(traces_dir))
     keys = keys[(keys["split"] == split) & (keys["label"] == 1)]
-    by_step = {
-        (t, int(s)): i for i, (t, s) in enumerate(zip(keys["trace_id"], keys["step"], strict=True))
-    }
-    picked, graphs = [], []
-    for trace_id in keys["trace_id"].unique():
-        try:
-            trace_graphs = load_contrastive_graphs(graphs_dir, trace_id)
-        except ContrastiveGraphsError:
-            continue  # a trace without graphs (graphs.max_traces)
-        for g in trace_graphs:
-            i = by_step.get((trace_id, int(g.step)))
-            if i is not None:
-                picked.append(i)
-                graphs.append(g)
-    return keys.iloc[picked].reset_index(drop=True), graphs
+    return _graphs_of_steps(
+        keys, lambda t: load_contrastive_graphs(graphs_dir, t), ContrastiveGraphsError
+    )
 
 
 def task_table(
