@@ -100,12 +100,13 @@ def _miscopied(task: str, head: str, lhs: str, result: str, rest: str, rng: rand
     return f"{head}{lhs}={result}, so {rest[: op.start()]}{new}{rest[op.end() :]}"
 
 
-def build_pairs(traces, n_per_cell: int, seed: int) -> list[Pair]:
-    """`n_per_cell` pairs per task and kind from the test traces (see the module docstring)."""
+def build_pairs(traces, n_per_cell: int, seed: int, split: str = "test") -> list[Pair]:
+    """`n_per_cell` pairs per task and kind from the traces of `split` (see the module
+    docstring; `train` to choose what a bundle ships without looking at test steps)."""
     rng = random.Random(seed)
     candidates: dict[tuple[str, str], list[Pair]] = {}
     for tr in traces.select_columns(["id", "task", "split", "prompt", "steps"]):
-        if tr["split"] != "test":
+        if tr["split"] != split:
             continue
         for kind in KINDS:
             options = []
@@ -199,6 +200,7 @@ def main() -> None:
     parser.add_argument("traces", type=Path, help="a traces artifact directory")
     parser.add_argument("--n-per-cell", type=int, default=40, help="pairs per task and kind")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="test", help="trace split the pairs come from")
     parser.add_argument("--json", type=Path, help="also write pairs, scores and summary here")
     args = parser.parse_args()
 
@@ -210,7 +212,7 @@ def main() -> None:
     # nothing flagged: no interventions are proposed, only scores are read
     v = StepVerifier(bundle, VerifyConfig(bundle=str(args.bundle), threshold=float("inf")))
     cfg = bundle.baselines or BaselinesConfig()
-    pairs = build_pairs(load_traces(args.traces), args.n_per_cell, args.seed)
+    pairs = build_pairs(load_traces(args.traces), args.n_per_cell, args.seed, args.split)
     results = [
         {
             **vars(p),

@@ -1,4 +1,5 @@
-"""The `cards` stage: what each transcoder feature reads and writes, for naming it.
+"""Feature cards, the `cards` stage's artifact: saving, loading and reading them (the stage
+itself, which computes them, is `crv/cards/stage.py`).
 
 crv names features by number (`L3/F1630`), which tells a person nothing. A feature card
 says when the feature fires and what it does to the output:
